@@ -1,0 +1,100 @@
+//! The compute seam. A [`Backend`] owns device memory and implements the dozen
+//! ops a Llama forward pass needs; model code is generic over it and never
+//! branches on the device.
+//!
+//! A forward step processes a ragged batch laid out flat: the new tokens of
+//! every sequence one after another, no padding anywhere ([`StepLayout`]).
+
+pub mod cpu;
+pub mod layout;
+
+use anyhow::Result;
+
+pub use layout::{SeqChunk, StepLayout};
+
+use crate::quant::LinearWeight;
+
+/// Dimensions of a KV cache: `slots` independent sequences of up to `max_len` tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    pub layers: usize,
+    pub slots: usize,
+    pub max_len: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Attention geometry shared by the rope and attention ops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadShape {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// A device that can run the Llama forward pass.
+pub trait Backend: Send + Sync {
+    /// Activations: a row-major `[rows, cols]` matrix on the device.
+    type Tensor;
+    /// A linear (or embedding) weight uploaded in its own format.
+    type Weight;
+    /// A small f32 vector (norm weights, RoPE inverse frequencies).
+    type Vector;
+    /// The KV cache of all layers and slots.
+    type Cache;
+    /// A [`StepLayout`] made available to device code.
+    type Layout;
+
+    /// Human-readable description (device name, memory).
+    fn describe(&self) -> String;
+    /// Uploads a weight; quantized formats stay quantized on the device.
+    fn upload_weight(&self, w: &LinearWeight) -> Result<Self::Weight>;
+    /// Uploads a vector.
+    fn upload_vector(&self, v: &[f32]) -> Result<Self::Vector>;
+    /// Uploads a step's token ids, positions and sequence boundaries.
+    fn upload_layout(&self, layout: &StepLayout) -> Result<Self::Layout>;
+    /// Allocates a KV cache.
+    fn new_cache(&self, shape: CacheShape) -> Result<Self::Cache>;
+
+    /// Rows of `table` (`[vocab, hidden]`) for the layout's tokens.
+    fn embedding(&self, table: &Self::Weight, layout: &Self::Layout) -> Result<Self::Tensor>;
+    /// `x / sqrt(mean(x²) + eps) * w` per row.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
+    /// `x[n, in] · Wᵀ` → `[n, out]`.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor>;
+    /// Rotates each head of `x` (`[n, heads*head_dim]`, HF "rotate half"
+    /// convention) by its token's position.
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        heads: usize,
+        head_dim: usize,
+        inv_freq: &Self::Vector,
+        layout: &Self::Layout,
+    ) -> Result<()>;
+    /// Appends `k`, `v` to the cache of `layer` at each token's position, then
+    /// computes causal grouped-query attention of every query row over its own
+    /// sequence's cache. Returns `[n, q_heads*head_dim]`.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        cache: &mut Self::Cache,
+        layer: usize,
+        heads: HeadShape,
+        layout: &Self::Layout,
+    ) -> Result<Self::Tensor>;
+    /// `silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `x += y`, elementwise.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// The row of each sequence's last token in this step.
+    fn last_rows(&self, x: &Self::Tensor, layout: &Self::Layout) -> Result<Self::Tensor>;
+    /// Index of the largest value of each row (first one on ties).
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
+    /// Copies a tensor to the host as `(rows, cols, values)`.
+    fn to_host(&self, x: &Self::Tensor) -> Result<(usize, usize, Vec<f32>)>;
+    /// Waits for all queued device work (for honest timing).
+    fn synchronize(&self) -> Result<()>;
+}

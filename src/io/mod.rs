@@ -1,0 +1,3 @@
+//! Checkpoint readers and writers, hub downloads, tokenizers.
+
+pub mod tokenizer;

@@ -1,0 +1,163 @@
+//! The Llama forward pass, generic over the compute [`Backend`].
+
+use anyhow::{Result, bail};
+
+use super::config::LlamaConfig;
+use super::rope::inv_freq;
+use super::weights::LlamaWeights;
+use crate::backend::{Backend, CacheShape, HeadShape, StepLayout};
+use crate::quant::LinearWeight;
+
+/// One decoder block's weights on the device.
+pub struct DeviceLayer<B: Backend> {
+    input_layernorm: B::Vector,
+    q_proj: B::Weight,
+    k_proj: B::Weight,
+    v_proj: B::Weight,
+    o_proj: B::Weight,
+    post_attention_layernorm: B::Vector,
+    gate_proj: B::Weight,
+    up_proj: B::Weight,
+    down_proj: B::Weight,
+}
+
+/// A Llama model resident on a backend.
+pub struct Model<B: Backend> {
+    pub config: LlamaConfig,
+    backend: B,
+    embed_tokens: B::Weight,
+    layers: Vec<DeviceLayer<B>>,
+    norm: B::Vector,
+    lm_head: Option<B::Weight>,
+    inv_freq: B::Vector,
+}
+
+impl<B: Backend> Model<B> {
+    /// Uploads `weights` to `backend`.
+    pub fn new(backend: B, weights: &LlamaWeights) -> Result<Self> {
+        let layers = weights
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(DeviceLayer {
+                    input_layernorm: backend.upload_vector(&l.input_layernorm)?,
+                    q_proj: backend.upload_weight(&l.q_proj)?,
+                    k_proj: backend.upload_weight(&l.k_proj)?,
+                    v_proj: backend.upload_weight(&l.v_proj)?,
+                    o_proj: backend.upload_weight(&l.o_proj)?,
+                    post_attention_layernorm: backend.upload_vector(&l.post_attention_layernorm)?,
+                    gate_proj: backend.upload_weight(&l.gate_proj)?,
+                    up_proj: backend.upload_weight(&l.up_proj)?,
+                    down_proj: backend.upload_weight(&l.down_proj)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            config: weights.config.clone(),
+            embed_tokens: backend
+                .upload_weight(&LinearWeight::Dense(weights.embed_tokens.clone()))?,
+            norm: backend.upload_vector(&weights.norm)?,
+            lm_head: weights
+                .lm_head
+                .as_ref()
+                .map(|w| backend.upload_weight(w))
+                .transpose()?,
+            inv_freq: backend.upload_vector(&inv_freq(&weights.config))?,
+            layers,
+            backend,
+        })
+    }
+
+    /// The backend the model lives on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// A KV cache for `slots` sequences of up to `max_len` tokens each.
+    pub fn new_cache(&self, slots: usize, max_len: usize) -> Result<B::Cache> {
+        self.backend.new_cache(CacheShape {
+            layers: self.config.num_hidden_layers,
+            slots,
+            max_len,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        })
+    }
+
+    fn heads(&self) -> HeadShape {
+        HeadShape {
+            q_heads: self.config.num_attention_heads,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Hidden states `[tokens, hidden]` for the layout's token ids.
+    pub fn embed(&self, layout: &B::Layout) -> Result<B::Tensor> {
+        self.backend.embedding(&self.embed_tokens, layout)
+    }
+
+    /// Runs decoder block `l` on `x` in place, reading and extending the cache.
+    pub fn block(&self, l: usize, x: &mut B::Tensor, cache: &mut B::Cache, layout: &B::Layout) -> Result<()> {
+        let b = &self.backend;
+        let layer = &self.layers[l];
+        let heads = self.heads();
+        let eps = self.config.rms_norm_eps as f32;
+        let h = b.rms_norm(x, &layer.input_layernorm, eps)?;
+        let mut q = b.matmul(&h, &layer.q_proj)?;
+        let mut k = b.matmul(&h, &layer.k_proj)?;
+        let v = b.matmul(&h, &layer.v_proj)?;
+        b.rope(&mut q, heads.q_heads, heads.head_dim, &self.inv_freq, layout)?;
+        b.rope(&mut k, heads.kv_heads, heads.head_dim, &self.inv_freq, layout)?;
+        let attn = b.attention(&q, &k, &v, cache, l, heads, layout)?;
+        let o = b.matmul(&attn, &layer.o_proj)?;
+        b.add_assign(x, &o)?;
+        let h = b.rms_norm(x, &layer.post_attention_layernorm, eps)?;
+        let gate = b.matmul(&h, &layer.gate_proj)?;
+        let up = b.matmul(&h, &layer.up_proj)?;
+        let act = b.silu_mul(&gate, &up)?;
+        let down = b.matmul(&act, &layer.down_proj)?;
+        b.add_assign(x, &down)
+    }
+
+    /// Final norm and lm_head: logits `[rows, vocab]`.
+    pub fn head(&self, x: &B::Tensor) -> Result<B::Tensor> {
+        let h = self
+            .backend
+            .rms_norm(x, &self.norm, self.config.rms_norm_eps as f32)?;
+        self.backend
+            .matmul(&h, self.lm_head.as_ref().unwrap_or(&self.embed_tokens))
+    }
+
+    /// One forward step over a ragged batch. Returns the logits of every
+    /// token when `all_logits`, else only of each sequence's last token.
+    pub fn forward(&self, layout: &StepLayout, cache: &mut B::Cache, all_logits: bool) -> Result<B::Tensor> {
+        if layout.num_tokens() == 0 {
+            bail!("forward step with no tokens");
+        }
+        let dev_layout = self.backend.upload_layout(layout)?;
+        self.forward_on(&dev_layout, cache, all_logits)
+    }
+
+    /// [`Model::forward`] with a layout already on the device.
+    pub fn forward_on(&self, layout: &B::Layout, cache: &mut B::Cache, all_logits: bool) -> Result<B::Tensor> {
+        let mut x = self.embed(layout)?;
+        for l in 0..self.layers.len() {
+            self.block(l, &mut x, cache, layout)?;
+        }
+        if all_logits {
+            self.head(&x)
+        } else {
+            let last = self.backend.last_rows(&x, layout)?;
+            self.head(&last)
+        }
+    }
+
+    /// Logits `[tokens.len(), vocab]` of one sequence, in a fresh cache.
+    pub fn sequence_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache(1, tokens.len())?;
+        let layout = StepLayout::new([(0, 0, tokens)])?;
+        let logits = self.forward(&layout, &mut cache, true)?;
+        Ok(self.backend.to_host(&logits)?.2)
+    }
+}
