@@ -6,10 +6,12 @@
 //! every sequence one after another, no padding anywhere ([`StepLayout`]).
 
 pub mod cpu;
+pub mod device;
 pub mod layout;
 
 use anyhow::Result;
 
+pub use device::Device;
 pub use layout::{SeqChunk, StepLayout};
 
 use crate::quant::LinearWeight;

@@ -1,0 +1,6 @@
+//! Subcommands of the `quantbench` binary: each module holds one command's
+//! arguments (`Args`) and its `run` function.
+
+pub mod generate;
+pub mod inspect;
+pub mod synth;
