@@ -4,9 +4,35 @@ use anyhow::{Result, bail};
 
 use super::config::LlamaConfig;
 use super::rope::inv_freq;
-use super::weights::LlamaWeights;
+use super::weights::{LayerWeights, LlamaWeights};
 use crate::backend::{Backend, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
+
+/// The four distinct inputs of a block's linear layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LinearInput {
+    /// Input of q_proj, k_proj, v_proj (the normed residual stream).
+    Qkv,
+    /// Input of o_proj (the attention output).
+    O,
+    /// Input of gate_proj and up_proj (the post-attention normed stream).
+    GateUp,
+    /// Input of down_proj (`silu(gate) * up`).
+    Down,
+}
+
+impl LinearInput {
+    /// Which input feeds the linear layer named `name` (see `LINEAR_NAMES`).
+    pub fn of(name: &str) -> Option<LinearInput> {
+        Some(match name {
+            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => LinearInput::Qkv,
+            "self_attn.o_proj" => LinearInput::O,
+            "mlp.gate_proj" | "mlp.up_proj" => LinearInput::GateUp,
+            "mlp.down_proj" => LinearInput::Down,
+            _ => return None,
+        })
+    }
+}
 
 /// One decoder block's weights on the device.
 pub struct DeviceLayer<B: Backend> {
@@ -19,6 +45,20 @@ pub struct DeviceLayer<B: Backend> {
     gate_proj: B::Weight,
     up_proj: B::Weight,
     down_proj: B::Weight,
+}
+
+fn upload_layer<B: Backend>(backend: &B, l: &LayerWeights) -> Result<DeviceLayer<B>> {
+    Ok(DeviceLayer {
+        input_layernorm: backend.upload_vector(&l.input_layernorm)?,
+        q_proj: backend.upload_weight(&l.q_proj)?,
+        k_proj: backend.upload_weight(&l.k_proj)?,
+        v_proj: backend.upload_weight(&l.v_proj)?,
+        o_proj: backend.upload_weight(&l.o_proj)?,
+        post_attention_layernorm: backend.upload_vector(&l.post_attention_layernorm)?,
+        gate_proj: backend.upload_weight(&l.gate_proj)?,
+        up_proj: backend.upload_weight(&l.up_proj)?,
+        down_proj: backend.upload_weight(&l.down_proj)?,
+    })
 }
 
 /// A Llama model resident on a backend.
@@ -38,19 +78,7 @@ impl<B: Backend> Model<B> {
         let layers = weights
             .layers
             .iter()
-            .map(|l| {
-                Ok(DeviceLayer {
-                    input_layernorm: backend.upload_vector(&l.input_layernorm)?,
-                    q_proj: backend.upload_weight(&l.q_proj)?,
-                    k_proj: backend.upload_weight(&l.k_proj)?,
-                    v_proj: backend.upload_weight(&l.v_proj)?,
-                    o_proj: backend.upload_weight(&l.o_proj)?,
-                    post_attention_layernorm: backend.upload_vector(&l.post_attention_layernorm)?,
-                    gate_proj: backend.upload_weight(&l.gate_proj)?,
-                    up_proj: backend.upload_weight(&l.up_proj)?,
-                    down_proj: backend.upload_weight(&l.down_proj)?,
-                })
-            })
+            .map(|l| upload_layer(&backend, l))
             .collect::<Result<Vec<_>>>()?;
         Ok(Model {
             config: weights.config.clone(),
@@ -66,6 +94,15 @@ impl<B: Backend> Model<B> {
             layers,
             backend,
         })
+    }
+
+    /// Replaces block `l`'s weights (e.g. with their quantized versions).
+    pub fn set_layer(&mut self, l: usize, weights: &LayerWeights) -> Result<()> {
+        if l >= self.layers.len() {
+            bail!("model has {} layers, no layer {l}", self.layers.len());
+        }
+        self.layers[l] = upload_layer(&self.backend, weights)?;
+        Ok(())
     }
 
     /// The backend the model lives on.
@@ -99,23 +136,40 @@ impl<B: Backend> Model<B> {
 
     /// Runs decoder block `l` on `x` in place, reading and extending the cache.
     pub fn block(&self, l: usize, x: &mut B::Tensor, cache: &mut B::Cache, layout: &B::Layout) -> Result<()> {
+        self.block_observed(l, x, cache, layout, &mut |_, _| Ok(()))
+    }
+
+    /// [`Model::block`], handing the input of each group of linear layers to
+    /// `observe` as it is computed (calibration captures these).
+    pub fn block_observed(
+        &self,
+        l: usize,
+        x: &mut B::Tensor,
+        cache: &mut B::Cache,
+        layout: &B::Layout,
+        observe: &mut dyn FnMut(LinearInput, &B::Tensor) -> Result<()>,
+    ) -> Result<()> {
         let b = &self.backend;
         let layer = &self.layers[l];
         let heads = self.heads();
         let eps = self.config.rms_norm_eps as f32;
         let h = b.rms_norm(x, &layer.input_layernorm, eps)?;
+        observe(LinearInput::Qkv, &h)?;
         let mut q = b.matmul(&h, &layer.q_proj)?;
         let mut k = b.matmul(&h, &layer.k_proj)?;
         let v = b.matmul(&h, &layer.v_proj)?;
         b.rope(&mut q, heads.q_heads, heads.head_dim, &self.inv_freq, layout)?;
         b.rope(&mut k, heads.kv_heads, heads.head_dim, &self.inv_freq, layout)?;
         let attn = b.attention(&q, &k, &v, cache, l, heads, layout)?;
+        observe(LinearInput::O, &attn)?;
         let o = b.matmul(&attn, &layer.o_proj)?;
         b.add_assign(x, &o)?;
         let h = b.rms_norm(x, &layer.post_attention_layernorm, eps)?;
+        observe(LinearInput::GateUp, &h)?;
         let gate = b.matmul(&h, &layer.gate_proj)?;
         let up = b.matmul(&h, &layer.up_proj)?;
         let act = b.silu_mul(&gate, &up)?;
+        observe(LinearInput::Down, &act)?;
         let down = b.matmul(&act, &layer.down_proj)?;
         b.add_assign(x, &down)
     }

@@ -8,6 +8,6 @@ pub mod synth;
 pub mod weights;
 
 pub use config::LlamaConfig;
-pub use forward::Model;
+pub use forward::{LinearInput, Model};
 pub use generate::{Generation, GenerationConfig, StopReason, generate};
 pub use weights::LlamaWeights;
