@@ -85,13 +85,18 @@ impl HostTensor {
 
     /// Rounds every value to `dtype` and records it as the storage precision.
     pub fn cast(mut self, dtype: DType) -> Self {
+        self.round_to(dtype);
+        self
+    }
+
+    /// [`HostTensor::cast`] in place.
+    pub fn round_to(&mut self, dtype: DType) {
         if dtype != DType::F32 {
             for v in &mut self.data {
                 *v = dtype.round(*v);
             }
         }
         self.dtype = dtype;
-        self
     }
 
     /// Rows and columns of a 2-D tensor.

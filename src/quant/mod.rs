@@ -11,6 +11,12 @@ use std::sync::Arc;
 
 use crate::tensor::HostTensor;
 
+pub mod apply;
+pub mod spec;
+
+pub use apply::{QuantContext, is_skipped, quantize_model};
+pub use spec::QuantSpec;
+
 /// A quantized weight matrix of shape `[out_features, in_features]`.
 pub trait QuantizedMatrix: Send + Sync + std::fmt::Debug {
     /// `(out_features, in_features)`.

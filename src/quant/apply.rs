@@ -1,0 +1,68 @@
+//! Applies a [`QuantSpec`] to a model's weights.
+
+use anyhow::{Result, bail};
+
+use super::LinearWeight;
+use super::spec::QuantSpec;
+use crate::model::LlamaWeights;
+
+/// Everything a quantization method may need beyond the weights.
+pub struct QuantContext<'a> {
+    /// For calibration-based methods (GPTQ, AWQ).
+    pub tokenizer: &'a crate::io::tokenizer::Tokenizer,
+}
+
+/// Whether the linear layer called `name` (e.g. `model.layers.3.mlp.up_proj`,
+/// `lm_head`) is left unquantized by `skip_modules` (matched as name suffixes
+/// or whole path components).
+pub fn is_skipped(name: &str, skip_modules: &[String]) -> bool {
+    skip_modules
+        .iter()
+        .any(|s| name == s || name.ends_with(&format!(".{s}")) || name.split('.').any(|part| part == s))
+}
+
+/// Quantizes `weights` in place as `spec` says.
+pub fn quantize_model(weights: &mut LlamaWeights, spec: &QuantSpec, _ctx: &QuantContext) -> Result<()> {
+    match spec {
+        QuantSpec::None { dtype } => {
+            cast_dense(weights, *dtype);
+            Ok(())
+        }
+        other => bail!("quantization method '{}' is not available in this build", other.method()),
+    }
+}
+
+/// Rounds every dense weight (embeddings, norms, linears) to `dtype`.
+fn cast_dense(weights: &mut LlamaWeights, dtype: crate::tensor::DType) {
+    let round = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = dtype.round(*x));
+    weights.embed_tokens.round_to(dtype);
+    round(&mut weights.norm);
+    let cast = |w: &mut LinearWeight| {
+        if let LinearWeight::Dense(t) = w {
+            t.round_to(dtype);
+        }
+    };
+    for layer in &mut weights.layers {
+        round(&mut layer.input_layernorm);
+        round(&mut layer.post_attention_layernorm);
+        for (_, w) in layer.linears_mut() {
+            cast(w);
+        }
+    }
+    if let Some(h) = &mut weights.lm_head {
+        cast(h);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_modules_match_suffixes_and_components() {
+        let skip = vec!["lm_head".to_string(), "down_proj".to_string()];
+        assert!(is_skipped("lm_head", &skip));
+        assert!(is_skipped("model.layers.0.mlp.down_proj", &skip));
+        assert!(!is_skipped("model.layers.0.mlp.up_proj", &skip));
+    }
+}
