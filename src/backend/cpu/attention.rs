@@ -32,7 +32,11 @@ pub fn attention(
     }
     let positions = layout.token_positions();
     if q.rows != positions.len() || k.rows != q.rows || v.rows != q.rows {
-        bail!("attention: {} query rows for a step of {} tokens", q.rows, positions.len());
+        bail!(
+            "attention: {} query rows for a step of {} tokens",
+            q.rows,
+            positions.len()
+        );
     }
     for &(slot, pos) in &positions {
         if slot >= s.slots || pos >= s.max_len {

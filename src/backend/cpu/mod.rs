@@ -3,6 +3,7 @@
 
 mod attention;
 pub mod fused;
+pub mod matmul;
 mod ops;
 
 use std::sync::Arc;
@@ -145,7 +146,9 @@ impl Backend for CpuBackend {
         }
         let mut y = vec![0.0; x.rows * out_f];
         match w {
-            CpuWeight::Dense { data, .. } => ops::dense_matmul(&x.data, x.rows, data, out_f, in_f, &mut y),
+            CpuWeight::Dense { data, .. } => {
+                ops::dense_matmul(&x.data, x.rows, data, out_f, in_f, &mut y)
+            }
             CpuWeight::Quantized(q) => q.matmul_cpu(&x.data, x.rows, &mut y),
         }
         CpuTensor::new(x.rows, out_f, y)

@@ -6,10 +6,16 @@ use rayon::prelude::*;
 use super::CpuTensor;
 use crate::backend::StepLayout;
 
+pub use super::matmul::dense_matmul;
+
 /// `x / sqrt(mean(x²) + eps) * w` per row, accumulated in f64 for the mean.
 pub fn rms_norm(x: &CpuTensor, w: &[f32], eps: f32) -> Result<CpuTensor> {
     if w.len() != x.cols {
-        bail!("rms_norm: weight has {} values, rows have {}", w.len(), x.cols);
+        bail!(
+            "rms_norm: weight has {} values, rows have {}",
+            w.len(),
+            x.cols
+        );
     }
     let mut out = vec![0.0; x.data.len()];
     out.par_chunks_mut(x.cols)
@@ -22,42 +28,6 @@ pub fn rms_norm(x: &CpuTensor, w: &[f32], eps: f32) -> Result<CpuTensor> {
             }
         });
     CpuTensor::new(x.rows, x.cols, out)
-}
-
-/// `y[n, out] = x[n, in] · Wᵀ` for a row-major `W[out, in]`, through `gemm`.
-pub fn dense_matmul(x: &[f32], n: usize, w: &[f32], out_f: usize, in_f: usize, y: &mut [f32]) {
-    assert_eq!(x.len(), n * in_f);
-    assert_eq!(w.len(), out_f * in_f);
-    assert_eq!(y.len(), n * out_f);
-    if n == 0 || out_f == 0 {
-        return;
-    }
-    // SAFETY: the asserts above bound every index gemm touches: lhs is
-    // [n, in_f] row-major, rhs is Wᵀ seen through strides (row stride 1,
-    // column stride in_f), dst is [n, out_f] row-major.
-    unsafe {
-        gemm::gemm(
-            n,
-            out_f,
-            in_f,
-            y.as_mut_ptr(),
-            1,
-            out_f as isize,
-            false,
-            x.as_ptr(),
-            1,
-            in_f as isize,
-            w.as_ptr(),
-            in_f as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
-    }
 }
 
 /// Rotates each head in place, HF "rotate half" convention: the pair
@@ -83,10 +53,8 @@ pub fn rope(
         .par_chunks_mut(x.cols)
         .zip(positions.par_iter())
         .for_each(|(row, &(_, pos))| {
-            let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq
-                .iter()
-                .map(|&f| (pos as f32 * f).sin_cos())
-                .unzip();
+            let (sin, cos): (Vec<f32>, Vec<f32>) =
+                inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()).unzip();
             for head in row.chunks_mut(head_dim) {
                 for i in 0..half {
                     let (a, b) = (head[i], head[i + half]);
@@ -126,7 +94,10 @@ pub fn silu_mul(gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
 /// `x += y`.
 pub fn add_assign(x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
     check_same_shape("add", x, y)?;
-    x.data.par_iter_mut().zip(&y.data).for_each(|(a, &b)| *a += b);
+    x.data
+        .par_iter_mut()
+        .zip(&y.data)
+        .for_each(|(a, &b)| *a += b);
     Ok(())
 }
 
@@ -164,7 +135,10 @@ mod tests {
                         .map(|k| x[r * in_f + k] as f64 * w[c * in_f + k] as f64)
                         .sum();
                     let got = y[r * out_f + c] as f64;
-                    assert!((got - want).abs() < 1e-5 * (1.0 + want.abs()), "{got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "{got} vs {want}"
+                    );
                 }
             }
         }
