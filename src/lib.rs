@@ -6,6 +6,7 @@
 //! compute [`backend::Backend`] and run by the Llama engine ([`model`]).
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod io;
 pub mod model;

@@ -13,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure storage, memory, prefill and decode latency, throughput.
+    Bench(cli::bench::Args),
     /// Greedy continuation of a prompt.
     Generate(cli::generate::Args),
     /// Configuration, parameter count and storage by format.
@@ -29,6 +31,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
+        Command::Bench(a) => cli::bench::run_cmd(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Synth(a) => cli::synth::run(a),

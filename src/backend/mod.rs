@@ -99,4 +99,9 @@ pub trait Backend: Send + Sync {
     fn to_host(&self, x: &Self::Tensor) -> Result<(usize, usize, Vec<f32>)>;
     /// Waits for all queued device work (for honest timing).
     fn synchronize(&self) -> Result<()>;
+    /// Peak device memory in bytes since the backend was created, for devices
+    /// with their own memory (`None` on the CPU).
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        None
+    }
 }

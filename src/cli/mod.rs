@@ -1,6 +1,8 @@
 //! Subcommands of the `quantbench` binary: each module holds one command's
 //! arguments (`Args`) and its `run` function.
 
+pub mod bench;
+pub mod common;
 pub mod generate;
 pub mod inspect;
 pub mod synth;
