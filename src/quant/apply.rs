@@ -16,24 +16,33 @@ pub struct QuantContext<'a> {
 /// `lm_head`) is left unquantized by `skip_modules` (matched as name suffixes
 /// or whole path components).
 pub fn is_skipped(name: &str, skip_modules: &[String]) -> bool {
-    skip_modules
-        .iter()
-        .any(|s| name == s || name.ends_with(&format!(".{s}")) || name.split('.').any(|part| part == s))
+    skip_modules.iter().any(|s| {
+        name == s || name.ends_with(&format!(".{s}")) || name.split('.').any(|part| part == s)
+    })
 }
 
 /// Quantizes `weights` in place as `spec` says.
-pub fn quantize_model(weights: &mut LlamaWeights, spec: &QuantSpec, _ctx: &QuantContext) -> Result<()> {
+pub fn quantize_model(
+    weights: &mut LlamaWeights,
+    spec: &QuantSpec,
+    _ctx: &QuantContext,
+) -> Result<()> {
     match spec {
         QuantSpec::None { dtype } => {
-            cast_dense(weights, *dtype);
+            if let Some(dtype) = dtype {
+                cast_dense(weights, *dtype);
+            }
             Ok(())
         }
-        other => bail!("quantization method '{}' is not available in this build", other.method()),
+        other => bail!(
+            "quantization method '{}' is not available in this build",
+            other.method()
+        ),
     }
 }
 
 /// Rounds every dense weight (embeddings, norms, linears) to `dtype`.
-fn cast_dense(weights: &mut LlamaWeights, dtype: crate::tensor::DType) {
+pub fn cast_dense(weights: &mut LlamaWeights, dtype: crate::tensor::DType) {
     let round = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = dtype.round(*x));
     weights.embed_tokens.round_to(dtype);
     round(&mut weights.norm);

@@ -14,7 +14,7 @@ use crate::tensor::HostTensor;
 pub mod apply;
 pub mod spec;
 
-pub use apply::{QuantContext, is_skipped, quantize_model};
+pub use apply::{QuantContext, cast_dense, is_skipped, quantize_model};
 pub use spec::QuantSpec;
 
 /// A quantized weight matrix of shape `[out_features, in_features]`.

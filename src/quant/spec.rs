@@ -177,12 +177,12 @@ fn default_grid() -> usize {
 
 /// How a model's weights are stored: unquantized at a dtype, or a method.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "method", rename_all = "snake_case")]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
 pub enum QuantSpec {
-    /// Unquantized, every weight rounded to `dtype`.
+    /// Unquantized; every weight rounded to `dtype` when given, else kept as loaded.
     None {
-        #[serde(default = "default_none_dtype")]
-        dtype: DType,
+        #[serde(default)]
+        dtype: Option<DType>,
     },
     Int8(Int8Config),
     Nf4(Bnb4Config),
@@ -190,10 +190,6 @@ pub enum QuantSpec {
     Rtn(RtnConfig),
     Gptq(GptqConfig),
     Awq(AwqConfig),
-}
-
-fn default_none_dtype() -> DType {
-    DType::F16
 }
 
 /// Method names accepted by [`QuantSpec::parse`].
@@ -260,7 +256,10 @@ impl QuantSpec {
             }
             QuantSpec::Int8(c) => {
                 if !(c.threshold >= 0.0) {
-                    bail!("threshold {} must be ≥ 0 (0 disables outliers)", c.threshold);
+                    bail!(
+                        "threshold {} must be ≥ 0 (0 disables outliers)",
+                        c.threshold
+                    );
                 }
             }
             QuantSpec::Rtn(c) => check_int_format(c.bits, c.group_size)?,
@@ -314,9 +313,15 @@ mod tests {
     #[test]
     fn parses_cli_forms_with_defaults() {
         let s = QuantSpec::parse("nf4").unwrap();
-        let QuantSpec::Nf4(c) = &s else { panic!("{s:?}") };
-        assert_eq!((c.block_size, c.double_quant, c.compute_dtype), (64, true, DType::F32));
-        let s = QuantSpec::parse("fp4,block_size=128,double_quant=false,compute_dtype=bf16").unwrap();
+        let QuantSpec::Nf4(c) = &s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(
+            (c.block_size, c.double_quant, c.compute_dtype),
+            (64, true, DType::F32)
+        );
+        let s =
+            QuantSpec::parse("fp4,block_size=128,double_quant=false,compute_dtype=bf16").unwrap();
         assert_eq!(
             s,
             QuantSpec::Fp4(Bnb4Config {
@@ -329,7 +334,12 @@ mod tests {
         let s = QuantSpec::parse("gptq,bits=3,group_size=-1,desc_act=true").unwrap();
         let QuantSpec::Gptq(g) = &s else { panic!() };
         assert_eq!((g.bits, g.group_size, g.desc_act), (3, -1, true));
-        assert_eq!(QuantSpec::parse("none,dtype=bf16").unwrap(), QuantSpec::None { dtype: DType::BF16 });
+        assert_eq!(
+            QuantSpec::parse("none,dtype=bf16").unwrap(),
+            QuantSpec::None {
+                dtype: Some(DType::BF16)
+            }
+        );
     }
 
     #[test]
