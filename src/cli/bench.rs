@@ -6,11 +6,11 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 
 use super::common::{load_quantized, parse_quant};
-use super::inspect::usage_by_format;
 use crate::backend::Device;
 use crate::bench::{BenchConfig, BenchResult, run};
 use crate::model::Model;
 use crate::quant::QuantSpec;
+use crate::quant::storage::{total_usage, usage_by_format};
 use crate::with_backend;
 
 /// Arguments of `quantbench bench`.
@@ -101,9 +101,8 @@ pub fn print_result(r: &BenchResult) {
 /// Loads, quantizes, measures and prints.
 pub fn run_cmd(args: Args) -> Result<()> {
     let loaded = load_quantized(&args.model, args.quant.as_ref())?;
-    let usage = usage_by_format(&loaded.weights);
-    let bytes: usize = usage.values().map(|u| u.bytes).sum();
-    let params: usize = usage.values().map(|u| u.parameters).sum();
+    let total = total_usage(&usage_by_format(&loaded.weights));
+    let (bytes, params) = (total.bytes, total.parameters);
     println!(
         "model {} on {}: {} parameters, {:.1} MiB of weights, {:.3} bits/parameter",
         loaded.source,

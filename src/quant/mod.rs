@@ -13,6 +13,7 @@ use crate::tensor::HostTensor;
 
 pub mod apply;
 pub mod spec;
+pub mod storage;
 
 pub use apply::{QuantContext, cast_dense, is_skipped, quantize_model};
 pub use spec::QuantSpec;
