@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use quantbench::cli;
 
 #[derive(Parser)]
-#[command(name = "quantbench", version, about = "How few bits can this model be stored in, and what does each choice cost?")]
+#[command(
+    name = "quantbench",
+    version,
+    about = "How few bits can this model be stored in, and what does each choice cost?"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -6,6 +6,8 @@
 //! every sequence one after another, no padding anywhere ([`StepLayout`]).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod layout;
 
@@ -103,5 +105,21 @@ pub trait Backend: Send + Sync {
     /// with their own memory (`None` on the CPU).
     fn peak_memory_bytes(&self) -> Option<u64> {
         None
+    }
+    /// Runs one forward step: uploads `layout` and calls `step` with it. A
+    /// backend may instead capture the device work of a decode step (one new
+    /// token per sequence) once and replay it for later steps of the same
+    /// shape (CUDA graphs); `variant` tells apart closures that do different
+    /// work on layouts of the same shape.
+    fn run_step(
+        &self,
+        layout: &StepLayout,
+        cache: &mut Self::Cache,
+        variant: u32,
+        step: &mut dyn FnMut(&Self::Layout, &mut Self::Cache) -> Result<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        let _ = variant;
+        let dev_layout = self.upload_layout(layout)?;
+        step(&dev_layout, cache)
     }
 }

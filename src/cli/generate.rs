@@ -42,7 +42,11 @@ pub fn run(args: Args) -> Result<()> {
         let start = std::time::Instant::now();
         let out = generate(&model, &loaded.tokenizer, &[prompt], &cfg)?;
         let elapsed = start.elapsed();
-        let g = out.into_iter().next().flatten().expect("one prompt, one result");
+        let g = out
+            .into_iter()
+            .next()
+            .flatten()
+            .expect("one prompt, one result");
         eprintln!(
             "[{} tokens in {:.2}s, {:.1} tokens/s, stop: {:?}]",
             g.tokens.len(),

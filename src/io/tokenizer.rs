@@ -126,7 +126,8 @@ impl Tokenizer {
 /// Inverse of GPT-2's byte → printable-char map.
 fn byte_of_char(c: char) -> u32 {
     let cp = c as u32;
-    let direct = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let direct =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     if direct(cp) {
         return cp;
     }

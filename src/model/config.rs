@@ -175,7 +175,10 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             bail!("num_attention_heads and num_key_value_heads must be positive");
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads,
@@ -266,6 +269,9 @@ mod tests {
         "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"vocab_size":8}"#;
         let e = LlamaConfig::from_hf_json(text, "m/config.json").unwrap_err();
         let msg = format!("{e:#}");
-        assert!(msg.contains("m/config.json") && msg.contains("MistralForCausalLM"), "{msg}");
+        assert!(
+            msg.contains("m/config.json") && msg.contains("MistralForCausalLM"),
+            "{msg}"
+        );
     }
 }

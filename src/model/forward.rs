@@ -135,7 +135,13 @@ impl<B: Backend> Model<B> {
     }
 
     /// Runs decoder block `l` on `x` in place, reading and extending the cache.
-    pub fn block(&self, l: usize, x: &mut B::Tensor, cache: &mut B::Cache, layout: &B::Layout) -> Result<()> {
+    pub fn block(
+        &self,
+        l: usize,
+        x: &mut B::Tensor,
+        cache: &mut B::Cache,
+        layout: &B::Layout,
+    ) -> Result<()> {
         self.block_observed(l, x, cache, layout, &mut |_, _| Ok(()))
     }
 
@@ -158,8 +164,20 @@ impl<B: Backend> Model<B> {
         let mut q = b.matmul(&h, &layer.q_proj)?;
         let mut k = b.matmul(&h, &layer.k_proj)?;
         let v = b.matmul(&h, &layer.v_proj)?;
-        b.rope(&mut q, heads.q_heads, heads.head_dim, &self.inv_freq, layout)?;
-        b.rope(&mut k, heads.kv_heads, heads.head_dim, &self.inv_freq, layout)?;
+        b.rope(
+            &mut q,
+            heads.q_heads,
+            heads.head_dim,
+            &self.inv_freq,
+            layout,
+        )?;
+        b.rope(
+            &mut k,
+            heads.kv_heads,
+            heads.head_dim,
+            &self.inv_freq,
+            layout,
+        )?;
         let attn = b.attention(&q, &k, &v, cache, l, heads, layout)?;
         observe(LinearInput::O, &attn)?;
         let o = b.matmul(&attn, &layer.o_proj)?;
@@ -185,16 +203,28 @@ impl<B: Backend> Model<B> {
 
     /// One forward step over a ragged batch. Returns the logits of every
     /// token when `all_logits`, else only of each sequence's last token.
-    pub fn forward(&self, layout: &StepLayout, cache: &mut B::Cache, all_logits: bool) -> Result<B::Tensor> {
+    pub fn forward(
+        &self,
+        layout: &StepLayout,
+        cache: &mut B::Cache,
+        all_logits: bool,
+    ) -> Result<B::Tensor> {
         if layout.num_tokens() == 0 {
             bail!("forward step with no tokens");
         }
-        let dev_layout = self.backend.upload_layout(layout)?;
-        self.forward_on(&dev_layout, cache, all_logits)
+        self.backend
+            .run_step(layout, cache, all_logits as u32, &mut |l, c| {
+                self.forward_on(l, c, all_logits)
+            })
     }
 
     /// [`Model::forward`] with a layout already on the device.
-    pub fn forward_on(&self, layout: &B::Layout, cache: &mut B::Cache, all_logits: bool) -> Result<B::Tensor> {
+    pub fn forward_on(
+        &self,
+        layout: &B::Layout,
+        cache: &mut B::Cache,
+        all_logits: bool,
+    ) -> Result<B::Tensor> {
         let mut x = self.embed(layout)?;
         for l in 0..self.layers.len() {
             self.block(l, &mut x, cache, layout)?;

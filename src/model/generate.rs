@@ -96,7 +96,12 @@ pub fn generate<B: Backend>(
             tokens: vec![],
         })
         .collect();
-    let mut layout = StepLayout::new(prompts.iter().enumerate().map(|(i, p)| (i, 0, p.as_slice())))?;
+    let mut layout = StepLayout::new(
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, 0, p.as_slice())),
+    )?;
     while !running.is_empty() {
         let logits = model.forward(&layout, &mut cache, false)?;
         let next = model.backend().argmax_rows(&logits)?;
@@ -110,15 +115,30 @@ pub fn generate<B: Backend>(
         running = still;
         let parts: Vec<(usize, usize, Vec<u32>)> = running
             .iter()
-            .map(|s| (s.slot, s.prompt_len + s.tokens.len() - 1, vec![*s.tokens.last().expect("one token generated")]))
+            .map(|s| {
+                (
+                    s.slot,
+                    s.prompt_len + s.tokens.len() - 1,
+                    vec![*s.tokens.last().expect("one token generated")],
+                )
+            })
             .collect();
-        layout = StepLayout::new(parts.iter().map(|(slot, start, t)| (*slot, *start, t.as_slice())))?;
+        layout = StepLayout::new(
+            parts
+                .iter()
+                .map(|(slot, start, t)| (*slot, *start, t.as_slice())),
+        )?;
     }
     Ok(results)
 }
 
 /// Appends `id` to `seq` and returns its result if generation ends here.
-fn finish(seq: &mut Running, id: u32, tokenizer: &Tokenizer, cfg: &GenerationConfig) -> Result<Option<Generation>> {
+fn finish(
+    seq: &mut Running,
+    id: u32,
+    tokenizer: &Tokenizer,
+    cfg: &GenerationConfig,
+) -> Result<Option<Generation>> {
     if cfg.stop_at_eos && tokenizer.eos_ids.contains(&id) {
         let text = tokenizer.decode(&seq.tokens)?;
         return Ok(Some(Generation {
@@ -134,7 +154,11 @@ fn finish(seq: &mut Running, id: u32, tokenizer: &Tokenizer, cfg: &GenerationCon
         Some(tokenizer.decode(&seq.tokens)?)
     };
     if let Some(text) = &text
-        && let Some(cut) = cfg.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min()
+        && let Some(cut) = cfg
+            .stop_strings
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
     {
         return Ok(Some(Generation {
             tokens: std::mem::take(&mut seq.tokens),

@@ -22,7 +22,8 @@ pub fn inv_freq(config: &LlamaConfig) -> Vec<f32> {
             } else if wavelen > low_wavelen {
                 f / s.factor
             } else {
-                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                 (1.0 - smooth) * f / s.factor + smooth * f
             };
             scaled as f32

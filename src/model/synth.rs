@@ -110,7 +110,9 @@ fn random_tensor(shape: Vec<usize>, mean: f32, std: f32, seed: u64, dtype: DType
     let mut rng = StdRng::seed_from_u64(seed);
     let normal = Normal::new(mean, std).expect("std is positive");
     let n: usize = shape.iter().product();
-    let data = (0..n).map(|_| dtype.round(normal.sample(&mut rng))).collect();
+    let data = (0..n)
+        .map(|_| dtype.round(normal.sample(&mut rng)))
+        .collect();
     HostTensor { shape, dtype, data }
 }
 
@@ -120,7 +122,12 @@ pub fn synth_weights(config: &LlamaConfig, dtype: DType, seed: u64) -> Result<Ll
     let c = config;
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let mut specs: Vec<(String, Vec<usize>, f32, f32)> = vec![
-        ("model.embed_tokens.weight".into(), vec![c.vocab_size, h], 0.0, 1.0),
+        (
+            "model.embed_tokens.weight".into(),
+            vec![c.vocab_size, h],
+            0.0,
+            1.0,
+        ),
         ("model.norm.weight".into(), vec![h], 1.0, 0.1),
     ];
     if !c.tie_word_embeddings {
@@ -175,6 +182,11 @@ mod tests {
     fn llama_1b_shape_has_reference_parameter_count() {
         let (cfg, _) = synth_config("llama-3.2-1b").unwrap();
         assert_eq!(cfg.parameter_count(), 1_235_814_400);
-        assert!(synth_config("nope").unwrap_err().to_string().contains("synth:tiny"));
+        assert!(
+            synth_config("nope")
+                .unwrap_err()
+                .to_string()
+                .contains("synth:tiny")
+        );
     }
 }

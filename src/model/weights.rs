@@ -145,7 +145,10 @@ impl LlamaWeights {
     /// Every tensor under its HF name, dense weights as stored, quantized ones
     /// dequantized (for writing plain HF checkpoints and for comparisons).
     pub fn to_dense_tensors(&self) -> Vec<(String, HostTensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
         let dense = |w: &LinearWeight| match w {
             LinearWeight::Dense(t) => t.clone(),
             q => {
@@ -187,8 +190,13 @@ impl LlamaWeights {
         let vec_bytes = e.dtype.size_bytes();
         let mut total = e.numel() * vec_bytes + self.norm.len() * vec_bytes;
         for layer in &self.layers {
-            total += (layer.input_layernorm.len() + layer.post_attention_layernorm.len()) * vec_bytes;
-            total += layer.linears().iter().map(|(_, w)| w.storage_bytes()).sum::<usize>();
+            total +=
+                (layer.input_layernorm.len() + layer.post_attention_layernorm.len()) * vec_bytes;
+            total += layer
+                .linears()
+                .iter()
+                .map(|(_, w)| w.storage_bytes())
+                .sum::<usize>();
         }
         total + self.lm_head.as_ref().map_or(0, |w| w.storage_bytes())
     }

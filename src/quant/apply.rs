@@ -34,6 +34,13 @@ pub fn quantize_model(
             }
             Ok(())
         }
+        QuantSpec::Nf4(c) => {
+            super::bnb4::quantize_model_bnb4(weights, super::bnb4::Bnb4Type::Nf4, c)
+        }
+        QuantSpec::Fp4(c) => {
+            super::bnb4::quantize_model_bnb4(weights, super::bnb4::Bnb4Type::Fp4, c)
+        }
+        QuantSpec::Int8(c) => super::int8::quantize_model_int8(weights, c),
         other => bail!(
             "quantization method '{}' is not available in this build",
             other.method()

@@ -12,6 +12,12 @@ use std::sync::Arc;
 use crate::tensor::HostTensor;
 
 pub mod apply;
+pub mod bnb4;
+pub mod bnb_codes;
+pub mod gptq;
+pub mod int8;
+pub mod packed;
+pub mod rtn;
 pub mod spec;
 pub mod storage;
 

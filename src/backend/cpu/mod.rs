@@ -9,9 +9,12 @@ mod ops;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 
 use super::{Backend, CacheShape, HeadShape, StepLayout};
 use crate::quant::{LinearWeight, QuantizedMatrix};
+use crate::tensor::{DType, HostTensor};
 
 /// Row-major f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,14 +34,47 @@ impl CpuTensor {
     }
 }
 
+/// Dense weight values at their storage precision (half-precision weights
+/// stay half precision in memory and are widened block by block).
+#[derive(Clone, Debug)]
+pub enum DenseData {
+    F32(Arc<Vec<f32>>),
+    F16(Arc<Vec<f16>>),
+    BF16(Arc<Vec<bf16>>),
+}
+
+impl DenseData {
+    fn from_tensor(t: &HostTensor) -> DenseData {
+        match t.dtype {
+            DType::F32 => DenseData::F32(Arc::new(t.data.clone())),
+            DType::F16 => {
+                DenseData::F16(Arc::new(t.data.iter().map(|&v| f16::from_f32(v)).collect()))
+            }
+            DType::BF16 => DenseData::BF16(Arc::new(
+                t.data.iter().map(|&v| bf16::from_f32(v)).collect(),
+            )),
+        }
+    }
+
+    /// Values `start..start + out.len()` as f32.
+    fn widen(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            DenseData::F32(d) => out.copy_from_slice(&d[start..end]),
+            DenseData::F16(d) => d[start..end].convert_to_f32_slice(out),
+            DenseData::BF16(d) => d[start..end].convert_to_f32_slice(out),
+        }
+    }
+}
+
 /// A weight held by the CPU backend.
 #[derive(Clone, Debug)]
 pub enum CpuWeight {
-    /// `[rows, cols]` f32 values (any checkpoint dtype, widened).
+    /// `[rows, cols]` dense values.
     Dense {
         rows: usize,
         cols: usize,
-        data: Arc<Vec<f32>>,
+        data: DenseData,
     },
     /// A quantized format; products go through its fused CPU kernel.
     Quantized(Arc<dyn QuantizedMatrix>),
@@ -90,7 +126,7 @@ impl Backend for CpuBackend {
                 CpuWeight::Dense {
                     rows,
                     cols,
-                    data: Arc::new(t.data.clone()),
+                    data: DenseData::from_tensor(t),
                 }
             }
             LinearWeight::Quantized(q) => CpuWeight::Quantized(q.clone()),
@@ -122,10 +158,7 @@ impl Backend for CpuBackend {
                 bail!("token id {id} is outside the vocabulary of {vocab}");
             }
             match table {
-                CpuWeight::Dense { data, .. } => {
-                    let start = id as usize * hidden;
-                    row.copy_from_slice(&data[start..start + hidden]);
-                }
+                CpuWeight::Dense { data, .. } => data.widen(id as usize * hidden, row),
                 CpuWeight::Quantized(q) => q.dequantize_row(id as usize, row),
             }
         }
@@ -146,9 +179,22 @@ impl Backend for CpuBackend {
         }
         let mut y = vec![0.0; x.rows * out_f];
         match w {
-            CpuWeight::Dense { data, .. } => {
-                ops::dense_matmul(&x.data, x.rows, data, out_f, in_f, &mut y)
-            }
+            CpuWeight::Dense {
+                data: DenseData::F32(w),
+                ..
+            } => matmul::dense_matmul(&x.data, x.rows, w, out_f, in_f, &mut y),
+            CpuWeight::Dense { data, .. } => matmul::matmul_by_row_blocks(
+                &x.data,
+                x.rows,
+                in_f,
+                out_f,
+                &mut y,
+                |r0, rows, buf| {
+                    buf.resize(rows * in_f, 0.0);
+                    data.widen(r0 * in_f, buf);
+                    None
+                },
+            ),
             CpuWeight::Quantized(q) => q.matmul_cpu(&x.data, x.rows, &mut y),
         }
         CpuTensor::new(x.rows, out_f, y)

@@ -4,9 +4,9 @@ use anyhow::{Result, bail};
 use rayon::prelude::*;
 
 use super::CpuTensor;
+#[cfg(test)]
+use super::matmul::dense_matmul;
 use crate::backend::StepLayout;
-
-pub use super::matmul::dense_matmul;
 
 /// `x / sqrt(mean(x²) + eps) * w` per row, accumulated in f64 for the mean.
 pub fn rms_norm(x: &CpuTensor, w: &[f32], eps: f32) -> Result<CpuTensor> {

@@ -1,0 +1,217 @@
+//! One CUDA device as the backend sees it: context, the single stream all
+//! work goes through, cuBLAS, the compiled kernels, and memory accounting.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result};
+use cudarc::nvrtc::Ptx;
+
+use super::compile::compile_kernels;
+use super::kernels::KERNEL_NAMES;
+use super::memory::{DevBuf, MemStats, Pool, RawAlloc};
+
+/// cuBLAS workspace, set explicitly so that cuBLAS allocates nothing while a
+/// CUDA graph is being captured.
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// A launch argument: anything passed to a kernel by value.
+pub type Arg = *mut c_void;
+
+/// Builds a kernel argument from a reference to a plain value.
+pub fn arg<T>(v: &T) -> Arg {
+    v as *const T as *mut c_void
+}
+
+/// The device, its stream, libraries and kernels.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub blas: CudaBlas,
+    _blas_workspace: RawAlloc,
+    funcs: HashMap<&'static str, CudaFunction>,
+    pub stats: Arc<MemStats>,
+    /// The pool outputs come from; swapped for a graph's own pool while a
+    /// decode step is being captured.
+    pools: Mutex<Vec<Arc<Pool>>>,
+    pub name: String,
+    pub sm_count: usize,
+    pub total_mem: usize,
+}
+
+// SAFETY: every driver handle here is used through the one stream with the
+// context bound to the calling thread first; cuBLAS calls are serialised by
+// the backend's single-stream use.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+impl Gpu {
+    /// Opens device `ordinal`: context, stream, cuBLAS, compiled kernels.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!(
+                "no CUDA driver (libcuda.so) was found on this machine; --device cuda needs an NVIDIA GPU and its driver"
+            );
+        }
+        let count = CudaContext::device_count().context("cannot query CUDA devices")?;
+        if ordinal >= count.max(0) as usize {
+            bail!("cuda:{ordinal} does not exist: this machine has {count} CUDA device(s)");
+        }
+        let ctx =
+            CudaContext::new(ordinal).with_context(|| format!("cannot open cuda:{ordinal}"))?;
+        // One stream, no cross-stream event bookkeeping (it would break graph capture).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let stats = MemStats::new(ctx.clone());
+        let blas = CudaBlas::new(stream.clone()).context("cannot create a cuBLAS handle")?;
+        let workspace = RawAlloc::new(&stats, CUBLAS_WORKSPACE_BYTES)?;
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace.ptr() as *mut c_void,
+                CUBLAS_WORKSPACE_BYTES,
+            )
+            .result()
+            .context("cublasSetWorkspace")?;
+        }
+        let (major, minor) = ctx.compute_capability()?;
+        let ptx = compile_kernels(major, minor)?;
+        let module = ctx
+            .load_module(Ptx::from_src(ptx))
+            .context("cannot load the compiled kernels")?;
+        let mut funcs = HashMap::new();
+        for &name in KERNEL_NAMES {
+            funcs.insert(
+                name,
+                module
+                    .load_function(name)
+                    .with_context(|| format!("kernel {name} is missing"))?,
+            );
+        }
+        let sm_count =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let pool = Pool::new(stats.clone());
+        Ok(Gpu {
+            name: ctx.name()?,
+            total_mem: ctx.total_mem()?,
+            sm_count,
+            ctx,
+            stream,
+            blas,
+            _blas_workspace: workspace,
+            funcs,
+            stats,
+            pools: Mutex::new(vec![pool]),
+        })
+    }
+
+    /// Makes the context current on this thread.
+    pub fn bind(&self) -> Result<()> {
+        Ok(self.ctx.bind_to_thread()?)
+    }
+
+    /// The pool new buffers come from now.
+    pub fn pool(&self) -> Arc<Pool> {
+        self.pools
+            .lock()
+            .expect("pool stack")
+            .last()
+            .expect("base pool")
+            .clone()
+    }
+
+    /// Routes allocations to `pool` until [`Gpu::pop_pool`].
+    pub fn push_pool(&self, pool: Arc<Pool>) {
+        self.pools.lock().expect("pool stack").push(pool);
+    }
+
+    /// Undoes the last [`Gpu::push_pool`].
+    pub fn pop_pool(&self) {
+        let mut pools = self.pools.lock().expect("pool stack");
+        if pools.len() > 1 {
+            pools.pop();
+        }
+    }
+
+    /// A buffer of `bytes` from the current pool.
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        self.pool().alloc(bytes)
+    }
+
+    /// Launches kernel `name` on the stream.
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &mut [Arg],
+    ) -> Result<()> {
+        let f = self
+            .funcs
+            .get(name)
+            .with_context(|| format!("unknown kernel {name}"))?;
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                smem,
+                self.stream.cu_stream(),
+                args,
+            )
+        }
+        .with_context(|| format!("launching {name} grid {grid:?} block {block} smem {smem}"))
+    }
+
+    /// Raises a kernel's dynamic shared-memory limit.
+    pub fn set_max_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
+        let f = self
+            .funcs
+            .get(name)
+            .with_context(|| format!("unknown kernel {name}"))?;
+        unsafe {
+            result::function::set_function_attribute(
+                f.cu_function(),
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }?;
+        Ok(())
+    }
+
+    /// Copies host values to device memory at `dst` (queued on the stream).
+    pub fn upload<T>(&self, dst: CUdeviceptr, src: &[T]) -> Result<()> {
+        if !src.is_empty() {
+            unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }?;
+        }
+        Ok(())
+    }
+
+    /// Copies device memory at `src` into `dst` and waits for it.
+    pub fn download<T>(&self, dst: &mut [T], src: CUdeviceptr) -> Result<()> {
+        if !dst.is_empty() {
+            unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }?;
+        }
+        self.sync()
+    }
+
+    /// Device-to-device copy of `bytes` (queued).
+    pub fn copy(&self, dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> Result<()> {
+        if bytes > 0 {
+            unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }?;
+        }
+        Ok(())
+    }
+
+    /// Waits for all queued work; reports errors of earlier launches.
+    pub fn sync(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .context("a CUDA kernel failed (reported at synchronization)")
+    }
+}

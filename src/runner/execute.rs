@@ -1,0 +1,102 @@
+//! One experiment, end to end: load → quantize → sanity → evaluate →
+//! benchmark, producing an [`ExperimentResult`].
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use super::provenance;
+use super::result::{AccuracyMetrics, ExperimentResult, FormatBytes, SCHEMA_VERSION, Status, StorageMetrics, Timings};
+use super::store::RunStore;
+use crate::backend::Backend;
+use crate::config::Experiment;
+use crate::io::load_model;
+use crate::model::{LlamaWeights, Model};
+use crate::quant::storage::{quantized_usage, total_usage, usage_by_format};
+use crate::quant::{QuantContext, cast_dense, quantize_model};
+
+/// Exact storage of `w`.
+pub fn storage_metrics(w: &LlamaWeights) -> StorageMetrics {
+    let by = usage_by_format(w);
+    let total = total_usage(&by);
+    let q = quantized_usage(w);
+    StorageMetrics {
+        parameters: total.parameters,
+        weight_bytes: total.bytes,
+        bits_per_parameter: total.bits_per_parameter(),
+        quantized_bits_per_parameter: (q.tensors > 0).then(|| q.bits_per_parameter()),
+        formats: by
+            .into_iter()
+            .map(|(k, u)| {
+                (
+                    k,
+                    FormatBytes {
+                        tensors: u.tensors,
+                        parameters: u.parameters,
+                        bytes: u.bytes,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// A result skeleton for `exp`, status failed until every stage has run.
+pub fn new_result(exp: &Experiment, model: &str, device: &str) -> Result<ExperimentResult> {
+    Ok(ExperimentResult {
+        schema_version: SCHEMA_VERSION,
+        experiment: exp.name.clone(),
+        status: Status::Failed,
+        error: None,
+        config: serde_json::to_value(exp)?,
+        model: model.to_string(),
+        storage: None,
+        accuracy: AccuracyMetrics::default(),
+        sanity: vec![],
+        eval_details: serde_json::Value::Null,
+        bench: None,
+        timings: Timings::default(),
+        provenance: provenance::collect(device),
+        started_at: chrono::Utc::now().to_rfc3339(),
+        finished_at: String::new(),
+    })
+}
+
+/// Runs every stage of `exp` on `backend`, filling `result` as it goes (so a
+/// failure still records what finished).
+pub fn execute<B: Backend>(
+    backend: B,
+    exp: &Experiment,
+    model_spec: &str,
+    store: &RunStore,
+    result: &mut ExperimentResult,
+) -> Result<()> {
+    let total = Instant::now();
+    let t = Instant::now();
+    let mut loaded = load_model(model_spec)?;
+    result.model = loaded.source.clone();
+    result.timings.load_s = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    cast_dense(&mut loaded.weights, exp.dtype);
+    let base = exp.eval.divergence.then(|| loaded.weights.clone());
+    let ctx = QuantContext {
+        tokenizer: &loaded.tokenizer,
+    };
+    quantize_model(&mut loaded.weights, &exp.quant, &ctx)?;
+    result.storage = Some(storage_metrics(&loaded.weights));
+    result.timings.quantize_s = t.elapsed().as_secs_f64();
+
+    let model = Model::new(backend, &loaded.weights)?;
+    let t = Instant::now();
+    super::evaluate::run_evaluations(&model, &loaded.tokenizer, base.as_ref(), exp, store, result)?;
+    result.timings.eval_s = t.elapsed().as_secs_f64() - result.timings.sanity_s;
+
+    if exp.benchmark {
+        let t = Instant::now();
+        result.bench = Some(crate::bench::run(&model, &exp.bench)?);
+        result.timings.bench_s = t.elapsed().as_secs_f64();
+    }
+    result.timings.total_s = total.elapsed().as_secs_f64();
+    Ok(())
+}
