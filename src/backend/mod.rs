@@ -36,6 +36,9 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
+/// One forward step run by [`Backend::run_step`] on a device layout and cache.
+pub type StepFn<'a, L, C, T> = dyn FnMut(&L, &mut C) -> Result<T> + 'a;
+
 /// A device that can run the Llama forward pass.
 pub trait Backend: Send + Sync {
     /// Activations: a row-major `[rows, cols]` matrix on the device.
@@ -79,6 +82,7 @@ pub trait Backend: Send + Sync {
     /// Appends `k`, `v` to the cache of `layer` at each token's position, then
     /// computes causal grouped-query attention of every query row over its own
     /// sequence's cache. Returns `[n, q_heads*head_dim]`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &Self::Tensor,
@@ -116,7 +120,7 @@ pub trait Backend: Send + Sync {
         layout: &StepLayout,
         cache: &mut Self::Cache,
         variant: u32,
-        step: &mut dyn FnMut(&Self::Layout, &mut Self::Cache) -> Result<Self::Tensor>,
+        step: &mut StepFn<'_, Self::Layout, Self::Cache, Self::Tensor>,
     ) -> Result<Self::Tensor> {
         let _ = variant;
         let dev_layout = self.upload_layout(layout)?;

@@ -346,7 +346,11 @@ impl Bnb4Matrix {
     #[inline]
     pub fn index(&self, f: usize) -> u8 {
         let byte = self.packed[f / 2];
-        if f % 2 == 0 { byte >> 4 } else { byte & 0x0F }
+        if f.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0x0F
+        }
     }
 
     /// Writes row `row`: `code[index] * absmax` rounded to `dtype`, then to

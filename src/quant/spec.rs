@@ -255,7 +255,7 @@ impl QuantSpec {
                 }
             }
             QuantSpec::Int8(c) => {
-                if !(c.threshold >= 0.0) {
+                if c.threshold.is_nan() || c.threshold < 0.0 {
                     bail!(
                         "threshold {} must be ≥ 0 (0 disables outliers)",
                         c.threshold
@@ -293,7 +293,7 @@ fn check_int_format(bits: u32, group_size: i64) -> Result<()> {
     if ![2, 3, 4, 8].contains(&bits) {
         bail!("bits {bits} not supported: use 2, 3, 4 or 8");
     }
-    if group_size != -1 && (group_size < 8 || (group_size as usize) % 8 != 0) {
+    if group_size != -1 && (group_size < 8 || !(group_size as usize).is_multiple_of(8)) {
         bail!("group_size {group_size} must be -1 or a positive multiple of 8 (32, 64, 128)");
     }
     Ok(())

@@ -183,7 +183,7 @@ impl Backend for CudaBackend {
         layout: &StepLayout,
         cache: &mut CudaKvCache,
         variant: u32,
-        step: &mut dyn FnMut(&CudaLayout, &mut CudaKvCache) -> Result<CudaTensor>,
+        step: &mut graph::StepFn<'_>,
     ) -> Result<CudaTensor> {
         graph::run_step(
             &self.gpu,
