@@ -5,4 +5,6 @@ pub mod bench;
 pub mod common;
 pub mod generate;
 pub mod inspect;
+pub mod report;
+pub mod run;
 pub mod synth;

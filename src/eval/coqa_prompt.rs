@@ -114,7 +114,10 @@ Q: Who fixed it?\n\nA:";
         let docs = fixture().unwrap();
         let river = docs.iter().find(|d| d.id == "qb-river-ost").unwrap();
         assert!(river.story.ends_with(".\n"));
-        assert!(prompt(river).contains("31,000 inhabitants.\n\n\nQ: What is the Ostwater?\n\nA: a river\n\n"));
+        assert!(
+            prompt(river)
+                .contains("31,000 inhabitants.\n\n\nQ: What is the Ostwater?\n\nA: a river\n\n")
+        );
     }
 
     #[test]

@@ -56,13 +56,17 @@ pub enum Outcome {
 }
 
 /// Runs `experiments` in order; returns each one's saved result and outcome.
-pub fn run_experiments(experiments: Vec<Experiment>, opts: &RunOptions) -> Result<Vec<(ExperimentResult, Outcome)>> {
+pub fn run_experiments(
+    experiments: Vec<Experiment>,
+    opts: &RunOptions,
+) -> Result<Vec<(ExperimentResult, Outcome)>> {
     if experiments.is_empty() {
         bail!("no experiments to run");
     }
     let store = RunStore::open(&opts.run_dir, &opts.command)?;
     let bar = ProgressBar::new(experiments.len() as u64).with_style(
-        ProgressStyle::with_template("[{pos}/{len}] {elapsed_precise} {msg}").expect("valid template"),
+        ProgressStyle::with_template("[{pos}/{len}] {elapsed_precise} {msg}")
+            .expect("valid template"),
     );
     let mut out = vec![];
     for exp in experiments {
@@ -70,12 +74,18 @@ pub fn run_experiments(experiments: Vec<Experiment>, opts: &RunOptions) -> Resul
         let config = serde_json::to_value(&exp)?;
         if store.is_done(&exp.name, &config)? {
             bar.println(format!("{}: already finished, skipped", exp.name));
-            out.push((store.load(&exp.name)?.expect("finished result exists"), Outcome::Skipped));
+            out.push((
+                store.load(&exp.name)?.expect("finished result exists"),
+                Outcome::Skipped,
+            ));
             bar.inc(1);
             continue;
         }
         bar.set_message(format!("{} on {}", exp.name, opts.device));
-        let model = exp.model.clone().expect("resolved experiments name their model");
+        let model = exp
+            .model
+            .clone()
+            .expect("resolved experiments name their model");
         let mut result = execute::new_result(&exp, &model, &opts.device.to_string())?;
         let run = with_backend!(opts.device, |backend| {
             result.provenance.device = crate::backend::Backend::describe(&backend);
@@ -105,7 +115,10 @@ pub fn run_experiments(experiments: Vec<Experiment>, opts: &RunOptions) -> Resul
                 );
             }
         } else {
-            bar.println(format!("{}: done in {:.1}s", exp.name, result.timings.total_s));
+            bar.println(format!(
+                "{}: done in {:.1}s",
+                exp.name, result.timings.total_s
+            ));
         }
         out.push((result, outcome));
     }
