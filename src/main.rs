@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Measure storage, memory, prefill and decode latency, throughput.
     Bench(cli::bench::Args),
+    /// Evaluate accuracy: CoQA (lm-eval's task), perplexity or sanity prompts.
+    Eval(cli::eval::Args),
     /// Greedy continuation of a prompt.
     Generate(cli::generate::Args),
     /// Configuration, parameter count and storage by format.
@@ -44,6 +46,7 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Bench(a) => cli::bench::run_cmd(a),
+        Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Synth(a) => cli::synth::run(a),

@@ -55,6 +55,16 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Prints a progress line above the bar, or to stderr when the bar is hidden
+/// (not a terminal), so logs always show what happened.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 /// Runs `experiments` in order; returns each one's saved result and outcome.
 pub fn run_experiments(
     experiments: Vec<Experiment>,
@@ -73,7 +83,7 @@ pub fn run_experiments(
         let exp = resolve(exp, opts);
         let config = serde_json::to_value(&exp)?;
         if store.is_done(&exp.name, &config)? {
-            bar.println(format!("{}: already finished, skipped", exp.name));
+            say(&bar, format!("{}: already finished, skipped", exp.name));
             out.push((
                 store.load(&exp.name)?.expect("finished result exists"),
                 Outcome::Skipped,
@@ -105,7 +115,7 @@ pub fn run_experiments(
         store.save(&result)?;
         bar.inc(1);
         if let Outcome::Failed(msg) = &outcome {
-            bar.println(format!("{}: FAILED: {msg}", exp.name));
+            say(&bar, format!("{}: FAILED: {msg}", exp.name));
             if !opts.keep_going {
                 bar.finish_and_clear();
                 bail!(
@@ -115,7 +125,7 @@ pub fn run_experiments(
                 );
             }
         } else {
-            bar.println(format!(
+            say(&bar, format!(
                 "{}: done in {:.1}s",
                 exp.name, result.timings.total_s
             ));
