@@ -125,10 +125,10 @@ pub fn run_experiments(
                 );
             }
         } else {
-            say(&bar, format!(
-                "{}: done in {:.1}s",
-                exp.name, result.timings.total_s
-            ));
+            say(
+                &bar,
+                format!("{}: done in {:.1}s", exp.name, result.timings.total_s),
+            );
         }
         out.push((result, outcome));
     }
