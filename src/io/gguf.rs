@@ -318,16 +318,21 @@ impl GgufFile {
                 GgmlType::SUPPORTED
             )
         })?;
-        let start = self.header.data_offset + info.offset;
-        let end = start + len as u64;
-        if end > self.mmap.len() as u64 {
+        let range = self
+            .header
+            .data_offset
+            .checked_add(info.offset)
+            .and_then(|s| Some((s, s.checked_add(len as u64)?)))
+            .filter(|&(_, e)| e <= self.mmap.len() as u64);
+        let Some((start, end)) = range else {
             bail!(
-                "{} is truncated or corrupt: tensor '{}' ends at byte {end} but the file has {}; re-download it",
+                "{} is truncated or corrupt: tensor '{}' (offset {}, {len} bytes) lies past the end of the {}-byte file; re-download it",
                 self.path.display(),
                 info.name,
+                info.offset,
                 self.mmap.len()
             );
-        }
+        };
         Ok(&self.mmap[start as usize..end as usize])
     }
 
