@@ -110,6 +110,7 @@ fn interrupted_run_resumes_only_missing_experiments() {
         "synth:tiny",
         "--limit",
         "2",
+        "--full-bench",
         "--run-dir",
         run.to_str().unwrap(),
     ];

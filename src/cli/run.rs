@@ -31,9 +31,13 @@ pub struct RunArgs {
     /// Continue past a failing experiment, recording its error.
     #[arg(long)]
     pub keep_going: bool,
-    /// Short benchmark settings (128-token prompts, batch 1 and 4, few tokens).
-    #[arg(long)]
+    /// Short benchmark settings (128-token prompts, batch 1 and 4, few
+    /// tokens). The default on the CPU, where the full settings take long.
+    #[arg(long, conflicts_with = "full_bench")]
     pub quick: bool,
+    /// The experiments' own benchmark settings, also on the CPU.
+    #[arg(long)]
+    pub full_bench: bool,
 }
 
 /// Model used when neither the experiment nor `--model` names one.
@@ -72,7 +76,8 @@ pub fn execute(cmd: &str, mut experiments: Vec<Experiment>, args: &RunArgs) -> R
         .model
         .clone()
         .unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    if args.quick {
+    if args.quick || (args.device == Device::Cpu && !args.full_bench) {
+        eprintln!("benchmarks: quick settings (--full-bench for the experiments' own)");
         for e in &mut experiments {
             e.bench = quick_bench();
         }

@@ -89,6 +89,8 @@ pub fn execute<B: Backend>(
     result.timings.quantize_s = t.elapsed().as_secs_f64();
 
     let model = Model::new(backend, &loaded.weights)?;
+    // The backend holds its own copy; the host copy would only inflate memory.
+    drop(loaded.weights);
     let t = Instant::now();
     super::evaluate::run_evaluations(&model, &loaded.tokenizer, exp, store, result)?;
     result.timings.eval_s = t.elapsed().as_secs_f64() - result.timings.sanity_s;
