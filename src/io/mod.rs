@@ -102,7 +102,7 @@ fn looks_like_path(spec: &str) -> bool {
         || spec.starts_with('.')
         || spec.starts_with('~')
         || spec.contains('\\')
-        || spec.matches('/').count() != 1
+        || spec.matches('/').count() > 1
         || spec.ends_with('/')
         || spec.ends_with(".gguf")
         || spec.ends_with(".safetensors")
