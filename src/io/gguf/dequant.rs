@@ -124,11 +124,17 @@ fn other_type_name(id: u32) -> Option<&'static str> {
 /// Dequantizes `n` values of type `kind` stored in `bytes`.
 pub fn dequantize(kind: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let Some((per, block_bytes)) = kind.block() else {
-        bail!("ggml type {kind} is not supported (supported: {})", GgmlType::SUPPORTED);
+        bail!(
+            "ggml type {kind} is not supported (supported: {})",
+            GgmlType::SUPPORTED
+        );
     };
     match kind.byte_size(n) {
         Some(len) if len == bytes.len() => {}
-        Some(len) => bail!("{kind} data of {n} values needs {len} bytes, got {}", bytes.len()),
+        Some(len) => bail!(
+            "{kind} data of {n} values needs {len} bytes, got {}",
+            bytes.len()
+        ),
         None => bail!("{n} values are not a whole number of {kind} blocks of {per}"),
     }
     let mut out = vec![0f32; n];

@@ -424,8 +424,8 @@ mod tests {
     #[test]
     fn permutation_round_trips_and_pairs_rotary_halves() {
         // 2 heads of head_dim 4, 1 column: HF rows 0..8.
-        let t = HostTensor::new(vec![8, 1], DType::F32, (0..8).map(|v| v as f32).collect())
-            .unwrap();
+        let t =
+            HostTensor::new(vec![8, 1], DType::F32, (0..8).map(|v| v as f32).collect()).unwrap();
         let g = permute_rows(&t, 2).unwrap();
         // Head 0: HF pairs (0, 2) and (1, 3) become adjacent rows.
         assert_eq!(g.data, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
