@@ -21,7 +21,9 @@ pub const SYNTH_SEED: u64 = 0x5eed;
 /// A model ready to run: weights, tokenizer, and where they came from.
 #[derive(Clone, Debug)]
 pub struct LoadedModel {
+    /// Config and weights.
     pub weights: LlamaWeights,
+    /// Text ↔ ids, with the model's BOS/EOS ids.
     pub tokenizer: Tokenizer,
     /// The spec the model was loaded from, resolved (path, hub id, synth name).
     pub source: String,
