@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use half::f16;
-use quantbench::io::gguf::llama::permute_rows;
 use quantbench::io::{hf_dir, load_model};
 use quantbench::model::LlamaWeights;
 use quantbench::model::synth::{synth_config, synth_weights};

@@ -28,18 +28,31 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// One metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GgufValue {
+    /// A u8.
     U8(u8),
+    /// An i8.
     I8(i8),
+    /// A u16.
     U16(u16),
+    /// An i16.
     I16(i16),
+    /// A u32.
     U32(u32),
+    /// An i32.
     I32(i32),
+    /// An f32.
     F32(f32),
+    /// A bool.
     Bool(bool),
+    /// A UTF-8 string.
     String(String),
+    /// An array of values of one type.
     Array(Vec<GgufValue>),
+    /// A u64.
     U64(u64),
+    /// An i64.
     I64(i64),
+    /// An f64.
     F64(f64),
 }
 
@@ -100,9 +113,11 @@ impl GgufValue {
 /// Where one tensor lives in the file and how it is stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GgufTensorInfo {
+    /// Tensor name (llama.cpp naming, e.g. `blk.0.attn_q.weight`).
     pub name: String,
     /// Dimensions as GGUF lists them: innermost (contiguous) first.
     pub dims: Vec<u64>,
+    /// Storage type.
     pub kind: GgmlType,
     /// Byte offset from the start of the data section.
     pub offset: u64,
@@ -123,6 +138,7 @@ impl GgufTensorInfo {
 /// Everything before the data section.
 #[derive(Clone, Debug)]
 pub struct GgufHeader {
+    /// GGUF format version (2 or 3).
     pub version: u32,
     /// Metadata in key order.
     pub metadata: BTreeMap<String, GgufValue>,
@@ -292,6 +308,7 @@ impl GgufHeader {
 pub struct GgufFile {
     path: PathBuf,
     mmap: Mmap,
+    /// The parsed header.
     pub header: GgufHeader,
 }
 

@@ -21,7 +21,9 @@ pub const SYNTH_SEED: u64 = 0x5eed;
 /// A model ready to run: weights, tokenizer, and where they came from.
 #[derive(Clone, Debug)]
 pub struct LoadedModel {
+    /// Config and weights.
     pub weights: LlamaWeights,
+    /// Text ↔ ids, with the model's BOS/EOS ids.
     pub tokenizer: Tokenizer,
     /// The spec the model was loaded from, resolved (path, hub id, synth name).
     pub source: String,
@@ -108,7 +110,7 @@ fn looks_like_path(spec: &str) -> bool {
         || spec.starts_with('.')
         || spec.starts_with('~')
         || spec.contains('\\')
-        || spec.matches('/').count() != 1
+        || spec.matches('/').count() > 1
         || spec.ends_with('/')
         || spec.ends_with(".gguf")
         || spec.ends_with(".safetensors")

@@ -16,11 +16,17 @@ pub const QK: usize = 32;
 /// A ggml tensor storage type, by its numeric id in GGUF files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// 4-bit blocks of 32 with an f16 scale, offset −8.
     Q4_0,
+    /// 4-bit blocks of 32 with f16 scale and minimum.
     Q4_1,
+    /// 8-bit blocks of 32 with an f16 scale.
     Q8_0,
+    /// bfloat16.
     BF16,
     /// Any other id (K-quants, i-quants, integer types, ...): not readable here.
     Other(u32),
