@@ -97,6 +97,29 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x += y`, elementwise.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `x += y`, then [`Backend::rms_norm`] of the sum; backends may fuse the two.
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        y: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.add_assign(x, y)?;
+        self.rms_norm(x, w, eps)
+    }
+    /// `silu(x·Gᵀ) * (x·Uᵀ)`: the MLP's gate and up projections and its
+    /// activation; backends may fuse them.
+    fn gate_up_silu(
+        &self,
+        x: &Self::Tensor,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+    ) -> Result<Self::Tensor> {
+        let g = self.matmul(x, gate)?;
+        let u = self.matmul(x, up)?;
+        self.silu_mul(&g, &u)
+    }
     /// The row of each sequence's last token in this step.
     fn last_rows(&self, x: &Self::Tensor, layout: &Self::Layout) -> Result<Self::Tensor>;
     /// Index of the largest value of each row (first one on ties).

@@ -87,6 +87,10 @@ pub struct BenchResult {
     pub peak_memory_bytes: Option<u64>,
     /// `device` or `process_rss`.
     pub peak_memory_kind: String,
+    /// Why the throughput measurements stopped early (e.g. out of memory at
+    /// a batch size); the results before it stand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn random_prompt(rng: &mut StdRng, len: usize, vocab: usize) -> Vec<u32> {
@@ -196,13 +200,22 @@ pub fn run<B: Backend>(model: &Model<B>, cfg: &BenchConfig) -> Result<BenchResul
     drop(cache);
     let decode = Summary::of(&times[cfg.warmup..]);
     let mut throughput = vec![];
+    let mut error = None;
     for &b in &cfg.batch_sizes {
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|_| random_prompt(&mut rng, cfg.throughput_prompt_len, vocab))
             .collect();
         let steps = cfg.warmup + cfg.throughput_tokens;
-        let (mut cache, first) = prefill(model, &prompts, steps)?;
-        let times = decode_steps(model, &mut cache, cfg.throughput_prompt_len, first, steps)?;
+        let measured = prefill(model, &prompts, steps).and_then(|(mut cache, first)| {
+            decode_steps(model, &mut cache, cfg.throughput_prompt_len, first, steps)
+        });
+        let times = match measured {
+            Ok(t) => t,
+            Err(e) => {
+                error = Some(format!("throughput at batch size {b} failed: {e:#}"));
+                break;
+            }
+        };
         let timed = &times[cfg.warmup..];
         let total_s = timed.iter().sum::<f64>() / 1e3;
         throughput.push(ThroughputResult {
@@ -223,5 +236,6 @@ pub fn run<B: Backend>(model: &Model<B>, cfg: &BenchConfig) -> Result<BenchResul
         throughput,
         peak_memory_bytes: peak,
         peak_memory_kind: kind.to_string(),
+        error,
     })
 }

@@ -122,5 +122,8 @@ pub fn run_cmd(args: Args) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)
             .with_context(|| format!("{}: cannot write benchmark result", path.display()))?;
     }
+    if let Some(e) = &result.error {
+        anyhow::bail!("{e} (the results above were measured before it)");
+    }
     Ok(())
 }

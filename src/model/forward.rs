@@ -181,12 +181,9 @@ impl<B: Backend> Model<B> {
         let attn = b.attention(&q, &k, &v, cache, l, heads, layout)?;
         observe(LinearInput::O, &attn)?;
         let o = b.matmul(&attn, &layer.o_proj)?;
-        b.add_assign(x, &o)?;
-        let h = b.rms_norm(x, &layer.post_attention_layernorm, eps)?;
+        let h = b.add_rms_norm(x, &o, &layer.post_attention_layernorm, eps)?;
         observe(LinearInput::GateUp, &h)?;
-        let gate = b.matmul(&h, &layer.gate_proj)?;
-        let up = b.matmul(&h, &layer.up_proj)?;
-        let act = b.silu_mul(&gate, &up)?;
+        let act = b.gate_up_silu(&h, &layer.gate_proj, &layer.up_proj)?;
         observe(LinearInput::Down, &act)?;
         let down = b.matmul(&act, &layer.down_proj)?;
         b.add_assign(x, &down)

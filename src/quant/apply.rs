@@ -1,9 +1,12 @@
 //! Applies a [`QuantSpec`] to a model's weights.
 
-use anyhow::{Result, bail};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
 
 use super::LinearWeight;
-use super::spec::QuantSpec;
+use super::rtn::rtn_quantize;
+use super::spec::{QuantSpec, RtnConfig};
 use crate::model::LlamaWeights;
 
 /// Everything a quantization method may need beyond the weights.
@@ -41,11 +44,36 @@ pub fn quantize_model(
             super::bnb4::quantize_model_bnb4(weights, super::bnb4::Bnb4Type::Fp4, c)
         }
         QuantSpec::Int8(c) => super::int8::quantize_model_int8(weights, c),
+        QuantSpec::Rtn(c) => quantize_model_rtn(weights, c),
         other => bail!(
             "quantization method '{}' is not available in this build",
             other.method()
         ),
     }
+}
+
+/// Round-to-nearest (GPTQ's grid rule) for every linear not in `skip_modules`,
+/// including an untied lm_head when it is not skipped.
+pub fn quantize_model_rtn(weights: &mut LlamaWeights, c: &RtnConfig) -> Result<()> {
+    let quant = |name: &str, w: &mut LinearWeight| -> Result<()> {
+        if is_skipped(name, &c.skip_modules) {
+            return Ok(());
+        }
+        let (o, i) = w.shape();
+        let q = rtn_quantize(&w.dequantize(), o, i, c.bits, c.group_size, c.sym)
+            .with_context(|| format!("RTN of {name}"))?;
+        *w = LinearWeight::Quantized(Arc::new(q));
+        Ok(())
+    };
+    for (l, layer) in weights.layers.iter_mut().enumerate() {
+        for (name, w) in layer.linears_mut() {
+            quant(&format!("model.layers.{l}.{name}"), w)?;
+        }
+    }
+    if let Some(h) = &mut weights.lm_head {
+        quant("lm_head", h)?;
+    }
+    Ok(())
 }
 
 /// Rounds every dense weight (embeddings, norms, linears) to `dtype`.

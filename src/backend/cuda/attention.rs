@@ -61,27 +61,30 @@ pub fn attention(
     let (kc, vc) = (cache.k(layer), cache.v(layer));
     let (kp, vp, slots, pos) = (k.ptr(), v.ptr(), layout.slots(), layout.positions());
     let (kvd, ml) = (kv_dim as i32, s.max_len as i32);
-    gpu.launch(
-        "kv_append",
-        (n as u32, 1, 1),
-        128,
-        0,
-        &mut [
-            arg(&kp),
-            arg(&vp),
-            arg(&kc),
-            arg(&vc),
-            arg(&slots),
-            arg(&pos),
-            arg(&kvd),
-            arg(&ml),
-        ],
-    )?;
     let out = CudaTensor::empty(gpu, n, q_heads * d)?;
     let scale = 1.0f32 / (d as f32).sqrt();
     let (qp, op) = (q.ptr(), out.ptr());
     let (qh, kvh) = (q_heads as i32, kv_heads as i32);
     let prefill = layout.host.seqs.iter().any(|c| c.len > 1);
+    if prefill {
+        // Decode steps append inside `attn_decode`.
+        gpu.launch(
+            "kv_append",
+            (n as u32, 1, 1),
+            128,
+            0,
+            &mut [
+                arg(&kp),
+                arg(&vp),
+                arg(&kc),
+                arg(&vc),
+                arg(&slots),
+                arg(&pos),
+                arg(&kvd),
+                arg(&ml),
+            ],
+        )?;
+    }
     if prefill && PREFILL_HEAD_DIMS.contains(&d) {
         let name = format!("attn_prefill_d{d}");
         let tiles = layout.tile_table();
@@ -126,6 +129,8 @@ pub fn attention(
         smem as u32,
         &mut [
             arg(&qp),
+            arg(&kp),
+            arg(&vp),
             arg(&kc),
             arg(&vc),
             arg(&slots),

@@ -119,6 +119,27 @@ impl Backend for CudaBackend {
         matmul::matmul(&self.gpu, x, w)
     }
 
+    fn gate_up_silu(&self, x: &CudaTensor, gate: &CudaWeight, up: &CudaWeight) -> Result<CudaTensor> {
+        self.gpu.bind()?;
+        if let Some(y) = matmul::gate_up_silu(&self.gpu, x, gate, up)? {
+            return Ok(y);
+        }
+        let g = matmul::matmul(&self.gpu, x, gate)?;
+        let u = matmul::matmul(&self.gpu, x, up)?;
+        ops::silu_mul(&self.gpu, &g, &u)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaTensor,
+        y: &CudaTensor,
+        w: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        self.gpu.bind()?;
+        ops::add_rms_norm(&self.gpu, x, y, w, eps)
+    }
+
     fn rope(
         &self,
         x: &mut CudaTensor,

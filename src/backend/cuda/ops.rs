@@ -20,7 +20,10 @@ pub fn embedding(gpu: &Gpu, table: &CudaWeight, layout: &CudaLayout) -> Result<C
         cols: hidden,
         dtype,
         buf,
-    } = table;
+    } = table
+    else {
+        bail!("embedding tables must be dense on the CUDA backend");
+    };
     if let Some(&bad) = layout.host.tokens.iter().find(|&&t| t as usize >= *vocab) {
         bail!("token id {bad} is outside the vocabulary of {vocab}");
     }
@@ -53,15 +56,47 @@ pub fn rms_norm(gpu: &Gpu, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<C
     }
     let y = CudaTensor::empty(gpu, x.rows, x.cols)?;
     let (xp, wp, yp, cols) = (x.ptr(), w.ptr(), y.ptr(), x.cols as i32);
-    let block = if x.cols >= 1024 { 512 } else { 128 };
     gpu.launch(
         "rms_norm",
         (x.rows as u32, 1, 1),
-        block,
+        norm_block(x.cols),
         0,
         &mut [arg(&xp), arg(&wp), arg(&yp), arg(&cols), arg(&eps)],
     )?;
     Ok(y)
+}
+
+/// `x += y`, then the RMS norm of the sum, in one kernel (one block per row).
+pub fn add_rms_norm(
+    gpu: &Gpu,
+    x: &mut CudaTensor,
+    y: &CudaTensor,
+    w: &CudaTensor,
+    eps: f32,
+) -> Result<CudaTensor> {
+    check_same("add_rms_norm", x, y)?;
+    if w.len() != x.cols {
+        bail!(
+            "add_rms_norm: weight has {} values, rows have {}",
+            w.len(),
+            x.cols
+        );
+    }
+    let out = CudaTensor::empty(gpu, x.rows, x.cols)?;
+    let (xp, yp, wp, op, cols) = (x.ptr(), y.ptr(), w.ptr(), out.ptr(), x.cols as i32);
+    gpu.launch(
+        "add_rms_norm",
+        (x.rows as u32, 1, 1),
+        norm_block(x.cols),
+        0,
+        &mut [arg(&xp), arg(&yp), arg(&wp), arg(&op), arg(&cols), arg(&eps)],
+    )?;
+    Ok(out)
+}
+
+/// Threads per block of the row-wise norm kernels.
+fn norm_block(cols: usize) -> u32 {
+    if cols >= 1024 { 512 } else { 128 }
 }
 
 /// Rotates every head of `x` in place by its token's position.

@@ -12,7 +12,8 @@
 // Partials: for token t, head h, chunk s: [max, sum, o[0..D)] at
 // ((t * q_heads + h) * splits + s) * (D + 2).
 extern "C" __global__ void __launch_bounds__(128)
-attn_decode(const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc,
+attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
+            const float* __restrict__ vnew, float* __restrict__ kc, float* __restrict__ vc,
             const u32* __restrict__ slot, const u32* __restrict__ pos, float* __restrict__ part,
             int q_heads, int kv_heads, int D, int max_len, int splits, int ch, float scale) {
     extern __shared__ float sm[];
@@ -36,14 +37,27 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ kc, const flo
         return;
     }
     const int kv_dim = kv_heads * D;
-    const float* kb = kc + ((size_t)s * max_len + k0) * kv_dim + g * D;
-    const float* vb = vc + ((size_t)s * max_len + k0) * kv_dim + g * D;
+    float* kb = kc + ((size_t)s * max_len + k0) * kv_dim + g * D;
+    float* vb = vc + ((size_t)s * max_len + k0) * kv_dim + g * D;
     const float* qb = q + (size_t)t * q_heads * D + (size_t)g * G * D;
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = qb[i] * scale;
+    // The token's own key/value come from this step's k/v rows; the block
+    // whose chunk holds its position also appends them to the cache.
+    const int jn = p - k0;
     for (int i = threadIdx.x; i < nk * D; i += blockDim.x) {
         const int j = i / D, d = i - j * D;
-        ks[j * (D + 1) + d] = kb[(size_t)j * kv_dim + d];
-        vs[j * D + d] = vb[(size_t)j * kv_dim + d];
+        float kv, vv;
+        if (j == jn) {
+            kv = knew[(size_t)t * kv_dim + g * D + d];
+            vv = vnew[(size_t)t * kv_dim + g * D + d];
+            kb[(size_t)j * kv_dim + d] = kv;
+            vb[(size_t)j * kv_dim + d] = vv;
+        } else {
+            kv = kb[(size_t)j * kv_dim + d];
+            vv = vb[(size_t)j * kv_dim + d];
+        }
+        ks[j * (D + 1) + d] = kv;
+        vs[j * D + d] = vv;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < G * nk; i += blockDim.x) {

@@ -2,11 +2,14 @@
 // for b < n <= 8, with W in its storage format. Each warp owns R output rows
 // for a slice of the input dimension; `ksplit` warps of a block share one row
 // group when the matrix has too few rows to fill the GPU, and their partial
-// sums meet in shared memory. Weights stream once with 16-byte loads; the
-// activations are re-read from L1/L2 and shared by the R rows.
+// sums meet in shared memory. Weights stream once; each lane issues the loads
+// of GEMV_UNROLL chunks before using any of them, so that several memory
+// round trips overlap. The activations are re-read from L1/L2 and shared by
+// the R rows.
 
 #define GEMV_MAXB 8
 #define GEMV_WARPS 8
+#define GEMV_UNROLL 4
 
 // Loaders: 8 consecutive weights of `row` starting at column 8 * c, as floats.
 struct LoadF32 {
@@ -50,45 +53,72 @@ struct LoadBF16 {
     }
 };
 
-template <class L, int R>
-__device__ __forceinline__ void gemv_body(const L ld, const float* __restrict__ x,
+// Rounding modes of the compute dtype: 0 f32 (none), 1 f16, 2 bf16.
+__device__ __forceinline__ float rnd(float v, int mode) {
+    return mode == 1 ? h2f(f2h(v)) : (mode == 2 ? bf2f(f2bf(v)) : v);
+}
+
+// With PAIR (and R = 2) a warp group owns one output row o and multiplies by
+// row o of two matrices, `ld` (gate) and `ld2` (up), writing
+// silu(gate) * up: the MLP's gate/up projections and activation in one pass.
+template <class L, int R, bool PAIR>
+__device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* __restrict__ x,
                                           float* __restrict__ y, int n, int out, int in,
-                                          int ksplit) {
+                                          int ksplit, int cd) {
+    static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
     __shared__ float red[GEMV_WARPS][R][GEMV_MAXB];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int groups = GEMV_WARPS / ksplit;
-    const int row0 = (blockIdx.x * groups + warp / ksplit) * R;
+    const int row0 = (blockIdx.x * groups + warp / ksplit) * (PAIR ? 1 : R);
     const int kp = warp % ksplit;
     const int chunks = in >> 3;
     int rows[R];
 #pragma unroll
-    for (int r = 0; r < R; r++) rows[r] = min(row0 + r, out - 1);
+    for (int r = 0; r < R; r++) rows[r] = min(row0 + (PAIR ? 0 : r), out - 1);
     float acc[R][GEMV_MAXB];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int b = 0; b < GEMV_MAXB; b++) acc[r][b] = 0.f;
-    for (int c = kp * 32 + lane; c < chunks; c += 32 * ksplit) {
-        float w[R][8];
+    for (int c0 = kp * 32 * GEMV_UNROLL + lane; c0 < chunks; c0 += 32 * GEMV_UNROLL * ksplit) {
+        float w[GEMV_UNROLL][R][8];
 #pragma unroll
-        for (int r = 0; r < R; r++) ld.load(rows[r], c, w[r]);
-#pragma unroll
-        for (int b = 0; b < GEMV_MAXB; b++) {
-            if (b < n) {
-                const float4* xp = (const float4*)(x + (size_t)b * in + (size_t)c * 8);
-                const float4 x0 = xp[0], x1 = xp[1];
+        for (int u = 0; u < GEMV_UNROLL; u++)
+            if (c0 + 32 * u < chunks)
 #pragma unroll
                 for (int r = 0; r < R; r++) {
-                    float a = acc[r][b];
-                    a = fmaf(w[r][0], x0.x, a);
-                    a = fmaf(w[r][1], x0.y, a);
-                    a = fmaf(w[r][2], x0.z, a);
-                    a = fmaf(w[r][3], x0.w, a);
-                    a = fmaf(w[r][4], x1.x, a);
-                    a = fmaf(w[r][5], x1.y, a);
-                    a = fmaf(w[r][6], x1.z, a);
-                    a = fmaf(w[r][7], x1.w, a);
-                    acc[r][b] = a;
+                    if (PAIR && r == 1)
+                        ld2.load(rows[r], c0 + 32 * u, w[u][r]);
+                    else
+                        ld.load(rows[r], c0 + 32 * u, w[u][r]);
+                }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            const int c = c0 + 32 * u;
+            if (c >= chunks) break;
+#pragma unroll
+            for (int b = 0; b < GEMV_MAXB; b++) {
+                if (b < n) {
+                    const float4* xp = (const float4*)(x + (size_t)b * in + (size_t)c * 8);
+                    float4 x0 = xp[0], x1 = xp[1];
+                    if (cd) {
+                        x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
+                        x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
+                    }
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        const float* wr = w[u][r];
+                        float a = acc[r][b];
+                        a = fmaf(wr[0], x0.x, a);
+                        a = fmaf(wr[1], x0.y, a);
+                        a = fmaf(wr[2], x0.z, a);
+                        a = fmaf(wr[3], x0.w, a);
+                        a = fmaf(wr[4], x1.x, a);
+                        a = fmaf(wr[5], x1.y, a);
+                        a = fmaf(wr[6], x1.z, a);
+                        a = fmaf(wr[7], x1.w, a);
+                        acc[r][b] = a;
+                    }
                 }
             }
         }
@@ -102,11 +132,22 @@ __device__ __forceinline__ void gemv_body(const L ld, const float* __restrict__ 
                 if (lane == 0) red[warp][r][b] = v;
             }
     __syncthreads();
-    if (kp == 0 && lane < R * n) {
+    if (PAIR) {
+        if (kp == 0 && lane < n && row0 < out) {
+            float g = 0.f, u = 0.f;
+            for (int k = 0; k < ksplit; k++) {
+                g += red[warp + k][0][lane];
+                u += red[warp + k][1][lane];
+            }
+            g = rnd(g, cd);
+            u = rnd(u, cd);
+            y[(size_t)lane * out + row0] = g / (1.0f + expf(-g)) * u;
+        }
+    } else if (kp == 0 && lane < R * n) {
         const int r = lane / n, b = lane - (lane / n) * n;
         float s = 0.f;
         for (int k = 0; k < ksplit; k++) s += red[warp + k][r][b];
-        if (row0 + r < out) y[(size_t)b * out + row0 + r] = s;
+        if (row0 + r < out) y[(size_t)b * out + row0 + r] = rnd(s, cd);
     }
 }
 
@@ -114,9 +155,369 @@ __device__ __forceinline__ void gemv_body(const L ld, const float* __restrict__ 
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME(const T* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,     \
              int n, int out, int in, int ksplit) {                                            \
-        gemv_body<LOADER, R>(LOADER{w, in}, x, y, n, out, in, ksplit);                        \
+        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, n, out, in, ksplit, 0); \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                         \
+        NAME##_pair(const T* __restrict__ w, const T* __restrict__ w2,                        \
+                    const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, \
+                    int ksplit) {                                                             \
+        gemv_body<LOADER, 2, true>(LOADER{w, in}, LOADER{w2, in}, x, y, n, out, in, ksplit, 0); \
     }
 
 GEMV_DENSE(gemv_f32, LoadF32, float, 2)
 GEMV_DENSE(gemv_f16, LoadF16, u16, 2)
 GEMV_DENSE(gemv_bf16, LoadBF16, u16, 2)
+
+// bitsandbytes 4-bit: element f of the flattened weight has its index in
+// byte f / 2 (high nibble first) and block f >> bs_log2; its value is
+// code[index] * absmax(block) rounded to the weight dtype `wdt`, then to the
+// compute dtype `cd` when that differs. Needs in % 8 == 0 and a block size
+// of at least 8, so that 8 consecutive weights share one 32-bit word and block.
+struct LoadBnb4 {
+    const u32* __restrict__ packed;
+    const float* __restrict__ absmax;  // plain absmax, or nested absmax when codes != 0
+    const u8* __restrict__ codes;      // double quant: per-block codes into code2
+    const float* __restrict__ code2;   // 256-entry dynamic map
+    const float* lut;                  // 16-entry code in shared memory
+    float offset;
+    int in, bs_log2, nbs_log2, wdt, cd;
+    __device__ __forceinline__ float block_absmax(size_t b) const {
+        if (codes) return __fadd_rn(__fmul_rn(code2[codes[b]], absmax[b >> nbs_log2]), offset);
+        return absmax[b];
+    }
+    __device__ __forceinline__ void load(int row, int c, float v[8]) const {
+        const size_t f = (size_t)row * in + (size_t)c * 8;
+        const u32 w = packed[f >> 3];
+        const float a = block_absmax(f >> bs_log2);
+        const bool twice = cd != 0 && cd != wdt;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float hi = rnd(lut[(w >> (8 * k + 4)) & 15] * a, wdt);
+            float lo = rnd(lut[(w >> (8 * k)) & 15] * a, wdt);
+            if (twice) {
+                hi = rnd(hi, cd);
+                lo = rnd(lo, cd);
+            }
+            v[2 * k] = hi;
+            v[2 * k + 1] = lo;
+        }
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv_bnb4(const u32* __restrict__ packed, const float* __restrict__ absmax,
+          const u8* __restrict__ codes, const float* __restrict__ code2,
+          const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,
+          const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,
+          int cd) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
+    __syncthreads();
+    const LoadBnb4 ld{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
+    gemv_body<LoadBnb4, 2, false>(ld, ld, x, y, n, out, in, ksplit, cd);
+}
+
+// silu(x·Gᵀ) * (x·Uᵀ) for 4-bit G and U of the same compute dtype.
+extern "C" __global__ void __launch_bounds__(256)
+gemv_bnb4_pair(const u32* __restrict__ packed, const float* __restrict__ absmax,
+               const u8* __restrict__ codes, const float* __restrict__ code2,
+               const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,
+               const u32* __restrict__ packed2, const float* __restrict__ absmax2,
+               const u8* __restrict__ codes2, const float* __restrict__ code2b,
+               const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b,
+               int wdt2, const float* __restrict__ x, float* __restrict__ y, int n, int out, int in,
+               int ksplit, int cd) {
+    __shared__ float lut[32];
+    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
+    else if (threadIdx.x < 32) lut[threadIdx.x] = code16b[threadIdx.x - 16];
+    __syncthreads();
+    const LoadBnb4 a{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
+    const LoadBnb4 b{packed2, absmax2, codes2, code2b, lut + 16, offset2, in, bs_log2b, nbs_log2b,
+                     wdt2, cd};
+    gemv_body<LoadBnb4, 2, true>(a, b, x, y, n, out, in, ksplit, cd);
+}
+
+// Group-wise packed integers (RTN/GPTQ/AWQ): row r is an LSB-first bitstream
+// of BITS-bit codes in `wpr` words; w = (q - zero) * scale with per (group,
+// row) f16 scales and u16 zeros stored [groups, out]. Needs in % 8 == 0 and,
+// without g_idx, group_size % 8 == 0.
+template <int BITS>
+struct LoadPacked {
+    const u32* __restrict__ qw;
+    const u16* __restrict__ scales;
+    const u16* __restrict__ zeros;
+    const u32* __restrict__ g_idx;
+    int in, out, wpr, gsize;
+    __device__ __forceinline__ void load(int row, int c, float v[8]) const {
+        const u32* rw = qw + (size_t)row * wpr;
+        const int bit = c * 8 * BITS;
+        u64 bitsv;
+        if (BITS == 4) {
+            bitsv = rw[c];
+        } else if (BITS == 8) {
+            const uint2 p = *(const uint2*)(rw + 2 * c);
+            bitsv = ((u64)p.y << 32) | p.x;
+        } else {
+            const int w0 = bit >> 5, o = bit & 31;
+            u64 lo = rw[w0];
+            u64 hi = (w0 + 1 < wpr) ? (u64)rw[w0 + 1] : 0ull;
+            bitsv = ((hi << 32) | lo) >> o;
+        }
+        const u64 mask = (1ull << BITS) - 1;
+        if (!g_idx) {
+            const size_t at = (size_t)((c * 8) / gsize) * out + row;
+            const float s = h2f(scales[at]);
+            const float z = (float)zeros[at];
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] = ((float)((bitsv >> (k * BITS)) & mask) - z) * s;
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const size_t at = (size_t)g_idx[c * 8 + k] * out + row;
+                v[k] = ((float)((bitsv >> (k * BITS)) & mask) - (float)zeros[at]) * h2f(scales[at]);
+            }
+        }
+    }
+};
+
+#define GEMV_PACKED(BITS)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS(                       \
+        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
+        const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,         \
+        float* __restrict__ y, int n, int out, int in, int ksplit) {                            \
+        const LoadPacked<BITS> ld{qw, scales, zeros, g_idx, in, out, wpr, gsize};               \
+        gemv_body<LoadPacked<BITS>, 2, false>(ld, ld, x, y, n, out, in, ksplit, 0);             \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS##_pair(                \
+        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
+        const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,         \
+        const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                        \
+        const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,      \
+        float* __restrict__ y, int n, int out, int in, int ksplit) {                            \
+        const LoadPacked<BITS> a{qw, scales, zeros, g_idx, in, out, wpr, gsize};                \
+        const LoadPacked<BITS> b{qw2, scales2, zeros2, g_idx2, in, out, wpr2, gsize2};          \
+        gemv_body<LoadPacked<BITS>, 2, true>(a, b, x, y, n, out, in, ksplit, 0);                \
+    }
+
+GEMV_PACKED(2)
+GEMV_PACKED(3)
+GEMV_PACKED(4)
+GEMV_PACKED(8)
+
+// Dequantizes a whole weight (for prefill GEMMs) into `dst` as f32 (mode 0),
+// f16 (1) or bf16 (2), one thread per 8 weights.
+template <class L>
+__device__ __forceinline__ void dequant_body(const L ld, void* dst, int out, int in, int mode) {
+    const int chunks = in >> 3;
+    const size_t total = (size_t)out * chunks;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const int row = (int)(i / chunks), c = (int)(i - (size_t)row * chunks);
+        float v[8];
+        ld.load(row, c, v);
+        const size_t at = (size_t)row * in + (size_t)c * 8;
+        if (mode == 0) {
+            float4* d = (float4*)((float*)dst + at);
+            d[0] = make_float4(v[0], v[1], v[2], v[3]);
+            d[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            u32 p[4];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const u16 a = mode == 1 ? f2h(v[2 * k]) : f2bf(v[2 * k]);
+                const u16 b = mode == 1 ? f2h(v[2 * k + 1]) : f2bf(v[2 * k + 1]);
+                p[k] = (u32)a | ((u32)b << 16);
+            }
+            *(uint4*)((u16*)dst + at) = make_uint4(p[0], p[1], p[2], p[3]);
+        }
+    }
+}
+
+extern "C" __global__ void dequant_bnb4(const u32* __restrict__ packed,
+                                        const float* __restrict__ absmax,
+                                        const u8* __restrict__ codes,
+                                        const float* __restrict__ code2,
+                                        const float* __restrict__ code16, float offset,
+                                        int bs_log2, int nbs_log2, int wdt, int cd, void* dst,
+                                        int out, int in, int mode) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
+    __syncthreads();
+    const LoadBnb4 ld{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
+    dequant_body(ld, dst, out, in, mode);
+}
+
+#define DEQUANT_PACKED(BITS)                                                                   \
+    extern "C" __global__ void dequant_packed##BITS(                                           \
+        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
+        const u32* __restrict__ g_idx, int wpr, int gsize, void* dst, int out, int in, int mode) { \
+        const LoadPacked<BITS> ld{qw, scales, zeros, g_idx, in, out, wpr, gsize};               \
+        dequant_body(ld, dst, out, in, mode);                                                   \
+    }
+
+DEQUANT_PACKED(2)
+DEQUANT_PACKED(3)
+DEQUANT_PACKED(4)
+DEQUANT_PACKED(8)
+
+// Rounds values in place to the compute dtype.
+extern "C" __global__ void round_inplace(float* __restrict__ x, size_t n, int mode) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] = rnd(x[i], mode);
+}
+
+// LLM.int8(). Step 1: a column is an outlier when any of its (compute-dtype
+// rounded) activations has |x| >= threshold.
+extern "C" __global__ void int8_outlier_cols(const float* __restrict__ x, u8* __restrict__ flag,
+                                             int n, int k, float threshold, int cd) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= k) return;
+    u8 f = 0;
+    if (threshold > 0.f)
+        for (int t = 0; t < n; t++) f |= fabsf(rnd(x[(size_t)t * k + j], cd)) >= threshold;
+    flag[j] = f;
+}
+
+// Step 2, one block per token: absmax over the elements below the threshold,
+// int8 codes round_half_even(x * 127 / absmax) (0 in outlier columns), and
+// the outlier columns' values kept apart in f32.
+extern "C" __global__ void int8_quant_rows(const float* __restrict__ x, const u8* __restrict__ flag,
+                                           signed char* __restrict__ xq, float* __restrict__ xo,
+                                           float* __restrict__ sca, int k, float threshold, int cd) {
+    __shared__ float sh[32];
+    const float* xr = x + (size_t)blockIdx.x * k;
+    float m = 0.f;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) {
+        const float a = fabsf(rnd(xr[j], cd));
+        if (threshold <= 0.f || a < threshold) m = fmaxf(m, a);
+    }
+    m = warp_max(m);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) sh[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        float t = lane < (int)(blockDim.x >> 5) ? sh[lane] : 0.f;
+        t = warp_max(t);
+        if (lane == 0) sh[0] = t;
+    }
+    __syncthreads();
+    const float a = sh[0];
+    const float scale = 127.0f / a;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) {
+        const float v = rnd(xr[j], cd);
+        const bool out = flag[j] != 0;
+        float q = a == 0.f ? 0.f : fminf(fmaxf(rintf(__fmul_rn(v, scale)), -127.f), 127.f);
+        xq[(size_t)blockIdx.x * k + j] = out ? (signed char)0 : (signed char)q;
+        xo[(size_t)blockIdx.x * k + j] = out ? v : 0.f;
+    }
+    if (threadIdx.x == 0) sca[blockIdx.x] = a;
+}
+
+// Step 3: y = round(round(sum_j xq*cb * (sca*scb) / 127^2) + sum_outliers xo * round(cb*scb/127)),
+// for up to GEMV_MAXB tokens; warps split rows like gemv_body. Needs k % 8 == 0.
+extern "C" __global__ void __launch_bounds__(256)
+gemv_int8(const signed char* __restrict__ cb, const float* __restrict__ scb,
+          const signed char* __restrict__ xq, const float* __restrict__ xo,
+          const float* __restrict__ sca, const u8* __restrict__ flag, int any_outlier,
+          float* __restrict__ y, int n, int out, int in, int ksplit, int cd) {
+    constexpr int R = 2;
+    const float INV_127 = 7.874015718698502e-3f;
+    const float INV_127_SQ = 6.200124e-05f;
+    __shared__ int redi[GEMV_WARPS][R][GEMV_MAXB];
+    __shared__ float redf[GEMV_WARPS][R][GEMV_MAXB];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int groups = GEMV_WARPS / ksplit;
+    const int row0 = (blockIdx.x * groups + warp / ksplit) * R;
+    const int kp = warp % ksplit;
+    const int chunks = in >> 3;
+    int rows[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) rows[r] = min(row0 + r, out - 1);
+    int acc[R][GEMV_MAXB];
+    float accf[R][GEMV_MAXB];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < GEMV_MAXB; b++) {
+            acc[r][b] = 0;
+            accf[r][b] = 0.f;
+        }
+    for (int c = kp * 32 + lane; c < chunks; c += 32 * ksplit) {
+        int w[R][8];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const uint2 p = *(const uint2*)(cb + (size_t)rows[r] * in + (size_t)c * 8);
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                w[r][q] = (int)(signed char)((p.x >> (8 * q)) & 0xff);
+                w[r][4 + q] = (int)(signed char)((p.y >> (8 * q)) & 0xff);
+            }
+        }
+        const uint2 fl = any_outlier ? *(const uint2*)(flag + (size_t)c * 8) : make_uint2(0, 0);
+#pragma unroll
+        for (int b = 0; b < GEMV_MAXB; b++) {
+            if (b < n) {
+                const uint2 xp = *(const uint2*)(xq + (size_t)b * in + (size_t)c * 8);
+                int xv[8];
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    xv[q] = (int)(signed char)((xp.x >> (8 * q)) & 0xff);
+                    xv[4 + q] = (int)(signed char)((xp.y >> (8 * q)) & 0xff);
+                }
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    int a = acc[r][b];
+#pragma unroll
+                    for (int q = 0; q < 8; q++) a += xv[q] * w[r][q];
+                    acc[r][b] = a;
+                }
+                if (fl.x | fl.y) {
+                    const float* xop = xo + (size_t)b * in + (size_t)c * 8;
+#pragma unroll
+                    for (int q = 0; q < 8; q++) {
+                        const u32 fq = ((q < 4 ? fl.x : fl.y) >> (8 * (q & 3))) & 0xff;
+                        if (fq) {
+#pragma unroll
+                            for (int r = 0; r < R; r++) {
+                                const float wv =
+                                    rnd(__fmul_rn(__fmul_rn((float)w[r][q], scb[rows[r]]), INV_127), cd);
+                                accf[r][b] = fmaf(xop[q], wv, accf[r][b]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < GEMV_MAXB; b++)
+            if (b < n) {
+                int v = acc[r][b];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                const float f = warp_sum(accf[r][b]);
+                if (lane == 0) {
+                    redi[warp][r][b] = v;
+                    redf[warp][r][b] = f;
+                }
+            }
+    __syncthreads();
+    if (kp == 0 && lane < R * n) {
+        const int r = lane / n, b = lane - (lane / n) * n;
+        int s = 0;
+        float e = 0.f;
+        for (int k = 0; k < ksplit; k++) {
+            s += redi[warp + k][r][b];
+            e += redf[warp + k][r][b];
+        }
+        const int row = row0 + r;
+        if (row < out) {
+            float v = rnd(__fmul_rn(__fmul_rn((float)s, __fmul_rn(sca[b], scb[row])), INV_127_SQ), cd);
+            if (any_outlier) v = rnd(v + e, cd);
+            y[(size_t)b * out + row] = v;
+        }
+    }
+}
