@@ -201,32 +201,13 @@ pub fn product(gpu: &Gpu, w: &GemvWeight, x: &CudaTensor, y: &CudaTensor, out_f:
     launch(gpu, &name, blocks(out_f, 2, ksplit), &mut args)
 }
 
-/// Largest total weight size (elements of the matrices read together) for
-/// which the RMS norm is recomputed inside every GEMV block instead of run
-/// as its own kernel. On an H100, fusing it decoded SmolLM2-135M shapes 18%
-/// faster (1.21 against 1.47 ms per token) but Llama-3.2-1B shapes 12%
-/// slower (1.90 against 1.69 ms), where each of the many blocks repeats the
-/// statistics before its first weight load.
-pub const NORM_FUSION_MAX_ELEMENTS: usize = 4 << 20;
-
-/// Whether the norm is fused into the GEMVs reading `ws`.
-pub fn fuse_norm(ws: &[&CudaWeight]) -> bool {
-    ws.iter()
-        .map(|w| {
-            let (o, i) = w.shape();
-            o * i
-        })
-        .sum::<usize>()
-        <= NORM_FUSION_MAX_ELEMENTS
-}
-
-/// `silu(h·Gᵀ) ⊙ (h·Uᵀ)` in one kernel when both weights fuse, with
-/// `h = rms_norm(x) * norm` computed inside it when `norm` is given and
-/// `h = x` otherwise; `None` when the weights do not fuse.
-pub fn gate_up_pair(
+/// `silu(h·Gᵀ) ⊙ (h·Uᵀ)` with `h = rms_norm(x) * nw` in one kernel, when
+/// both weights fuse; `None` otherwise.
+pub fn norm_pair(
     gpu: &Gpu,
     x: &CudaTensor,
-    norm: Option<(&CudaTensor, f32)>,
+    nw: &CudaTensor,
+    eps: f32,
     gate: &CudaWeight,
     up: &CudaWeight,
 ) -> Result<Option<CudaTensor>> {
@@ -234,14 +215,12 @@ pub fn gate_up_pair(
     let (Some(g), Some(u)) = (GemvWeight::of(gate), GemvWeight::of(up)) else {
         return Ok(None);
     };
-    let norm_ok = norm.is_none_or(|(nw, _)| nw.len() == in_f);
-    if !g.fuses_with(&u) || up.shape() != (out_f, in_f) || !small_batch(x, in_f) || !norm_ok {
+    if !g.fuses_with(&u) || up.shape() != (out_f, in_f) || !fusable_input(x, nw, in_f) {
         return Ok(None);
     }
     let y = CudaTensor::empty(gpu, x.rows, out_f)?;
     let ksplit = gemv_ksplit(gpu, out_f, in_f / 8, 1, GEMV_UNROLL);
-    let (np, eps) = norm.map_or((0, 0.0), |(nw, eps)| (nw.ptr(), eps));
-    let (xp, yp) = (x.ptr(), y.ptr());
+    let (xp, np, yp) = (x.ptr(), nw.ptr(), y.ptr());
     let (n, o, i, k, cd) = (x.rows as i32, out_f as i32, in_f as i32, ksplit as i32, g.cd());
     let mut args = g.args();
     args.extend(u.args());
@@ -281,8 +260,7 @@ pub fn norm_triple(
     if !a.fuses_with(&b)
         || !a.fuses_with(&c)
         || ws.iter().any(|w| w.shape().1 != in_f)
-        || !small_batch(x, in_f)
-        || nw.len() != in_f
+        || !fusable_input(x, nw, in_f)
     {
         return Ok(None);
     }
@@ -312,7 +290,7 @@ pub fn norm_triple(
     Ok(Some(ys))
 }
 
-/// Whether `x` is a GEMV-sized batch of `in_f` columns.
-fn small_batch(x: &CudaTensor, in_f: usize) -> bool {
-    x.rows > 0 && x.rows <= GEMV_MAX_ROWS && x.cols == in_f
+/// Whether `x` (with norm weights `nw`) is a small batch of `in_f` columns.
+fn fusable_input(x: &CudaTensor, nw: &CudaTensor, in_f: usize) -> bool {
+    x.rows > 0 && x.rows <= GEMV_MAX_ROWS && x.cols == in_f && nw.len() == in_f
 }

@@ -142,9 +142,7 @@ impl Backend for CudaBackend {
         ws: [&CudaWeight; 3],
     ) -> Result<[CudaTensor; 3]> {
         self.gpu.bind()?;
-        if gemv::fuse_norm(&ws)
-            && let Some(ys) = gemv::norm_triple(&self.gpu, x, norm, eps, ws)?
-        {
+        if let Some(ys) = gemv::norm_triple(&self.gpu, x, norm, eps, ws)? {
             return Ok(ys);
         }
         let h = ops::rms_norm(&self.gpu, x, norm, eps)?;
@@ -164,15 +162,10 @@ impl Backend for CudaBackend {
         up: &CudaWeight,
     ) -> Result<CudaTensor> {
         self.gpu.bind()?;
-        if gemv::fuse_norm(&[gate, up])
-            && let Some(y) = gemv::gate_up_pair(&self.gpu, x, Some((norm, eps)), gate, up)?
-        {
+        if let Some(y) = gemv::norm_pair(&self.gpu, x, norm, eps, gate, up)? {
             return Ok(y);
         }
         let h = ops::rms_norm(&self.gpu, x, norm, eps)?;
-        if let Some(y) = gemv::gate_up_pair(&self.gpu, &h, None, gate, up)? {
-            return Ok(y);
-        }
         let g = matmul::matmul(&self.gpu, &h, gate)?;
         let u = matmul::matmul(&self.gpu, &h, up)?;
         ops::silu_mul(&self.gpu, &g, &u)

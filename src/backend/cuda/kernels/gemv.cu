@@ -203,8 +203,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
 }
 
 // The kernels of one weight format: `NAME` (y = x·Wᵀ), `NAME_add`
-// (y += x·Wᵀ), `NAME_pair` (y = silu(h·Gᵀ) * (h·Uᵀ), h = rms_norm(x) * nw,
-// or h = x when nw is null)
+// (y += x·Wᵀ), `NAME_pair` (y = silu(h·Gᵀ) * (h·Uᵀ), h = rms_norm(x) * nw)
 // and `NAME_qkv` (three products of h = rms_norm(x) * nw into three outputs,
 // blocks [0, bq) for the first matrix, [bq, bq + bk) for the second, the
 // rest for the third). PARAMS(p) declares a weight's arguments with prefix
@@ -237,12 +236,8 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
         PROLOGUE(b_);                                                                         \
         __syncthreads();                                                                      \
         const LT la = LOADER(a_, out), lb = LOADER(b_, out);                                  \
-        if (nw)                                                                               \
-            gemv_body<LT, 2, true, true, false>(la, lb, x, nw, eps, y, n, out, in, ksplit, cd, \
-                                                blockIdx.x);                                  \
-        else                                                                                  \
-            gemv_body<LT, 2, true, false, false>(la, lb, x, nw, eps, y, n, out, in, ksplit,   \
-                                                 cd, blockIdx.x);                             \
+        gemv_body<LT, 2, true, true, false>(la, lb, x, nw, eps, y, n, out, in, ksplit, cd,    \
+                                            blockIdx.x);                                      \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME##_qkv(PARAMS(a_), PARAMS(b_), PARAMS(c_), const float* __restrict__ x,           \
