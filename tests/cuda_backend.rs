@@ -107,6 +107,13 @@ fn rms_norm_silu_mul_add_match() {
         c.add_assign(&mut cx2, &cy).unwrap();
         g.add_assign(&mut gx2, &gy).unwrap();
         check(&format!("add_assign {rows}x{cols}"), &g, &gx2, &cx2, 0.0);
+        // The fused residual add + norm leaves the same sum and norm.
+        let (mut cx3, mut gx3) = (cx.clone(), g.tensor_from_host(rows, cols, &x).unwrap());
+        let wv = (c.upload_vector(&w).unwrap(), g.upload_vector(&w).unwrap());
+        let want = c.add_rms_norm(&mut cx3, &cy, &wv.0, 1e-5).unwrap();
+        let got = g.add_rms_norm(&mut gx3, &gy, &wv.1, 1e-5).unwrap();
+        check(&format!("add_rms_norm sum {rows}x{cols}"), &g, &gx3, &cx3, 0.0);
+        check(&format!("add_rms_norm {rows}x{cols}"), &g, &got, &want, 1e-5);
     }
 }
 
@@ -296,64 +303,43 @@ fn bnb4_matmul_matches_nf4_fp4_with_and_without_double_quant() {
     }
 }
 
-/// The fused decode kernels (norm + q/k/v, norm + gate/up + SiLU, product
-/// added to the residual) against the CPU's unfused ops, at GEMV batch
-/// sizes and one past them (where the CUDA backend does not fuse).
-fn fused_case(what: &str, ws: [&LinearWeight; 3], tol: f64, seed: u64) {
+/// The fused gate/up/SiLU GEMV against the CPU's two products and activation.
+fn gate_up_case(what: &str, gate: &LinearWeight, up: &LinearWeight, tol: f64, seed: u64) {
     let (c, g) = (CpuBackend::new(), gpu());
     let mut rng = StdRng::seed_from_u64(seed);
-    let (out_f, in_f) = ws[0].shape();
-    let cw = ws.map(|w| c.upload_weight(w).unwrap());
-    let gw = ws.map(|w| g.upload_weight(w).unwrap());
-    let norm: Vec<f32> = randn(&mut rng, in_f, 0.1).iter().map(|v| 1.0 + v).collect();
-    let (cn, gn) = (c.upload_vector(&norm).unwrap(), g.upload_vector(&norm).unwrap());
+    let (_, in_f) = gate.shape();
+    let (cg, cu) = (c.upload_weight(gate).unwrap(), c.upload_weight(up).unwrap());
+    let (gg, gu) = (g.upload_weight(gate).unwrap(), g.upload_weight(up).unwrap());
     for n in [1, 3, 8, 9] {
-        let tol = if n <= 8 { tol } else { 2e-3 };
         let x = randn(&mut rng, n * in_f, 1.0);
         let (cx, gx) = pair(&g, n, in_f, &x);
-        let want = c.norm_qkv(&cx, &cn, 1e-5, [&cw[0], &cw[1], &cw[2]]).unwrap();
-        let got = g.norm_qkv(&gx, &gn, 1e-5, [&gw[0], &gw[1], &gw[2]]).unwrap();
-        for (i, (gt, wt)) in got.iter().zip(&want).enumerate() {
-            check(&format!("norm_qkv[{i}] {what} n={n}"), &g, gt, wt, tol);
-        }
-        let want = c.norm_gate_up_silu(&cx, &cn, 1e-5, &cw[0], &cw[1]).unwrap();
-        let got = g.norm_gate_up_silu(&gx, &gn, 1e-5, &gw[0], &gw[1]).unwrap();
-        check(&format!("norm_gate_up_silu {what} n={n}"), &g, &got, &want, tol);
-        // The residual has the weight's output width; the input its input width.
-        let res = randn(&mut rng, n * out_f, 1.0);
-        let (mut cr, mut gr) = pair(&g, n, out_f, &res);
-        let a = randn(&mut rng, n * in_f, 1.0);
-        let (ca, ga) = pair(&g, n, in_f, &a);
-        c.matmul_add(&mut cr, &ca, &cw[2]).unwrap();
-        g.matmul_add(&mut gr, &ga, &gw[2]).unwrap();
-        check(&format!("matmul_add {what} n={n}"), &g, &gr, &cr, tol);
+        let want = c.gate_up_silu(&cx, &cg, &cu).unwrap();
+        let got = g.gate_up_silu(&gx, &gg, &gu).unwrap();
+        let tol = if n <= 8 { tol } else { 2e-3 };
+        check(&format!("gate_up_silu {what} n={n}"), &g, &got, &want, tol);
     }
 }
 
 #[test]
-fn fused_decode_kernels_match_for_each_format() {
+fn fused_gate_up_silu_matches_for_each_format() {
     let mut rng = StdRng::seed_from_u64(21);
     let (out_f, in_f) = (384, 576);
-    let ws: Vec<Vec<f32>> = (0..3)
-        .map(|_| randn(&mut rng, out_f * in_f, 1.0 / (in_f as f32).sqrt()))
-        .collect();
+    let wg = randn(&mut rng, out_f * in_f, 1.0 / (in_f as f32).sqrt());
+    let wu = randn(&mut rng, out_f * in_f, 1.0 / (in_f as f32).sqrt());
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let d: Vec<LinearWeight> = ws.iter().map(|w| dense(out_f, in_f, dtype, w)).collect();
-        fused_case(&format!("{dtype:?}"), [&d[0], &d[1], &d[2]], 1e-5, 22);
+        let (a, b) = (dense(out_f, in_f, dtype, &wg), dense(out_f, in_f, dtype, &wu));
+        gate_up_case(&format!("{dtype:?}"), &a, &b, 1e-5, 22);
     }
     for cd in [DType::F32, DType::F16] {
-        let q: Vec<LinearWeight> = ws
-            .iter()
-            .map(|w| bnb4(w, out_f, in_f, Bnb4Type::Nf4, true, cd))
-            .collect();
+        let a = bnb4(&wg, out_f, in_f, Bnb4Type::Nf4, true, cd);
+        let b = bnb4(&wu, out_f, in_f, Bnb4Type::Nf4, true, cd);
         let tol = if cd == DType::F32 { 1e-5 } else { 1e-3 };
-        fused_case(&format!("nf4-dq {cd:?}"), [&q[0], &q[1], &q[2]], tol, 23);
+        gate_up_case(&format!("nf4-dq {cd:?}"), &a, &b, tol, 23);
     }
     for bits in [3, 4] {
-        let q: Vec<LinearWeight> = (0..3)
-            .map(|_| packed(&mut rng, out_f, in_f, bits, 64, false))
-            .collect();
-        fused_case(&format!("packed{bits}"), [&q[0], &q[1], &q[2]], 1e-5, 24);
+        let a = packed(&mut rng, out_f, in_f, bits, 64, false);
+        let b = packed(&mut rng, out_f, in_f, bits, 64, false);
+        gate_up_case(&format!("packed{bits}"), &a, &b, 1e-5, 24);
     }
 }
 

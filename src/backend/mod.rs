@@ -97,40 +97,27 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x += y`, elementwise.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
-    /// `x += a·Wᵀ` (a projection added to the residual stream); backends may fuse it.
-    fn matmul_add(&self, x: &mut Self::Tensor, a: &Self::Tensor, w: &Self::Weight) -> Result<()> {
-        let y = self.matmul(a, w)?;
-        self.add_assign(x, &y)
+    /// `x += y`, then [`Backend::rms_norm`] of the sum; backends may fuse the two.
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        y: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.add_assign(x, y)?;
+        self.rms_norm(x, w, eps)
     }
-    /// The q, k and v projections of `h = rms_norm(x) * norm`; backends may
-    /// fuse the norm and the three products.
-    fn norm_qkv(
+    /// `silu(x·Gᵀ) * (x·Uᵀ)`: the MLP's gate and up projections and its
+    /// activation; backends may fuse them.
+    fn gate_up_silu(
         &self,
         x: &Self::Tensor,
-        norm: &Self::Vector,
-        eps: f32,
-        ws: [&Self::Weight; 3],
-    ) -> Result<[Self::Tensor; 3]> {
-        let h = self.rms_norm(x, norm, eps)?;
-        Ok([
-            self.matmul(&h, ws[0])?,
-            self.matmul(&h, ws[1])?,
-            self.matmul(&h, ws[2])?,
-        ])
-    }
-    /// The MLP's activation `silu(h·Gᵀ) * (h·Uᵀ)` of `h = rms_norm(x) *
-    /// norm`; backends may fuse the norm, both products and the activation.
-    fn norm_gate_up_silu(
-        &self,
-        x: &Self::Tensor,
-        norm: &Self::Vector,
-        eps: f32,
         gate: &Self::Weight,
         up: &Self::Weight,
     ) -> Result<Self::Tensor> {
-        let h = self.rms_norm(x, norm, eps)?;
-        let g = self.matmul(&h, gate)?;
-        let u = self.matmul(&h, up)?;
+        let g = self.matmul(x, gate)?;
+        let u = self.matmul(x, up)?;
         self.silu_mul(&g, &u)
     }
     /// The row of each sequence's last token in this step.

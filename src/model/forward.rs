@@ -142,7 +142,7 @@ impl<B: Backend> Model<B> {
         cache: &mut B::Cache,
         layout: &B::Layout,
     ) -> Result<()> {
-        self.run_block(l, x, cache, layout, None)
+        self.block_observed(l, x, cache, layout, &mut |_, _| Ok(()))
     }
 
     /// [`Model::block`], handing the input of each group of linear layers to
@@ -155,34 +155,15 @@ impl<B: Backend> Model<B> {
         layout: &B::Layout,
         observe: &mut dyn FnMut(LinearInput, &B::Tensor) -> Result<()>,
     ) -> Result<()> {
-        self.run_block(l, x, cache, layout, Some(observe))
-    }
-
-    /// One decoder block. Without an observer the backend may fuse each
-    /// norm with the projections that read it and each residual add with
-    /// the projection that feeds it; with one, the normed inputs are
-    /// materialized for it.
-    fn run_block(
-        &self,
-        l: usize,
-        x: &mut B::Tensor,
-        cache: &mut B::Cache,
-        layout: &B::Layout,
-        mut observe: Option<&mut dyn FnMut(LinearInput, &B::Tensor) -> Result<()>>,
-    ) -> Result<()> {
         let b = &self.backend;
         let layer = &self.layers[l];
         let heads = self.heads();
         let eps = self.config.rms_norm_eps as f32;
-        let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
-        let [mut q, mut k, v] = match observe.as_mut() {
-            Some(obs) => {
-                let h = b.rms_norm(x, &layer.input_layernorm, eps)?;
-                obs(LinearInput::Qkv, &h)?;
-                [b.matmul(&h, qkv[0])?, b.matmul(&h, qkv[1])?, b.matmul(&h, qkv[2])?]
-            }
-            None => b.norm_qkv(x, &layer.input_layernorm, eps, qkv)?,
-        };
+        let h = b.rms_norm(x, &layer.input_layernorm, eps)?;
+        observe(LinearInput::Qkv, &h)?;
+        let mut q = b.matmul(&h, &layer.q_proj)?;
+        let mut k = b.matmul(&h, &layer.k_proj)?;
+        let v = b.matmul(&h, &layer.v_proj)?;
         b.rope(
             &mut q,
             heads.q_heads,
@@ -198,24 +179,14 @@ impl<B: Backend> Model<B> {
             layout,
         )?;
         let attn = b.attention(&q, &k, &v, cache, l, heads, layout)?;
-        if let Some(obs) = observe.as_mut() {
-            obs(LinearInput::O, &attn)?;
-        }
-        b.matmul_add(x, &attn, &layer.o_proj)?;
-        let post = &layer.post_attention_layernorm;
-        let act = match observe.as_mut() {
-            Some(obs) => {
-                let h = b.rms_norm(x, post, eps)?;
-                obs(LinearInput::GateUp, &h)?;
-                let gate = b.matmul(&h, &layer.gate_proj)?;
-                let up = b.matmul(&h, &layer.up_proj)?;
-                let act = b.silu_mul(&gate, &up)?;
-                obs(LinearInput::Down, &act)?;
-                act
-            }
-            None => b.norm_gate_up_silu(x, post, eps, &layer.gate_proj, &layer.up_proj)?,
-        };
-        b.matmul_add(x, &act, &layer.down_proj)
+        observe(LinearInput::O, &attn)?;
+        let o = b.matmul(&attn, &layer.o_proj)?;
+        let h = b.add_rms_norm(x, &o, &layer.post_attention_layernorm, eps)?;
+        observe(LinearInput::GateUp, &h)?;
+        let act = b.gate_up_silu(&h, &layer.gate_proj, &layer.up_proj)?;
+        observe(LinearInput::Down, &act)?;
+        let down = b.matmul(&act, &layer.down_proj)?;
+        b.add_assign(x, &down)
     }
 
     /// Final norm and lm_head: logits `[rows, vocab]`.

@@ -11,7 +11,6 @@
 mod attention;
 pub mod compile;
 mod gpu;
-mod gemv;
 mod graph;
 mod kernels;
 mod layout;
@@ -120,55 +119,25 @@ impl Backend for CudaBackend {
         matmul::matmul(&self.gpu, x, w)
     }
 
-    fn matmul_add(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight) -> Result<()> {
+    fn gate_up_silu(&self, x: &CudaTensor, gate: &CudaWeight, up: &CudaWeight) -> Result<CudaTensor> {
         self.gpu.bind()?;
-        let (out_f, in_f) = w.shape();
-        if a.rows <= gemv::GEMV_MAX_ROWS
-            && a.cols == in_f
-            && (x.rows, x.cols) == (a.rows, out_f)
-            && let Some(g) = gemv::GemvWeight::of(w)
-        {
-            return gemv::product(&self.gpu, &g, a, x, out_f, true);
-        }
-        let y = matmul::matmul(&self.gpu, a, w)?;
-        ops::add_assign(&self.gpu, x, &y)
-    }
-
-    fn norm_qkv(
-        &self,
-        x: &CudaTensor,
-        norm: &CudaTensor,
-        eps: f32,
-        ws: [&CudaWeight; 3],
-    ) -> Result<[CudaTensor; 3]> {
-        self.gpu.bind()?;
-        if let Some(ys) = gemv::norm_triple(&self.gpu, x, norm, eps, ws)? {
-            return Ok(ys);
-        }
-        let h = ops::rms_norm(&self.gpu, x, norm, eps)?;
-        Ok([
-            matmul::matmul(&self.gpu, &h, ws[0])?,
-            matmul::matmul(&self.gpu, &h, ws[1])?,
-            matmul::matmul(&self.gpu, &h, ws[2])?,
-        ])
-    }
-
-    fn norm_gate_up_silu(
-        &self,
-        x: &CudaTensor,
-        norm: &CudaTensor,
-        eps: f32,
-        gate: &CudaWeight,
-        up: &CudaWeight,
-    ) -> Result<CudaTensor> {
-        self.gpu.bind()?;
-        if let Some(y) = gemv::norm_pair(&self.gpu, x, norm, eps, gate, up)? {
+        if let Some(y) = matmul::gate_up_silu(&self.gpu, x, gate, up)? {
             return Ok(y);
         }
-        let h = ops::rms_norm(&self.gpu, x, norm, eps)?;
-        let g = matmul::matmul(&self.gpu, &h, gate)?;
-        let u = matmul::matmul(&self.gpu, &h, up)?;
+        let g = matmul::matmul(&self.gpu, x, gate)?;
+        let u = matmul::matmul(&self.gpu, x, up)?;
         ops::silu_mul(&self.gpu, &g, &u)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaTensor,
+        y: &CudaTensor,
+        w: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        self.gpu.bind()?;
+        ops::add_rms_norm(&self.gpu, x, y, w, eps)
     }
 
     fn rope(

@@ -66,6 +66,34 @@ pub fn rms_norm(gpu: &Gpu, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<C
     Ok(y)
 }
 
+/// `x += y`, then the RMS norm of the sum, in one kernel (one block per row).
+pub fn add_rms_norm(
+    gpu: &Gpu,
+    x: &mut CudaTensor,
+    y: &CudaTensor,
+    w: &CudaTensor,
+    eps: f32,
+) -> Result<CudaTensor> {
+    check_same("add_rms_norm", x, y)?;
+    if w.len() != x.cols {
+        bail!(
+            "add_rms_norm: weight has {} values, rows have {}",
+            w.len(),
+            x.cols
+        );
+    }
+    let out = CudaTensor::empty(gpu, x.rows, x.cols)?;
+    let (xp, yp, wp, op, cols) = (x.ptr(), y.ptr(), w.ptr(), out.ptr(), x.cols as i32);
+    gpu.launch(
+        "add_rms_norm",
+        (x.rows as u32, 1, 1),
+        norm_block(x.cols),
+        0,
+        &mut [arg(&xp), arg(&yp), arg(&wp), arg(&op), arg(&cols), arg(&eps)],
+    )?;
+    Ok(out)
+}
+
 /// Threads per block of the row-wise norm kernels.
 fn norm_block(cols: usize) -> u32 {
     if cols >= 1024 { 512 } else { 128 }

@@ -35,6 +35,26 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = (xr[c] * inv) * w[c];
 }
 
+// x += y, then y_out = rms_norm(x) * w, one block per row; the sum is
+// rounded exactly as `add_assign` then `rms_norm` would see it.
+extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ y,
+                                        const float* __restrict__ w, float* __restrict__ out,
+                                        int cols, float eps) {
+    __shared__ float sh[33];
+    float* xr = x + (size_t)blockIdx.x * cols;
+    const float* yr = y + (size_t)blockIdx.x * cols;
+    float* orow = out + (size_t)blockIdx.x * cols;
+    float s = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float v = xr[c] + yr[c];
+        xr[c] = v;
+        s = fmaf(v, v, s);
+    }
+    s = block_sum(s, sh);
+    const float inv = 1.0f / sqrtf(s / (float)cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) orow[c] = (xr[c] * inv) * w[c];
+}
+
 // HF "rotate half" RoPE in place; one block per token row.
 extern "C" __global__ void rope(float* __restrict__ x, const u32* __restrict__ pos,
                                 const float* __restrict__ inv_freq, int heads, int head_dim) {

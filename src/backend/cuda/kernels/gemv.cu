@@ -9,7 +9,7 @@
 
 #define GEMV_MAXB 8
 #define GEMV_WARPS 8
-// GEMV_UNROLL is defined by the host (`gemv::GEMV_UNROLL`) before this file.
+#define GEMV_UNROLL 4
 
 // Loaders: 8 consecutive weights of `row` starting at column 8 * c, as floats.
 struct LoadF32 {
@@ -58,52 +58,18 @@ __device__ __forceinline__ float rnd(float v, int mode) {
     return mode == 1 ? h2f(f2h(v)) : (mode == 2 ? bf2f(f2bf(v)) : v);
 }
 
-// One kernel body for every GEMV flavour, selected at compile time:
-// - PAIR (R = 2): a warp group owns one output row o and multiplies by row o
-//   of two matrices, `ld` (gate) and `ld2` (up), writing silu(gate) * up:
-//   the MLP's gate/up projections and activation in one pass;
-// - NORM: the input rows are RMS-normalized on the fly (x * inv_rms(x) * nw,
-//   each block computing the row statistics itself), fusing the norm that
-//   precedes the projections;
-// - ADD: the products are added to y (the residual stream) instead of
-//   replacing it.
-// `blk` is the block's index within this matrix's grid.
-template <class L, int R, bool PAIR, bool NORM, bool ADD>
+// With PAIR (and R = 2) a warp group owns one output row o and multiplies by
+// row o of two matrices, `ld` (gate) and `ld2` (up), writing
+// silu(gate) * up: the MLP's gate/up projections and activation in one pass.
+template <class L, int R, bool PAIR>
 __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* __restrict__ x,
-                                          const float* __restrict__ nw, float eps,
                                           float* __restrict__ y, int n, int out, int in,
-                                          int ksplit, int cd, int blk) {
+                                          int ksplit, int cd) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
     __shared__ float red[GEMV_WARPS][R][GEMV_MAXB];
-    __shared__ float inv_s[GEMV_MAXB];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (NORM) {
-        float ss[GEMV_MAXB];
-#pragma unroll
-        for (int b = 0; b < GEMV_MAXB; b++) ss[b] = 0.f;
-        for (int k = threadIdx.x; k < in; k += blockDim.x)
-#pragma unroll
-            for (int b = 0; b < GEMV_MAXB; b++)
-                if (b < n) {
-                    const float v = x[(size_t)b * in + k];
-                    ss[b] = fmaf(v, v, ss[b]);
-                }
-#pragma unroll
-        for (int b = 0; b < GEMV_MAXB; b++)
-            if (b < n) {
-                const float v = warp_sum(ss[b]);
-                if (lane == 0) red[warp][0][b] = v;
-            }
-        __syncthreads();
-        if (threadIdx.x < n) {
-            float t = 0.f;
-            for (int w = 0; w < GEMV_WARPS; w++) t += red[w][0][threadIdx.x];
-            inv_s[threadIdx.x] = 1.0f / sqrtf(t / (float)in + eps);
-        }
-        __syncthreads();
-    }
     const int groups = GEMV_WARPS / ksplit;
-    const int row0 = (blk * groups + warp / ksplit) * (PAIR ? 1 : R);
+    const int row0 = (blockIdx.x * groups + warp / ksplit) * (PAIR ? 1 : R);
     const int kp = warp % ksplit;
     const int chunks = in >> 3;
     int rows[R];
@@ -130,24 +96,11 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
         for (int u = 0; u < GEMV_UNROLL; u++) {
             const int c = c0 + 32 * u;
             if (c >= chunks) break;
-            float4 n0, n1;
-            if (NORM) {
-                const float4* np = (const float4*)(nw + (size_t)c * 8);
-                n0 = np[0];
-                n1 = np[1];
-            }
 #pragma unroll
             for (int b = 0; b < GEMV_MAXB; b++) {
                 if (b < n) {
                     const float4* xp = (const float4*)(x + (size_t)b * in + (size_t)c * 8);
                     float4 x0 = xp[0], x1 = xp[1];
-                    if (NORM) {
-                        const float iv = inv_s[b];
-                        x0 = make_float4((x0.x * iv) * n0.x, (x0.y * iv) * n0.y,
-                                         (x0.z * iv) * n0.z, (x0.w * iv) * n0.w);
-                        x1 = make_float4((x1.x * iv) * n1.x, (x1.y * iv) * n1.y,
-                                         (x1.z * iv) * n1.z, (x1.w * iv) * n1.w);
-                    }
                     if (cd) {
                         x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
                         x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
@@ -170,7 +123,6 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
             }
         }
     }
-    if (NORM) __syncthreads();  // `red` held the norm statistics
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -195,85 +147,26 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
         const int r = lane / n, b = lane - (lane / n) * n;
         float s = 0.f;
         for (int k = 0; k < ksplit; k++) s += red[warp + k][r][b];
-        if (row0 + r < out) {
-            const size_t at = (size_t)b * out + row0 + r;
-            y[at] = ADD ? y[at] + rnd(s, cd) : rnd(s, cd);
-        }
+        if (row0 + r < out) y[(size_t)b * out + row0 + r] = rnd(s, cd);
     }
 }
 
-// The kernels of one weight format: `NAME` (y = x·Wᵀ), `NAME_add`
-// (y += x·Wᵀ), `NAME_pair` (y = silu(h·Gᵀ) * (h·Uᵀ), h = rms_norm(x) * nw)
-// and `NAME_qkv` (three products of h = rms_norm(x) * nw into three outputs,
-// blocks [0, bq) for the first matrix, [bq, bq + bk) for the second, the
-// rest for the third). PARAMS(p) declares a weight's arguments with prefix
-// p, PROLOGUE(p) stages what its loader keeps in shared memory, LOADER(p,
-// rows) builds the loader.
-#define GEMV_FAMILY(NAME, LT, PARAMS, PROLOGUE, LOADER)                                       \
+#define GEMV_DENSE(NAME, LOADER, T, R)                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                         \
-        NAME(PARAMS(a_), const float* __restrict__ x, float* __restrict__ y, int n, int out,  \
-             int in, int ksplit, int cd) {                                                    \
-        PROLOGUE(a_);                                                                         \
-        __syncthreads();                                                                      \
-        const LT la = LOADER(a_, out);                                                        \
-        gemv_body<LT, 2, false, false, false>(la, la, x, nullptr, 0.f, y, n, out, in, ksplit, \
-                                              cd, blockIdx.x);                                \
+        NAME(const T* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,     \
+             int n, int out, int in, int ksplit) {                                            \
+        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, n, out, in, ksplit, 0); \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                         \
-        NAME##_add(PARAMS(a_), const float* __restrict__ x, float* __restrict__ y, int n,     \
-                   int out, int in, int ksplit, int cd) {                                     \
-        PROLOGUE(a_);                                                                         \
-        __syncthreads();                                                                      \
-        const LT la = LOADER(a_, out);                                                        \
-        gemv_body<LT, 2, false, false, true>(la, la, x, nullptr, 0.f, y, n, out, in, ksplit,  \
-                                             cd, blockIdx.x);                                 \
-    }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256)                                         \
-        NAME##_pair(PARAMS(a_), PARAMS(b_), const float* __restrict__ x,                      \
-                    const float* __restrict__ nw, float eps, float* __restrict__ y, int n,    \
-                    int out, int in, int ksplit, int cd) {                                    \
-        PROLOGUE(a_);                                                                         \
-        PROLOGUE(b_);                                                                         \
-        __syncthreads();                                                                      \
-        const LT la = LOADER(a_, out), lb = LOADER(b_, out);                                  \
-        gemv_body<LT, 2, true, true, false>(la, lb, x, nw, eps, y, n, out, in, ksplit, cd,    \
-                                            blockIdx.x);                                      \
-    }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256)                                         \
-        NAME##_qkv(PARAMS(a_), PARAMS(b_), PARAMS(c_), const float* __restrict__ x,           \
-                   const float* __restrict__ nw, float eps, float* __restrict__ ya,           \
-                   float* __restrict__ yb, float* __restrict__ yc, int n, int oa, int ob,     \
-                   int oc, int in, int ksplit, int ba, int bb, int cd) {                      \
-        PROLOGUE(a_);                                                                         \
-        PROLOGUE(b_);                                                                         \
-        PROLOGUE(c_);                                                                         \
-        __syncthreads();                                                                      \
-        const int blk = blockIdx.x;                                                           \
-        if (blk < ba) {                                                                       \
-            const LT l = LOADER(a_, oa);                                                      \
-            gemv_body<LT, 2, false, true, false>(l, l, x, nw, eps, ya, n, oa, in, ksplit, cd, \
-                                                 blk);                                        \
-        } else if (blk < ba + bb) {                                                           \
-            const LT l = LOADER(b_, ob);                                                      \
-            gemv_body<LT, 2, false, true, false>(l, l, x, nw, eps, yb, n, ob, in, ksplit, cd, \
-                                                 blk - ba);                                   \
-        } else {                                                                              \
-            const LT l = LOADER(c_, oc);                                                      \
-            gemv_body<LT, 2, false, true, false>(l, l, x, nw, eps, yc, n, oc, in, ksplit, cd, \
-                                                 blk - ba - bb);                              \
-        }                                                                                     \
+        NAME##_pair(const T* __restrict__ w, const T* __restrict__ w2,                        \
+                    const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, \
+                    int ksplit) {                                                             \
+        gemv_body<LOADER, 2, true>(LOADER{w, in}, LOADER{w2, in}, x, y, n, out, in, ksplit, 0); \
     }
 
-#define NO_PROLOGUE(p)
-#define DENSE_F32_PARAMS(p) const float* __restrict__ p##w
-#define DENSE_U16_PARAMS(p) const u16* __restrict__ p##w
-#define LOAD_F32(p, rows) LoadF32{p##w, in}
-#define LOAD_F16(p, rows) LoadF16{p##w, in}
-#define LOAD_BF16(p, rows) LoadBF16{p##w, in}
-GEMV_FAMILY(gemv_f32, LoadF32, DENSE_F32_PARAMS, NO_PROLOGUE, LOAD_F32)
-GEMV_FAMILY(gemv_f16, LoadF16, DENSE_U16_PARAMS, NO_PROLOGUE, LOAD_F16)
-GEMV_FAMILY(gemv_bf16, LoadBF16, DENSE_U16_PARAMS, NO_PROLOGUE, LOAD_BF16)
-
+GEMV_DENSE(gemv_f32, LoadF32, float, 2)
+GEMV_DENSE(gemv_f16, LoadF16, u16, 2)
+GEMV_DENSE(gemv_bf16, LoadBF16, u16, 2)
 
 // bitsandbytes 4-bit: element f of the flattened weight has its index in
 // byte f / 2 (high nibble first) and block f >> bs_log2; its value is
@@ -311,20 +204,38 @@ struct LoadBnb4 {
     }
 };
 
-#define BNB4_PARAMS(p)                                                                         \
-    const u32 *__restrict__ p##packed, const float *__restrict__ p##absmax,                    \
-        const u8 *__restrict__ p##codes, const float *__restrict__ p##code2,                   \
-        const float *__restrict__ p##code16, float p##offset, int p##bs_log2, int p##nbs_log2, \
-        int p##wdt
-#define BNB4_PROLOGUE(p)                                                                       \
-    __shared__ float p##lut[16];                                                               \
-    if (threadIdx.x < 16) p##lut[threadIdx.x] = p##code16[threadIdx.x]
-#define LOAD_BNB4(p, rows)                                                                     \
-    LoadBnb4 {                                                                                 \
-        p##packed, p##absmax, p##codes, p##code2, p##lut, p##offset, in, p##bs_log2,           \
-            p##nbs_log2, p##wdt, cd                                                            \
-    }
-GEMV_FAMILY(gemv_bnb4, LoadBnb4, BNB4_PARAMS, BNB4_PROLOGUE, LOAD_BNB4)
+extern "C" __global__ void __launch_bounds__(256)
+gemv_bnb4(const u32* __restrict__ packed, const float* __restrict__ absmax,
+          const u8* __restrict__ codes, const float* __restrict__ code2,
+          const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,
+          const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,
+          int cd) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
+    __syncthreads();
+    const LoadBnb4 ld{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
+    gemv_body<LoadBnb4, 2, false>(ld, ld, x, y, n, out, in, ksplit, cd);
+}
+
+// silu(x·Gᵀ) * (x·Uᵀ) for 4-bit G and U of the same compute dtype.
+extern "C" __global__ void __launch_bounds__(256)
+gemv_bnb4_pair(const u32* __restrict__ packed, const float* __restrict__ absmax,
+               const u8* __restrict__ codes, const float* __restrict__ code2,
+               const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,
+               const u32* __restrict__ packed2, const float* __restrict__ absmax2,
+               const u8* __restrict__ codes2, const float* __restrict__ code2b,
+               const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b,
+               int wdt2, const float* __restrict__ x, float* __restrict__ y, int n, int out, int in,
+               int ksplit, int cd) {
+    __shared__ float lut[32];
+    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
+    else if (threadIdx.x < 32) lut[threadIdx.x] = code16b[threadIdx.x - 16];
+    __syncthreads();
+    const LoadBnb4 a{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
+    const LoadBnb4 b{packed2, absmax2, codes2, code2b, lut + 16, offset2, in, bs_log2b, nbs_log2b,
+                     wdt2, cd};
+    gemv_body<LoadBnb4, 2, true>(a, b, x, y, n, out, in, ksplit, cd);
+}
 
 // Group-wise packed integers (RTN/GPTQ/AWQ): row r is an LSB-first bitstream
 // of BITS-bit codes in `wpr` words; w = (q - zero) * scale with per (group,
@@ -369,18 +280,29 @@ struct LoadPacked {
     }
 };
 
-#define PACKED_PARAMS(p)                                                                       \
-    const u32 *__restrict__ p##qw, const u16 *__restrict__ p##scales,                          \
-        const u16 *__restrict__ p##zeros, const u32 *__restrict__ p##g_idx, int p##wpr,        \
-        int p##gsize
-#define LOAD_PACKED2(p, rows) LoadPacked<2>{p##qw, p##scales, p##zeros, p##g_idx, in, rows, p##wpr, p##gsize}
-#define LOAD_PACKED3(p, rows) LoadPacked<3>{p##qw, p##scales, p##zeros, p##g_idx, in, rows, p##wpr, p##gsize}
-#define LOAD_PACKED4(p, rows) LoadPacked<4>{p##qw, p##scales, p##zeros, p##g_idx, in, rows, p##wpr, p##gsize}
-#define LOAD_PACKED8(p, rows) LoadPacked<8>{p##qw, p##scales, p##zeros, p##g_idx, in, rows, p##wpr, p##gsize}
-GEMV_FAMILY(gemv_packed2, LoadPacked<2>, PACKED_PARAMS, NO_PROLOGUE, LOAD_PACKED2)
-GEMV_FAMILY(gemv_packed3, LoadPacked<3>, PACKED_PARAMS, NO_PROLOGUE, LOAD_PACKED3)
-GEMV_FAMILY(gemv_packed4, LoadPacked<4>, PACKED_PARAMS, NO_PROLOGUE, LOAD_PACKED4)
-GEMV_FAMILY(gemv_packed8, LoadPacked<8>, PACKED_PARAMS, NO_PROLOGUE, LOAD_PACKED8)
+#define GEMV_PACKED(BITS)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS(                       \
+        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
+        const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,         \
+        float* __restrict__ y, int n, int out, int in, int ksplit) {                            \
+        const LoadPacked<BITS> ld{qw, scales, zeros, g_idx, in, out, wpr, gsize};               \
+        gemv_body<LoadPacked<BITS>, 2, false>(ld, ld, x, y, n, out, in, ksplit, 0);             \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS##_pair(                \
+        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
+        const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,         \
+        const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                        \
+        const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,      \
+        float* __restrict__ y, int n, int out, int in, int ksplit) {                            \
+        const LoadPacked<BITS> a{qw, scales, zeros, g_idx, in, out, wpr, gsize};                \
+        const LoadPacked<BITS> b{qw2, scales2, zeros2, g_idx2, in, out, wpr2, gsize2};          \
+        gemv_body<LoadPacked<BITS>, 2, true>(a, b, x, y, n, out, in, ksplit, 0);                \
+    }
+
+GEMV_PACKED(2)
+GEMV_PACKED(3)
+GEMV_PACKED(4)
+GEMV_PACKED(8)
 
 // Dequantizes a whole weight (for prefill GEMMs) into `dst` as f32 (mode 0),
 // f16 (1) or bf16 (2), one thread per 8 weights.
