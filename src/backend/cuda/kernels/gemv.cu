@@ -9,7 +9,7 @@
 
 #define GEMV_MAXB 8
 #define GEMV_WARPS 8
-#define GEMV_UNROLL 4
+#define GEMV_UNROLL 1
 
 // Loaders: 8 consecutive weights of `row` starting at column 8 * c, as floats.
 struct LoadF32 {
