@@ -41,7 +41,10 @@ fn pair(g: &CudaBackend, rows: usize, cols: usize, data: &[f32]) -> (CpuTensor, 
 /// Largest absolute difference relative to the largest reference magnitude.
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "lengths differ");
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+    let scale = want
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs() as f64))
+        .max(1e-30);
     got.iter()
         .zip(want)
         .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()))
@@ -78,10 +81,16 @@ fn embedding_gathers_rows_exactly_for_every_dtype() {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let w = dense(vocab, hidden, dtype, &table);
         let want = c
-            .embedding(&c.upload_weight(&w).unwrap(), &c.upload_layout(&layout).unwrap())
+            .embedding(
+                &c.upload_weight(&w).unwrap(),
+                &c.upload_layout(&layout).unwrap(),
+            )
             .unwrap();
         let got = g
-            .embedding(&g.upload_weight(&w).unwrap(), &g.upload_layout(&layout).unwrap())
+            .embedding(
+                &g.upload_weight(&w).unwrap(),
+                &g.upload_layout(&layout).unwrap(),
+            )
             .unwrap();
         check(&format!("embedding {dtype:?}"), &g, &got, &want, 0.0);
     }
@@ -97,8 +106,12 @@ fn rms_norm_silu_mul_add_match() {
         let w: Vec<f32> = randn(&mut rng, cols, 0.1).iter().map(|v| 1.0 + v).collect();
         let (cx, gx) = pair(&g, rows, cols, &x);
         let (cy, gy) = pair(&g, rows, cols, &y);
-        let want = c.rms_norm(&cx, &c.upload_vector(&w).unwrap(), 1e-5).unwrap();
-        let got = g.rms_norm(&gx, &g.upload_vector(&w).unwrap(), 1e-5).unwrap();
+        let want = c
+            .rms_norm(&cx, &c.upload_vector(&w).unwrap(), 1e-5)
+            .unwrap();
+        let got = g
+            .rms_norm(&gx, &g.upload_vector(&w).unwrap(), 1e-5)
+            .unwrap();
         check(&format!("rms_norm {rows}x{cols}"), &g, &got, &want, 1e-5);
         let want = c.silu_mul(&cx, &cy).unwrap();
         let got = g.silu_mul(&gx, &gy).unwrap();
@@ -112,8 +125,20 @@ fn rms_norm_silu_mul_add_match() {
         let wv = (c.upload_vector(&w).unwrap(), g.upload_vector(&w).unwrap());
         let want = c.add_rms_norm(&mut cx3, &cy, &wv.0, 1e-5).unwrap();
         let got = g.add_rms_norm(&mut gx3, &gy, &wv.1, 1e-5).unwrap();
-        check(&format!("add_rms_norm sum {rows}x{cols}"), &g, &gx3, &cx3, 0.0);
-        check(&format!("add_rms_norm {rows}x{cols}"), &g, &got, &want, 1e-5);
+        check(
+            &format!("add_rms_norm sum {rows}x{cols}"),
+            &g,
+            &gx3,
+            &cx3,
+            0.0,
+        );
+        check(
+            &format!("add_rms_norm {rows}x{cols}"),
+            &g,
+            &got,
+            &want,
+            1e-5,
+        );
     }
 }
 
@@ -129,8 +154,12 @@ fn last_rows_and_argmax_match() {
     x[4 * cols + 70_000] = 50.0;
     x[8 * cols + cols - 1] = 60.0;
     let (cx, gx) = pair(&g, 9, cols, &x);
-    let want = c.last_rows(&cx, &c.upload_layout(&layout).unwrap()).unwrap();
-    let got = g.last_rows(&gx, &g.upload_layout(&layout).unwrap()).unwrap();
+    let want = c
+        .last_rows(&cx, &c.upload_layout(&layout).unwrap())
+        .unwrap();
+    let got = g
+        .last_rows(&gx, &g.upload_layout(&layout).unwrap())
+        .unwrap();
     check("last_rows", &g, &got, &want, 0.0);
     assert_eq!(c.argmax_rows(&cx).unwrap(), g.argmax_rows(&gx).unwrap());
     let ids = g.argmax_rows(&got).unwrap();
@@ -146,7 +175,11 @@ fn rope_matches_with_and_without_llama3_scaling() {
         let (cfg, _) = synth_config(name).unwrap();
         let (heads, hd) = (cfg.num_attention_heads, cfg.head_dim);
         let freqs = inv_freq(&cfg);
-        let layout = step(&[(0, 0, vec![1; 4]), (1, 8190, vec![1; 3]), (2, 30_000, vec![1])]);
+        let layout = step(&[
+            (0, 0, vec![1; 4]),
+            (1, 8190, vec![1; 3]),
+            (2, 30_000, vec![1]),
+        ]);
         let x = randn(&mut rng, 8 * heads * hd, 1.0);
         let (mut cx, mut gx) = pair(&g, 8, heads * hd, &x);
         c.rope(
@@ -191,7 +224,11 @@ fn attention_case(q_heads: usize, kv_heads: usize, head_dim: usize) {
     // Prefill of ragged lengths (one longer than a 32-row tile and a 64-key
     // tile), a second chunk continuing slot 3, then ragged decode steps.
     let mut steps = vec![
-        step(&[(0, 0, vec![1; 100]), (2, 0, vec![1; 1]), (3, 0, vec![1; 37])]),
+        step(&[
+            (0, 0, vec![1; 100]),
+            (2, 0, vec![1; 1]),
+            (3, 0, vec![1; 37]),
+        ]),
         step(&[(3, 37, vec![1; 70]), (1, 0, vec![1; 5])]),
     ];
     for i in 0..6 {
@@ -327,7 +364,10 @@ fn fused_gate_up_silu_matches_for_each_format() {
     let wg = randn(&mut rng, out_f * in_f, 1.0 / (in_f as f32).sqrt());
     let wu = randn(&mut rng, out_f * in_f, 1.0 / (in_f as f32).sqrt());
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let (a, b) = (dense(out_f, in_f, dtype, &wg), dense(out_f, in_f, dtype, &wu));
+        let (a, b) = (
+            dense(out_f, in_f, dtype, &wg),
+            dense(out_f, in_f, dtype, &wu),
+        );
         gate_up_case(&format!("{dtype:?}"), &a, &b, 1e-5, 22);
     }
     for cd in [DType::F32, DType::F16] {
@@ -377,7 +417,14 @@ fn int8_matmul_matches_with_outliers() {
     }
 }
 
-fn packed(rng: &mut StdRng, out_f: usize, in_f: usize, bits: u32, gs: usize, act: bool) -> LinearWeight {
+fn packed(
+    rng: &mut StdRng,
+    out_f: usize,
+    in_f: usize,
+    bits: u32,
+    gs: usize,
+    act: bool,
+) -> LinearWeight {
     let maxq = (1u32 << bits) - 1;
     let codes: Vec<u8> = (0..out_f * in_f)
         .map(|_| rng.random_range(0..=maxq) as u8)
@@ -417,7 +464,13 @@ fn packed_int_matmul_matches_every_bit_width_and_act_order() {
             let lw = packed(&mut rng, out_f, in_f, bits, gs, act);
             // Weights are exact in f32 in the GEMV; cuBLAS meets them and the
             // activations in f16.
-            matmul_case(&format!("{} {out_f}x{in_f}", lw.format_name()), &lw, 1e-5, 2e-3, 12);
+            matmul_case(
+                &format!("{} {out_f}x{in_f}", lw.format_name()),
+                &lw,
+                1e-5,
+                2e-3,
+                12,
+            );
         }
     }
 }
@@ -441,7 +494,10 @@ fn full_model_logits_and_greedy_generations_match() {
     cpu.forward(&first, &mut cc, false).unwrap();
     cuda.forward(&first, &mut gc, false).unwrap();
     for i in 0..30 {
-        let layout = step(&[(0, 20 + i, vec![tokens[20 + i]]), (1, 7 + i, vec![tokens[7 + i]])]);
+        let layout = step(&[
+            (0, 20 + i, vec![tokens[20 + i]]),
+            (1, 7 + i, vec![tokens[7 + i]]),
+        ]);
         let w = cpu.forward(&layout, &mut cc, false).unwrap();
         let gt = cuda.forward(&layout, &mut gc, false).unwrap();
         let (_, cols, g) = cuda.backend().to_host(&gt).unwrap();
@@ -474,8 +530,7 @@ fn quantized_models_match_the_cpu() {
         ("synth:smollm2-135m", "none", 2e-3),
     ] {
         let spec = QuantSpec::parse(quant).unwrap();
-        let loaded =
-            quantbench::cli::common::load_quantized(model, Some(&spec)).unwrap();
+        let loaded = quantbench::cli::common::load_quantized(model, Some(&spec)).unwrap();
         let cpu = Model::new(CpuBackend::new(), &loaded.weights).unwrap();
         let cuda = Model::new(gpu(), &loaded.weights).unwrap();
         let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 250).collect();
@@ -500,8 +555,14 @@ fn out_of_memory_names_bytes_requested_and_free() {
         })
         .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("out of memory") && msg.contains("free"), "{msg}");
-    assert!(msg.contains(&(16u64 * 2 * 100_000 * 4096 * 8 * 64 * 4).to_string()), "{msg}");
+    assert!(
+        msg.contains("out of memory") && msg.contains("free"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&(16u64 * 2 * 100_000 * 4096 * 8 * 64 * 4).to_string()),
+        "{msg}"
+    );
     // The backend keeps working after the failure.
     let x = g.tensor_from_host(1, 3, &[1.0, 5.0, 2.0]).unwrap();
     assert_eq!(g.argmax_rows(&x).unwrap(), vec![1]);

@@ -96,14 +96,34 @@ pub fn gate_up_silu(
                 DType::BF16 => "gemv_bf16_pair",
             };
             let (a, b) = (buf.ptr(), buf2.ptr());
-            gemv(gpu, name, vec![arg(&a), arg(&b)], &[], x, &y, out_f, in_f, 1)?;
+            gemv(
+                gpu,
+                name,
+                vec![arg(&a), arg(&b)],
+                &[],
+                x,
+                &y,
+                out_f,
+                in_f,
+                1,
+            )?;
         }
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let (pa, pb) = (bnb4_params(a), bnb4_params(b));
             let mut pre = pa.args();
             pre.extend(pb.args());
             let cd = dtype_mode(a.compute_dtype);
-            gemv(gpu, "gemv_bnb4_pair", pre, &[arg(&cd)], x, &y, out_f, in_f, 1)?;
+            gemv(
+                gpu,
+                "gemv_bnb4_pair",
+                pre,
+                &[arg(&cd)],
+                x,
+                &y,
+                out_f,
+                in_f,
+                1,
+            )?;
         }
         (CudaWeight::Packed(a), CudaWeight::Packed(b)) if a.bits == b.bits => {
             let (pa, pb) = (packed_params(a), packed_params(b));
@@ -193,7 +213,17 @@ fn matmul_bnb4(gpu: &Gpu, q: &CudaBnb4, x: &CudaTensor, y: &CudaTensor) -> Resul
     let params = bnb4_params(q);
     let cd = dtype_mode(q.compute_dtype);
     if x.rows <= GEMV_MAX_ROWS {
-        return gemv(gpu, "gemv_bnb4", params.args(), &[arg(&cd)], x, y, q.rows, q.cols, 2);
+        return gemv(
+            gpu,
+            "gemv_bnb4",
+            params.args(),
+            &[arg(&cd)],
+            x,
+            y,
+            q.rows,
+            q.cols,
+            2,
+        );
     }
     // Dequantized values are exact in the compute dtype when it rounds them,
     // else in the weight dtype.
@@ -267,12 +297,7 @@ fn matmul_int8(gpu: &Gpu, q: &CudaInt8, x: &CudaTensor, y: &CudaTensor) -> Resul
     let xo = gpu.alloc(n * k * 4)?;
     let sca = gpu.alloc(n * 4)?;
     let (xp, fp, qp, op, sp) = (x.ptr(), flag.ptr(), xq.ptr(), xo.ptr(), sca.ptr());
-    let (ni, ki, thr, cd) = (
-        n as i32,
-        k as i32,
-        q.threshold,
-        dtype_mode(q.compute_dtype),
-    );
+    let (ni, ki, thr, cd) = (n as i32, k as i32, q.threshold, dtype_mode(q.compute_dtype));
     gpu.launch(
         "int8_outlier_cols",
         (k.div_ceil(256) as u32, 1, 1),

@@ -119,7 +119,12 @@ impl Backend for CudaBackend {
         matmul::matmul(&self.gpu, x, w)
     }
 
-    fn gate_up_silu(&self, x: &CudaTensor, gate: &CudaWeight, up: &CudaWeight) -> Result<CudaTensor> {
+    fn gate_up_silu(
+        &self,
+        x: &CudaTensor,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+    ) -> Result<CudaTensor> {
         self.gpu.bind()?;
         if let Some(y) = matmul::gate_up_silu(&self.gpu, x, gate, up)? {
             return Ok(y);

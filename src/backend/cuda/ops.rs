@@ -89,7 +89,14 @@ pub fn add_rms_norm(
         (x.rows as u32, 1, 1),
         norm_block(x.cols),
         0,
-        &mut [arg(&xp), arg(&yp), arg(&wp), arg(&op), arg(&cols), arg(&eps)],
+        &mut [
+            arg(&xp),
+            arg(&yp),
+            arg(&wp),
+            arg(&op),
+            arg(&cols),
+            arg(&eps),
+        ],
     )?;
     Ok(out)
 }

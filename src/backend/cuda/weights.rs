@@ -103,7 +103,13 @@ fn upload_slice<T>(gpu: &Gpu, data: &[T]) -> Result<RawAlloc> {
 fn upload_bnb4(gpu: &Gpu, m: &Bnb4Matrix) -> Result<CudaWeight> {
     let packed = upload_slice(gpu, &m.packed)?;
     let (absmax, codes, code2, offset, nbs) = match &m.absmax {
-        Absmax::Plain(a) => (upload_slice(gpu, a)?, None, upload_slice(gpu, &[0f32])?, 0.0, 1),
+        Absmax::Plain(a) => (
+            upload_slice(gpu, a)?,
+            None,
+            upload_slice(gpu, &[0f32])?,
+            0.0,
+            1,
+        ),
         Absmax::Nested(n) => (
             upload_slice(gpu, &n.absmax)?,
             Some(upload_slice(gpu, &n.codes)?),
