@@ -59,9 +59,14 @@ impl Plan {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let plan: Plan = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a quantbench sweep plan (version {PLAN_VERSION})", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let plan: Plan = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not a quantbench sweep plan (version {PLAN_VERSION})",
+                path.display()
+            )
+        })?;
         if plan.plan_version != PLAN_VERSION {
             bail!(
                 "{}: plan version {} but this quantbench reads version {PLAN_VERSION}",
@@ -90,7 +95,12 @@ impl Plan {
             if old.experiments == self.experiments {
                 return Ok(());
             }
-            let names = |p: &Plan| p.experiments.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+            let names = |p: &Plan| {
+                p.experiments
+                    .iter()
+                    .map(|e| e.name.clone())
+                    .collect::<Vec<_>>()
+            };
             let first_diff = names(&old)
                 .into_iter()
                 .zip(names(self))
@@ -117,7 +127,11 @@ impl Plan {
     /// The experiment at `index`, with an error naming the valid range.
     pub fn get(&self, index: usize) -> Result<&Experiment> {
         self.experiments.get(index).with_context(|| {
-            format!("no experiment #{index}: the sweep plan has {} (0..={})", self.experiments.len(), self.experiments.len().saturating_sub(1))
+            format!(
+                "no experiment #{index}: the sweep plan has {} (0..={})",
+                self.experiments.len(),
+                self.experiments.len().saturating_sub(1)
+            )
         })
     }
 
@@ -154,11 +168,17 @@ pub fn prepare(experiments: Vec<Experiment>, opts: &RunOptions) -> Result<Prepar
     if experiments.is_empty() {
         bail!("no experiments to run");
     }
-    let resolved: Vec<Experiment> = experiments.into_iter().map(|e| super::resolve(e, opts)).collect();
+    let resolved: Vec<Experiment> = experiments
+        .into_iter()
+        .map(|e| super::resolve(e, opts))
+        .collect();
     let mut seen = std::collections::BTreeSet::new();
     for e in &resolved {
         if !seen.insert(e.name.as_str()) {
-            bail!("experiment '{}' appears twice in the sweep; names must be unique", e.name);
+            bail!(
+                "experiment '{}' appears twice in the sweep; names must be unique",
+                e.name
+            );
         }
     }
     let store = RunStore::open(&opts.run_dir, &opts.command)?;
