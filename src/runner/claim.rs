@@ -499,7 +499,7 @@ impl ClaimDir {
                 }
             })
             .collect();
-        Ok(lines.join("\n"))
+        Ok(lines.join("; "))
     }
 
     /// Takes `claim` and starts its heartbeat; `None` when another process

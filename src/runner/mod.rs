@@ -4,10 +4,14 @@
 pub mod claim;
 pub mod evaluate;
 pub mod execute;
+pub mod local;
 pub mod plan;
 pub mod provenance;
 pub mod result;
+pub mod slurm;
+pub mod status;
 pub mod store;
+pub mod worker;
 
 use std::path::PathBuf;
 

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use super::RunOptions;
 use super::claim::ClaimDir;
 use super::store::{RunStore, write_atomic};
-use crate::backend::Device;
 use crate::config::Experiment;
 
 /// Subdirectory of a run directory that holds the scale-out bookkeeping
@@ -119,11 +118,6 @@ impl Plan {
         write_atomic(&path, serde_json::to_string_pretty(self)?.as_bytes())
     }
 
-    /// Index of the experiment called `name`.
-    pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.experiments.iter().position(|e| e.name == name)
-    }
-
     /// The experiment at `index`, with an error naming the valid range.
     pub fn get(&self, index: usize) -> Result<&Experiment> {
         self.experiments.get(index).with_context(|| {
@@ -133,20 +127,6 @@ impl Plan {
                 self.experiments.len().saturating_sub(1)
             )
         })
-    }
-
-    /// Run options for one worker on `device`. The plan's experiments are
-    /// already resolved, so nothing is overridden again.
-    pub fn options(&self, run_dir: &Path, device: Device) -> RunOptions {
-        RunOptions {
-            model: String::new(),
-            force_model: false,
-            device,
-            limit: None,
-            keep_going: true,
-            run_dir: run_dir.to_path_buf(),
-            command: self.command.clone(),
-        }
     }
 }
 
