@@ -122,6 +122,17 @@ pub fn script(run_dir: &Path, exe: &Path, indices: &[usize], opts: &SlurmOptions
     s
 }
 
+/// A tool's error output as one line.
+fn one_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.join("; ")
+}
+
 /// Submits `script` with `sbatch --parsable`, records the job id in the run
 /// directory, and returns it.
 pub fn submit(run_dir: &Path, script: &Path) -> Result<String> {
@@ -140,7 +151,7 @@ pub fn submit(run_dir: &Path, script: &Path) -> Result<String> {
             "sbatch {} failed ({}): {}",
             script.display(),
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            one_line(&out.stderr)
         );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -215,10 +226,7 @@ fn parse_states(text: &str, states: &mut BTreeMap<usize, String>) {
 fn query(program: &str, args: &[&str]) -> std::result::Result<String, String> {
     match Command::new(program).args(args).output() {
         Err(e) => Err(format!("{program}: {e}")),
-        Ok(out) if !out.status.success() => Err(format!(
-            "{program}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
+        Ok(out) if !out.status.success() => Err(format!("{program}: {}", one_line(&out.stderr))),
         Ok(out) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
     }
 }
