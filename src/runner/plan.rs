@@ -94,22 +94,26 @@ impl Plan {
             if old.experiments == self.experiments {
                 return Ok(());
             }
-            let names = |p: &Plan| {
-                p.experiments
-                    .iter()
-                    .map(|e| e.name.clone())
-                    .collect::<Vec<_>>()
-            };
-            let first_diff = names(&old)
-                .into_iter()
-                .zip(names(self))
+            let differs = match old
+                .experiments
+                .iter()
+                .zip(&self.experiments)
                 .position(|(a, b)| a != b)
-                .unwrap_or(old.experiments.len().min(self.experiments.len()));
+            {
+                Some(i) => format!(
+                    "experiment #{i} '{}' has other settings",
+                    old.experiments[i].name
+                ),
+                None => format!(
+                    "it has {} experiments, this sweep {}",
+                    old.experiments.len(),
+                    self.experiments.len()
+                ),
+            };
             bail!(
-                "{}: this run directory holds a different sweep ({} experiments, differing from experiment #{first_diff} on); \
-                 use another --run-dir, or delete that file once no worker or Slurm task of the old sweep is running",
-                Plan::path(run_dir).display(),
-                old.experiments.len()
+                "{}: this run directory holds a different sweep ({differs}); use another --run-dir, \
+                 or delete that file once no worker or Slurm task of the old sweep is running",
+                Plan::path(run_dir).display()
             );
         }
         let path = Plan::path(run_dir);
