@@ -10,8 +10,8 @@
 # CUDA runtime image, which ships cuBLAS and NVRTC; the driver (libcuda)
 # comes from the host through the NVIDIA container toolkit.
 #
-# This image has not been built in the development environment (it has no
-# container engine); see docs/scale-out.md.
+# This image has not been built in the development environment (no Docker
+# daemon, no registry access there); see docs/scale-out.md.
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
