@@ -45,7 +45,9 @@ fn sweep(grid: &Path, run: &Path, extra: &[&str], crash: Option<&str>) -> Output
     cmd.args(["sweep", grid.to_str().unwrap(), "--model", "synth:tiny"])
         .args(["--devices", "cpu,cpu", "--run-dir", run.to_str().unwrap()])
         .args(extra)
-        .env_remove("QUANTBENCH_CRASH_EXPERIMENT");
+        .env_remove("QUANTBENCH_CRASH_EXPERIMENT")
+        // Where core dumps of the aborted workers would land, if enabled.
+        .current_dir(run.parent().unwrap());
     if let Some(spec) = crash {
         cmd.env("QUANTBENCH_CRASH_EXPERIMENT", spec);
     }

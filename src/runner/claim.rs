@@ -344,11 +344,6 @@ impl ClaimDir {
         }
     }
 
-    /// The claims directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// File of `attempt` of `experiment`.
     pub fn path(&self, experiment: &str, attempt: u32) -> PathBuf {
         self.dir
@@ -643,6 +638,35 @@ mod tests {
         let pid = child.id();
         child.wait().unwrap();
         assert!(ProcessId::of(pid).is_none());
+    }
+
+    #[test]
+    fn an_attempt_is_claimed_once_and_a_dead_holder_is_a_crash() {
+        let tmp = tempfile::tempdir().unwrap();
+        let claims = ClaimDir::new(tmp.path());
+        let claim = Claim::new("exp", 0, 1, "cpu");
+        assert!(claims.try_create(&claim).unwrap());
+        assert!(!claims.try_create(&claim).unwrap(), "the name exists");
+        assert!(matches!(claims.state("exp").unwrap(), ClaimState::Live(_)));
+        // A holder process that has exited, with no supervisor: crashed.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = ProcessId::of(child.id()).unwrap();
+        child.wait().unwrap();
+        let mut dead = Claim::new("exp", 0, 2, "cpu");
+        dead.holder.process = gone.clone();
+        dead.holder.supervisor = None;
+        assert!(claims.try_create(&dead).unwrap());
+        let ClaimState::Crashed { reason, .. } = claims.state("exp").unwrap() else {
+            panic!("a dead holder's claim is a crash")
+        };
+        assert!(reason.contains("is gone, no result written"), "{reason}");
+        assert_eq!(claims.mark_crashed(&gone, "killed by signal 9").unwrap(), 1);
+        assert!(
+            claims
+                .crash_history("exp")
+                .unwrap()
+                .contains("attempt 2 (pid")
+        );
     }
 
     #[test]
