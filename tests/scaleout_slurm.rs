@@ -138,6 +138,20 @@ fn submitting_without_sbatch_is_a_clear_error() {
         stderr.contains("--partition 'a b': must be a single word"),
         "{stderr}"
     );
+    let spaced = tmp.path().join("run dir");
+    let e = quantbench()
+        .args(["sweep", grid.to_str().unwrap(), "--slurm", "--dry-run"])
+        .args([
+            "--run-dir",
+            spaced.to_str().unwrap(),
+            "--model",
+            "synth:tiny",
+        ])
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&e);
+    assert!(!e.status.success());
+    assert!(stderr.contains("contains whitespace"), "{stderr}");
 }
 
 /// The repository's cluster script, for `cluster`'s state directory and port.

@@ -136,6 +136,12 @@ fn submit(
         device,
     };
     opts.validate()?;
+    if run_dir.to_string_lossy().chars().any(char::is_whitespace) {
+        bail!(
+            "--run-dir {}: contains whitespace, which #SBATCH lines cannot hold; pick a path without spaces",
+            run_dir.display()
+        );
+    }
     let pending: Vec<usize> = (0..prepared.plan.experiments.len())
         .filter(|&i| !prepared.done_before[i])
         .collect();
