@@ -73,7 +73,7 @@ write_conf() {
     cat >"$CONF" <<EOF
 # Written by quantbench scripts/slurm-localhost.sh: a one-node test cluster.
 ClusterName=quantbench-local
-SlurmctldHost=$NODE
+SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$PORT
 SlurmdPort=$((PORT + 1))
 SlurmUser=root
@@ -101,7 +101,7 @@ MailProg=/bin/true
 SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=600
-NodeName=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 }

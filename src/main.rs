@@ -31,6 +31,12 @@ enum Command {
     Compare(cli::run::CompareArgs),
     /// Run a grid of experiments from a sweep file.
     Sweep(cli::run::SweepArgs),
+    /// Finished, running, failed and pending experiments of a run directory
+    /// (with Slurm's view of its array tasks).
+    Status(cli::status::Args),
+    /// Work through the unfinished experiments of a sweep plan (started by
+    /// `sweep --devices`).
+    Worker(cli::worker::Args),
     /// Plots, report.md and report.html from run directories.
     Report(cli::report::Args),
     /// Write seeded random weights of a named shape as an HF directory.
@@ -53,6 +59,8 @@ fn main() {
         Command::Run(a) => cli::run::run(a),
         Command::Compare(a) => cli::run::compare(a),
         Command::Sweep(a) => cli::run::sweep_cmd(a),
+        Command::Status(a) => cli::status::run(a),
+        Command::Worker(a) => cli::worker::run(a),
         Command::Report(a) => cli::report::run(a),
     };
     if let Err(e) = result {

@@ -8,4 +8,7 @@ pub mod generate;
 pub mod inspect;
 pub mod report;
 pub mod run;
+pub mod scaleout;
+pub mod status;
 pub mod synth;
+pub mod worker;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args as ClapArgs;
 
+use super::scaleout::ScaleArgs;
 use crate::backend::Device;
 use crate::bench::BenchConfig;
 use crate::config::{Experiment, Registry, sweep};
@@ -58,7 +59,8 @@ pub fn quick_bench() -> BenchConfig {
     }
 }
 
-fn sanitize(s: &str) -> String {
+/// `s` with every character but ASCII letters, digits, `-` and `.` replaced by `_`.
+pub fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "-.".contains(c) {
@@ -70,15 +72,16 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// Runs `experiments` with the shared options and prints the summary.
-pub fn execute(cmd: &str, mut experiments: Vec<Experiment>, args: &RunArgs) -> Result<()> {
+/// Resolves the run's settings for `experiments` (quick benchmarks where they
+/// apply) and the run directory.
+pub fn run_options(cmd: &str, experiments: &mut [Experiment], args: &RunArgs) -> RunOptions {
     let model = args
         .model
         .clone()
         .unwrap_or_else(|| DEFAULT_MODEL.to_string());
     if args.quick || (args.device == Device::Cpu && !args.full_bench) {
         eprintln!("benchmarks: quick settings (--full-bench for the experiments' own)");
-        for e in &mut experiments {
+        for e in experiments.iter_mut() {
             e.bench = quick_bench();
         }
     }
@@ -89,15 +92,21 @@ pub fn execute(cmd: &str, mut experiments: Vec<Experiment>, args: &RunArgs) -> R
             sanitize(&args.device.to_string())
         ))
     });
-    let opts = RunOptions {
+    RunOptions {
         model,
         force_model: args.model.is_some(),
         device: args.device,
         limit: args.limit,
         keep_going: args.keep_going,
-        run_dir: run_dir.clone(),
+        run_dir,
         command: std::env::args().collect::<Vec<_>>().join(" "),
-    };
+    }
+}
+
+/// Runs `experiments` with the shared options and prints the summary.
+pub fn execute(cmd: &str, mut experiments: Vec<Experiment>, args: &RunArgs) -> Result<()> {
+    let opts = run_options(cmd, &mut experiments, args);
+    let run_dir = opts.run_dir.clone();
     let results = run_experiments(experiments, &opts)?;
     print!("{}", summary_table(&results));
     println!("results: {} (quantbench report {0})", run_dir.display());
@@ -112,6 +121,10 @@ pub struct Args {
     /// Run every experiment of the registry.
     #[arg(long)]
     pub all: bool,
+    /// Run experiment N of the sweep plan in --run-dir (what each Slurm
+    /// array task of `sweep --slurm` does).
+    #[arg(long, conflicts_with_all = ["experiments", "all"])]
+    pub task: Option<usize>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -122,6 +135,9 @@ fn pick(registry: &Registry, names: &[String]) -> Result<Vec<Experiment>> {
 
 /// `quantbench run`.
 pub fn run(args: Args) -> Result<()> {
+    if let Some(task) = args.task {
+        return super::worker::run_task(task, &args.run);
+    }
     let registry = Registry::load(args.run.config.as_deref())?;
     let exps = if args.all {
         registry.experiments.values().cloned().collect()
@@ -172,6 +188,8 @@ pub struct SweepArgs {
     pub grid: PathBuf,
     #[command(flatten)]
     pub run: RunArgs,
+    #[command(flatten)]
+    pub scale: ScaleArgs,
 }
 
 /// `quantbench sweep`.
@@ -182,5 +200,9 @@ pub fn sweep_cmd(args: SweepArgs) -> Result<()> {
         .grid
         .file_stem()
         .map_or("sweep".into(), |s| s.to_string_lossy().to_string());
-    execute(&format!("sweep-{stem}"), exps, &args.run)
+    let cmd = format!("sweep-{stem}");
+    if args.scale.is_scaled() {
+        return super::scaleout::sweep(&cmd, exps, &args.run, &args.scale);
+    }
+    execute(&cmd, exps, &args.run)
 }

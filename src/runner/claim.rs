@@ -158,11 +158,18 @@ impl Holder {
             if self.process.is_running() {
                 return Liveness::Alive;
             }
-            return Liveness::Gone(format!("process {} on {} is gone", self.process.pid, self.host));
+            return Liveness::Gone(format!(
+                "process {} on {} is gone",
+                self.process.pid, self.host
+            ));
         }
         let age = now.duration_since(heartbeat).unwrap_or_default();
         if age > STALE_AFTER {
-            Liveness::Gone(format!("no heartbeat from {} for {}s", self.host, age.as_secs()))
+            Liveness::Gone(format!(
+                "no heartbeat from {} for {}s",
+                self.host,
+                age.as_secs()
+            ))
         } else {
             Liveness::Alive
         }
@@ -171,7 +178,11 @@ impl Holder {
 
 fn parent_pid() -> Option<u32> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// How an attempt ended.
@@ -217,7 +228,10 @@ pub struct Claim {
 impl Claim {
     /// A claim of `attempt` of `experiment` by this process.
     pub fn new(experiment: &str, index: usize, attempt: u32, device: &str) -> Claim {
-        let slurm_task = match (std::env::var("SLURM_ARRAY_JOB_ID"), std::env::var("SLURM_ARRAY_TASK_ID")) {
+        let slurm_task = match (
+            std::env::var("SLURM_ARRAY_JOB_ID"),
+            std::env::var("SLURM_ARRAY_TASK_ID"),
+        ) {
             (Ok(j), Ok(t)) => Some(format!("{j}_{t}")),
             _ => std::env::var("SLURM_JOB_ID").ok(),
         };
@@ -235,7 +249,10 @@ impl Claim {
 
     /// `pid 12 on host, cpu, slurm 7_1`.
     pub fn whereabouts(&self) -> String {
-        let mut s = format!("pid {} on {}, {}", self.holder.process.pid, self.holder.host, self.device);
+        let mut s = format!(
+            "pid {} on {}, {}",
+            self.holder.process.pid, self.holder.host, self.device
+        );
         if let Some(t) = &self.slurm_task {
             s.push_str(&format!(", slurm {t}"));
         }
@@ -260,7 +277,10 @@ pub enum ClaimState {
     /// Finished or failed; the result file is written.
     Ended(ClaimFile),
     /// The holder died without a result.
-    Crashed { file: ClaimFile, reason: String },
+    Crashed {
+        file: ClaimFile,
+        reason: String,
+    },
 }
 
 /// Judges a claim file.
@@ -280,7 +300,8 @@ pub fn assess(file: ClaimFile, now: SystemTime) -> ClaimState {
             Liveness::Gone(reason) => {
                 let h = &file.claim.holder;
                 let age = now.duration_since(file.modified).unwrap_or_default();
-                let reporting = h.is_local() && h.supervisor.as_ref().is_some_and(ProcessId::is_running);
+                let reporting =
+                    h.is_local() && h.supervisor.as_ref().is_some_and(ProcessId::is_running);
                 if reporting && age < STALE_AFTER {
                     ClaimState::Live(file)
                 } else {
@@ -296,8 +317,14 @@ pub fn assess(file: ClaimFile, now: SystemTime) -> ClaimState {
 
 /// Writes `bytes` to a temporary file next to `path`, unique to this process.
 fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    let name = path.file_name().expect("claim path has a file name").to_string_lossy();
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let name = path
+        .file_name()
+        .expect("claim path has a file name")
+        .to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
     Ok(tmp)
@@ -317,24 +344,26 @@ impl ClaimDir {
         }
     }
 
-    /// The claims directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// File of `attempt` of `experiment`.
     pub fn path(&self, experiment: &str, attempt: u32) -> PathBuf {
-        self.dir.join(format!("{experiment}.attempt-{attempt}.claim"))
+        self.dir
+            .join(format!("{experiment}.attempt-{attempt}.claim"))
     }
 
     fn read(&self, path: &Path) -> Result<Option<ClaimFile>> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("{}: cannot read claim", path.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("{}: cannot read claim", path.display()));
+            }
         };
-        let claim: Claim = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a quantbench claim; delete it if no worker uses it", path.display()))?;
+        let claim: Claim = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not a quantbench claim; delete it if no worker uses it",
+                path.display()
+            )
+        })?;
         let modified = std::fs::metadata(path)
             .and_then(|m| m.modified())
             .unwrap_or_else(|_| SystemTime::now());
@@ -363,7 +392,8 @@ impl ClaimDir {
 
     /// Creates `claim`'s file if no process has; `Ok(false)` when one has.
     pub fn try_create(&self, claim: &Claim) -> Result<bool> {
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("{}: cannot create", self.dir.display()))?;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("{}: cannot create", self.dir.display()))?;
         let path = self.path(&claim.experiment, claim.attempt);
         let tmp = write_temp(&path, serde_json::to_string_pretty(claim)?.as_bytes())?;
         let linked = std::fs::hard_link(&tmp, &path);
@@ -373,14 +403,20 @@ impl ClaimDir {
             Ok(()) => true,
             Err(_) => {
                 use std::os::unix::fs::MetadataExt;
-                std::fs::metadata(&tmp).map(|m| m.nlink() == 2).unwrap_or(false)
+                std::fs::metadata(&tmp)
+                    .map(|m| m.nlink() == 2)
+                    .unwrap_or(false)
             }
         };
         let _ = std::fs::remove_file(&tmp);
         match linked {
-            Err(e) if !ours && e.kind() != std::io::ErrorKind::AlreadyExists => {
-                Err(e).with_context(|| format!("{}: cannot create claim (the run directory needs hard links)", path.display()))
-            }
+            Err(e) if !ours && e.kind() != std::io::ErrorKind::AlreadyExists => Err(e)
+                .with_context(|| {
+                    format!(
+                        "{}: cannot create claim (the run directory needs hard links)",
+                        path.display()
+                    )
+                }),
             _ => Ok(ours),
         }
     }
@@ -389,7 +425,8 @@ impl ClaimDir {
     pub fn rewrite(&self, claim: &Claim) -> Result<()> {
         let path = self.path(&claim.experiment, claim.attempt);
         let tmp = write_temp(&path, serde_json::to_string_pretty(claim)?.as_bytes())?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot update claim", path.display()))
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("{}: cannot update claim", path.display()))
     }
 
     /// Records a crash on every unended claim that `process` holds on this
@@ -398,7 +435,10 @@ impl ClaimDir {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e).with_context(|| format!("{}: cannot list claims", self.dir.display())),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("{}: cannot list claims", self.dir.display()));
+            }
         };
         let mut marked = 0;
         for entry in entries {
@@ -406,7 +446,9 @@ impl ClaimDir {
             if path.extension().is_none_or(|x| x != "claim") {
                 continue;
             }
-            let Some(mut file) = self.read(&path)? else { continue };
+            let Some(mut file) = self.read(&path)? else {
+                continue;
+            };
             let h = &file.claim.holder;
             if file.claim.ended.is_some() || h.process != *process || !h.is_local() {
                 continue;
@@ -429,7 +471,8 @@ impl ClaimDir {
         }
         for f in self.attempts(experiment)? {
             let path = self.path(experiment, f.claim.attempt);
-            std::fs::remove_file(&path).with_context(|| format!("{}: cannot remove stale claim", path.display()))?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("{}: cannot remove stale claim", path.display()))?;
         }
         Ok(())
     }
@@ -444,12 +487,14 @@ impl ClaimDir {
                 let attempt = f.claim.attempt;
                 let place = f.claim.whereabouts();
                 match assess(f, now) {
-                    ClaimState::Crashed { reason, .. } => Some(format!("attempt {attempt} ({place}): {reason}")),
+                    ClaimState::Crashed { reason, .. } => {
+                        Some(format!("attempt {attempt} ({place}): {reason}"))
+                    }
                     _ => None,
                 }
             })
             .collect();
-        Ok(lines.join("\n"))
+        Ok(lines.join("; "))
     }
 
     /// Takes `claim` and starts its heartbeat; `None` when another process
@@ -526,13 +571,23 @@ pub enum Work {
     /// Run the experiment at `index` under `held`.
     Run { held: Held, index: usize },
     /// Every run attempt crashed: write a failed result with `history`.
-    RecordFailure { held: Held, index: usize, history: String },
+    RecordFailure {
+        held: Held,
+        index: usize,
+        history: String,
+    },
 }
 
 /// Claims the next experiment of `plan` (only `only`, when given) that is
 /// neither finished nor ended nor held by a live process; `None` when there is
 /// nothing left to claim.
-pub fn next_work(plan: &Plan, store: &RunStore, claims: &ClaimDir, only: Option<usize>, device: &str) -> Result<Option<Work>> {
+pub fn next_work(
+    plan: &Plan,
+    store: &RunStore,
+    claims: &ClaimDir,
+    only: Option<usize>,
+    device: &str,
+) -> Result<Option<Work>> {
     let indices: Vec<usize> = match only {
         Some(i) => {
             plan.get(i)?;
@@ -555,7 +610,11 @@ pub fn next_work(plan: &Plan, store: &RunStore, claims: &ClaimDir, only: Option<
         };
         if attempt > MAX_RUN_ATTEMPTS {
             let history = claims.crash_history(&exp.name)?;
-            return Ok(Some(Work::RecordFailure { held, index, history }));
+            return Ok(Some(Work::RecordFailure {
+                held,
+                index,
+                history,
+            }));
         }
         return Ok(Some(Work::Run { held, index }));
     }
@@ -582,16 +641,52 @@ mod tests {
     }
 
     #[test]
+    fn an_attempt_is_claimed_once_and_a_dead_holder_is_a_crash() {
+        let tmp = tempfile::tempdir().unwrap();
+        let claims = ClaimDir::new(tmp.path());
+        let claim = Claim::new("exp", 0, 1, "cpu");
+        assert!(claims.try_create(&claim).unwrap());
+        assert!(!claims.try_create(&claim).unwrap(), "the name exists");
+        assert!(matches!(claims.state("exp").unwrap(), ClaimState::Live(_)));
+        // A holder process that has exited, with no supervisor: crashed.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = ProcessId::of(child.id()).unwrap();
+        child.wait().unwrap();
+        let mut dead = Claim::new("exp", 0, 2, "cpu");
+        dead.holder.process = gone.clone();
+        dead.holder.supervisor = None;
+        assert!(claims.try_create(&dead).unwrap());
+        let ClaimState::Crashed { reason, .. } = claims.state("exp").unwrap() else {
+            panic!("a dead holder's claim is a crash")
+        };
+        assert!(reason.contains("is gone, no result written"), "{reason}");
+        assert_eq!(claims.mark_crashed(&gone, "killed by signal 9").unwrap(), 1);
+        assert!(
+            claims
+                .crash_history("exp")
+                .unwrap()
+                .contains("attempt 2 (pid")
+        );
+    }
+
+    #[test]
     fn foreign_holders_are_judged_by_heartbeat() {
         let h = Holder {
             host: "elsewhere.example".into(),
             boot_id: None,
-            process: ProcessId { pid: 1, start_ticks: None },
+            process: ProcessId {
+                pid: 1,
+                start_ticks: None,
+            },
             supervisor: None,
         };
         let now = SystemTime::now();
-        assert_eq!(h.liveness(now - Duration::from_secs(10), now), Liveness::Alive);
-        let Liveness::Gone(why) = h.liveness(now - STALE_AFTER - Duration::from_secs(1), now) else {
+        assert_eq!(
+            h.liveness(now - Duration::from_secs(10), now),
+            Liveness::Alive
+        );
+        let Liveness::Gone(why) = h.liveness(now - STALE_AFTER - Duration::from_secs(1), now)
+        else {
             panic!("old heartbeat must be stale")
         };
         assert!(why.contains("no heartbeat from elsewhere.example"), "{why}");
@@ -600,10 +695,15 @@ mod tests {
     #[test]
     fn a_reboot_ends_local_claims() {
         let mut h = Holder::current();
-        assert_eq!(h.liveness(SystemTime::now(), SystemTime::now()), Liveness::Alive);
+        assert_eq!(
+            h.liveness(SystemTime::now(), SystemTime::now()),
+            Liveness::Alive
+        );
         if h.boot_id.is_some() {
             h.boot_id = Some("another-boot".into());
-            assert!(matches!(h.liveness(SystemTime::now(), SystemTime::now()), Liveness::Gone(w) if w.contains("rebooted")));
+            assert!(
+                matches!(h.liveness(SystemTime::now(), SystemTime::now()), Liveness::Gone(w) if w.contains("rebooted"))
+            );
         }
     }
 }

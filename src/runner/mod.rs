@@ -1,11 +1,17 @@
 //! The experiment runner: runs experiments into a run directory, skipping
 //! finished ones, recording failures, and summarizing at the end.
 
+pub mod claim;
 pub mod evaluate;
 pub mod execute;
+pub mod local;
+pub mod plan;
 pub mod provenance;
 pub mod result;
+pub mod slurm;
+pub mod status;
 pub mod store;
+pub mod worker;
 
 use std::path::PathBuf;
 
@@ -65,6 +71,27 @@ fn say(bar: &ProgressBar, line: String) {
     }
 }
 
+/// Runs one resolved experiment on `device` and returns its result, status
+/// ok or failed with the error (not yet saved). `Err` only when the result
+/// skeleton cannot be built.
+pub fn run_one(exp: &Experiment, device: Device, store: &RunStore) -> Result<ExperimentResult> {
+    let model = exp
+        .model
+        .clone()
+        .expect("resolved experiments name their model");
+    let mut result = execute::new_result(exp, &model, &device.to_string())?;
+    let run = with_backend!(device, |backend| {
+        result.provenance.device = crate::backend::Backend::describe(&backend);
+        execute::execute(backend, exp, &model, store, &mut result)
+    });
+    result.finished_at = chrono::Utc::now().to_rfc3339();
+    match run {
+        Ok(()) => result.status = Status::Ok,
+        Err(e) => result.error = Some(format!("{e:#}")),
+    }
+    Ok(result)
+}
+
 /// Runs `experiments` in order; returns each one's saved result and outcome.
 pub fn run_experiments(
     experiments: Vec<Experiment>,
@@ -92,25 +119,10 @@ pub fn run_experiments(
             continue;
         }
         bar.set_message(format!("{} on {}", exp.name, opts.device));
-        let model = exp
-            .model
-            .clone()
-            .expect("resolved experiments name their model");
-        let mut result = execute::new_result(&exp, &model, &opts.device.to_string())?;
-        let run = with_backend!(opts.device, |backend| {
-            result.provenance.device = crate::backend::Backend::describe(&backend);
-            execute::execute(backend, &exp, &model, &store, &mut result)
-        });
-        result.finished_at = chrono::Utc::now().to_rfc3339();
-        let outcome = match run {
-            Ok(()) => {
-                result.status = Status::Ok;
-                Outcome::Finished
-            }
-            Err(e) => {
-                result.error = Some(format!("{e:#}"));
-                Outcome::Failed(format!("{e:#}"))
-            }
+        let result = run_one(&exp, opts.device, &store)?;
+        let outcome = match &result.error {
+            None => Outcome::Finished,
+            Some(e) => Outcome::Failed(e.clone()),
         };
         store.save(&result)?;
         bar.inc(1);

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use super::RunOptions;
 use super::claim::ClaimDir;
 use super::store::{RunStore, write_atomic};
-use crate::backend::Device;
 use crate::config::Experiment;
 
 /// Subdirectory of a run directory that holds the scale-out bookkeeping
@@ -59,9 +58,14 @@ impl Plan {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let plan: Plan = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a quantbench sweep plan (version {PLAN_VERSION})", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let plan: Plan = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not a quantbench sweep plan (version {PLAN_VERSION})",
+                path.display()
+            )
+        })?;
         if plan.plan_version != PLAN_VERSION {
             bail!(
                 "{}: plan version {} but this quantbench reads version {PLAN_VERSION}",
@@ -90,17 +94,26 @@ impl Plan {
             if old.experiments == self.experiments {
                 return Ok(());
             }
-            let names = |p: &Plan| p.experiments.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
-            let first_diff = names(&old)
-                .into_iter()
-                .zip(names(self))
+            let differs = match old
+                .experiments
+                .iter()
+                .zip(&self.experiments)
                 .position(|(a, b)| a != b)
-                .unwrap_or(old.experiments.len().min(self.experiments.len()));
+            {
+                Some(i) => format!(
+                    "experiment #{i} '{}' has other settings",
+                    old.experiments[i].name
+                ),
+                None => format!(
+                    "it has {} experiments, this sweep {}",
+                    old.experiments.len(),
+                    self.experiments.len()
+                ),
+            };
             bail!(
-                "{}: this run directory holds a different sweep ({} experiments, differing from experiment #{first_diff} on); \
-                 use another --run-dir, or delete that file once no worker or Slurm task of the old sweep is running",
-                Plan::path(run_dir).display(),
-                old.experiments.len()
+                "{}: this run directory holds a different sweep ({differs}); use another --run-dir, \
+                 or delete that file once no worker or Slurm task of the old sweep is running",
+                Plan::path(run_dir).display()
             );
         }
         let path = Plan::path(run_dir);
@@ -109,30 +122,15 @@ impl Plan {
         write_atomic(&path, serde_json::to_string_pretty(self)?.as_bytes())
     }
 
-    /// Index of the experiment called `name`.
-    pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.experiments.iter().position(|e| e.name == name)
-    }
-
     /// The experiment at `index`, with an error naming the valid range.
     pub fn get(&self, index: usize) -> Result<&Experiment> {
         self.experiments.get(index).with_context(|| {
-            format!("no experiment #{index}: the sweep plan has {} (0..={})", self.experiments.len(), self.experiments.len().saturating_sub(1))
+            format!(
+                "no experiment #{index}: the sweep plan has {} (0..={})",
+                self.experiments.len(),
+                self.experiments.len().saturating_sub(1)
+            )
         })
-    }
-
-    /// Run options for one worker on `device`. The plan's experiments are
-    /// already resolved, so nothing is overridden again.
-    pub fn options(&self, run_dir: &Path, device: Device) -> RunOptions {
-        RunOptions {
-            model: String::new(),
-            force_model: false,
-            device,
-            limit: None,
-            keep_going: true,
-            run_dir: run_dir.to_path_buf(),
-            command: self.command.clone(),
-        }
     }
 }
 
@@ -154,11 +152,17 @@ pub fn prepare(experiments: Vec<Experiment>, opts: &RunOptions) -> Result<Prepar
     if experiments.is_empty() {
         bail!("no experiments to run");
     }
-    let resolved: Vec<Experiment> = experiments.into_iter().map(|e| super::resolve(e, opts)).collect();
+    let resolved: Vec<Experiment> = experiments
+        .into_iter()
+        .map(|e| super::resolve(e, opts))
+        .collect();
     let mut seen = std::collections::BTreeSet::new();
     for e in &resolved {
         if !seen.insert(e.name.as_str()) {
-            bail!("experiment '{}' appears twice in the sweep; names must be unique", e.name);
+            bail!(
+                "experiment '{}' appears twice in the sweep; names must be unique",
+                e.name
+            );
         }
     }
     let store = RunStore::open(&opts.run_dir, &opts.command)?;
