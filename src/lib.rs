@@ -9,6 +9,7 @@ pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod eval;
 pub mod io;
 pub mod model;
 pub mod quant;

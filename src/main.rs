@@ -19,10 +19,14 @@ struct Cli {
 enum Command {
     /// Measure storage, memory, prefill and decode latency, throughput.
     Bench(cli::bench::Args),
+    /// Mean KL(base‖quantized) per token and top-1 agreement on a text.
+    Divergence(cli::divergence::Args),
     /// Greedy continuation of a prompt.
     Generate(cli::generate::Args),
     /// Configuration, parameter count and storage by format.
     Inspect(cli::inspect::Args),
+    /// Quantize with nf4/fp4/int8 and write a bitsandbytes-serialized HF directory.
+    Quantize(cli::quantize::Args),
     /// Write seeded random weights of a named shape as an HF directory.
     Synth(cli::synth::Args),
 }
@@ -36,8 +40,10 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Bench(a) => cli::bench::run_cmd(a),
+        Command::Divergence(a) => cli::divergence::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Quantize(a) => cli::quantize::run(a),
         Command::Synth(a) => cli::synth::run(a),
     };
     if let Err(e) = result {

@@ -3,6 +3,8 @@
 
 pub mod bench;
 pub mod common;
+pub mod divergence;
 pub mod generate;
 pub mod inspect;
+pub mod quantize;
 pub mod synth;

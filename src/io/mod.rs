@@ -1,5 +1,6 @@
 //! Checkpoint readers and writers, hub downloads, tokenizers.
 
+pub mod bnb_checkpoint;
 pub mod hf_dir;
 pub mod safetensors_io;
 pub mod tokenizer;
@@ -45,5 +46,12 @@ pub fn load_model(spec: &str) -> Result<LoadedModel> {
             source: spec.to_string(),
         });
     }
-    bail!("unknown model '{spec}'")
+    let path = std::path::Path::new(spec);
+    if path.is_dir() {
+        return hf_dir::load_hf_dir(path);
+    }
+    bail!(
+        "unknown model '{spec}': expected synth:<name> ({}) or an HF checkpoint directory",
+        crate::model::synth::SYNTH_NAMES.join(", ")
+    )
 }

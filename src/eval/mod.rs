@@ -1,0 +1,3 @@
+//! Evaluation of models: so far, the divergence of a quantized model from its base.
+
+pub mod divergence;
