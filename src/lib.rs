@@ -13,4 +13,6 @@ pub mod eval;
 pub mod io;
 pub mod model;
 pub mod quant;
+pub mod report;
+pub mod runner;
 pub mod tensor;

@@ -4,7 +4,10 @@
 pub mod bench;
 pub mod common;
 pub mod divergence;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod quantize;
+pub mod report;
+pub mod run;
 pub mod synth;
