@@ -92,7 +92,7 @@ pub fn argmax(row: &[f32]) -> usize {
 pub fn compare_logits(base: &[f32], quant: &[f32], vocab: usize) -> Result<Divergence> {
     ensure!(vocab > 0, "vocabulary size must be positive");
     ensure!(
-        base.len() == quant.len() && base.len() % vocab == 0,
+        base.len() == quant.len() && base.len().is_multiple_of(vocab),
         "logit matrices differ in size ({} vs {} values, vocab {vocab})",
         base.len(),
         quant.len()
