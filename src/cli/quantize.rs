@@ -16,14 +16,15 @@ use crate::tensor::DType;
 /// Arguments of `quantbench quantize`.
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Model: synth:<name> or a local HF directory.
+    /// Model: smollm2-135m, synth:<name>, a local HF directory, a .gguf file or a hub id.
     #[arg(long)]
     pub model: String,
     /// nf4, fp4 or int8.
     #[arg(long)]
     pub method: String,
-    /// 4-bit only: quantize the absmax values again (default true).
-    #[arg(long)]
+    /// 4-bit only: quantize the absmax values again; `--double-quant` alone
+    /// means true, `--double-quant false` turns it off (default true).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub double_quant: Option<bool>,
     /// 4-bit only: weights per absmax block, a power of two (default 64).
     #[arg(long)]

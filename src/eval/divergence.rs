@@ -5,6 +5,7 @@
 use anyhow::{Result, bail, ensure};
 
 use crate::backend::Backend;
+use crate::io::tokenizer::Tokenizer;
 use crate::model::Model;
 
 /// The built-in English text used when no `--text` is given.
@@ -106,28 +107,80 @@ pub fn compare_logits(base: &[f32], quant: &[f32], vocab: usize) -> Result<Diver
     Ok(d)
 }
 
-/// Splits `tokens` into consecutive windows of at most `window` tokens.
-pub fn windows(tokens: &[u32], window: usize) -> Result<Vec<&[u32]>> {
+/// Tokens the runner compares when an experiment does not say.
+pub const DEFAULT_TOKENS: usize = 256;
+
+/// Encodes `text` (with the BOS id when the tokenizer has one), keeps the
+/// first `max_tokens` ids and splits them into consecutive windows of at most
+/// `window` tokens, each run from an empty cache.
+pub fn text_windows(
+    tokenizer: &Tokenizer,
+    text: &str,
+    max_tokens: usize,
+    window: usize,
+) -> Result<Vec<Vec<u32>>> {
     if window == 0 {
         bail!("window length must be at least 1 token");
     }
-    Ok(tokens.chunks(window).collect())
+    let mut tokens = tokenizer.encode(text, true)?;
+    tokens.truncate(max_tokens);
+    if tokens.len() < 2 {
+        bail!(
+            "the text gives {} tokens; divergence needs at least 2 (pass a longer text or more tokens)",
+            tokens.len()
+        );
+    }
+    Ok(tokens.chunks(window).map(<[u32]>::to_vec).collect())
 }
 
-/// Runs both models on every window and compares their logits at every position.
-pub fn divergence<B: Backend, C: Backend>(
-    base: &Model<B>,
-    quant: &Model<C>,
-    windows: &[&[u32]],
+/// The base model's logits on some token windows, kept so that quantized
+/// models can be compared against them without the base model resident.
+#[derive(Clone, Debug)]
+pub struct Reference {
+    windows: Vec<Vec<u32>>,
+    logits: Vec<Vec<f32>>,
     vocab: usize,
-) -> Result<Divergence> {
-    let mut total = Divergence::default();
-    for w in windows {
-        let b = base.sequence_logits(w)?;
-        let q = quant.sequence_logits(w)?;
-        total.merge(compare_logits(&b, &q, vocab)?);
+}
+
+impl Reference {
+    /// Runs `base` on every window.
+    pub fn compute<B: Backend>(base: &Model<B>, windows: Vec<Vec<u32>>) -> Result<Self> {
+        let logits = windows
+            .iter()
+            .map(|w| base.sequence_logits(w))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Reference {
+            windows,
+            logits,
+            vocab: base.config.vocab_size,
+        })
     }
-    Ok(total)
+
+    /// Positions compared.
+    pub fn tokens(&self) -> usize {
+        self.windows.iter().map(Vec::len).sum()
+    }
+
+    /// Number of windows.
+    pub fn windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Runs `quant` on the same windows and compares position by position.
+    pub fn compare<B: Backend>(&self, quant: &Model<B>) -> Result<Divergence> {
+        ensure!(
+            quant.config.vocab_size == self.vocab,
+            "the compared model has a vocabulary of {}, the base model {}",
+            quant.config.vocab_size,
+            self.vocab
+        );
+        let mut total = Divergence::default();
+        for (w, base) in self.windows.iter().zip(&self.logits) {
+            let q = quant.sequence_logits(w)?;
+            total.merge(compare_logits(base, &q, self.vocab)?);
+        }
+        Ok(total)
+    }
 }
 
 #[cfg(test)]
@@ -159,21 +212,52 @@ mod tests {
     #[test]
     fn a_model_against_itself_has_zero_kl_and_full_agreement() {
         use crate::backend::cpu::CpuBackend;
+        use crate::io::synth_tokenizer;
         use crate::model::synth::{synth_config, synth_weights};
         let (cfg, dtype) = synth_config("tiny").unwrap();
         let w = synth_weights(&cfg, dtype, 3).unwrap();
-        let a = Model::new(CpuBackend::new(), &w).unwrap();
-        let b = Model::new(CpuBackend::new(), &w).unwrap();
-        let tokens: Vec<u32> = (0..40).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
-        let win = windows(&tokens, 16).unwrap();
+        let tok = synth_tokenizer(&cfg).unwrap();
+        let text = "The quick brown fox jumps over the lazy dog.";
+        let win = text_windows(&tok, text, 40, 16).unwrap();
+        // Byte tokens: BOS + 44 bytes, cut to 40, in windows of 16.
         assert_eq!(
-            win.iter().map(|w| w.len()).collect::<Vec<_>>(),
+            win.iter().map(Vec::len).collect::<Vec<_>>(),
             vec![16, 16, 8]
         );
-        let d = divergence(&a, &b, &win, cfg.vocab_size).unwrap();
+        assert_eq!(win[0][1], u32::from(b'T'));
+        let reference =
+            Reference::compute(&Model::new(CpuBackend::new(), &w).unwrap(), win).unwrap();
+        assert_eq!((reference.tokens(), reference.windows()), (40, 3));
+        let d = reference
+            .compare(&Model::new(CpuBackend::new(), &w).unwrap())
+            .unwrap();
         assert_eq!(d.tokens, 40);
         assert_eq!(d.top1_matches, 40);
         assert!(d.mean_kl().abs() < 1e-12, "{}", d.mean_kl());
-        assert!(windows(&tokens, 0).is_err());
+        assert!(text_windows(&tok, text, 40, 0).is_err());
+        assert!(text_windows(&tok, "", 40, 16).is_err());
+    }
+
+    #[test]
+    fn a_quantized_model_diverges_a_little() {
+        use crate::backend::cpu::CpuBackend;
+        use crate::io::synth_tokenizer;
+        use crate::model::synth::{synth_config, synth_weights};
+        use crate::quant::{QuantContext, QuantSpec, quantize_model};
+        let (cfg, dtype) = synth_config("tiny").unwrap();
+        let w = synth_weights(&cfg, dtype, 3).unwrap();
+        let tok = synth_tokenizer(&cfg).unwrap();
+        let win = text_windows(&tok, DEFAULT_TEXT, 64, 32).unwrap();
+        let reference =
+            Reference::compute(&Model::new(CpuBackend::new(), &w).unwrap(), win).unwrap();
+        let mut q = w.clone();
+        let spec = QuantSpec::parse("nf4").unwrap();
+        quantize_model(&mut q, &spec, &QuantContext { tokenizer: &tok }).unwrap();
+        let d = reference
+            .compare(&Model::new(CpuBackend::new(), &q).unwrap())
+            .unwrap();
+        assert_eq!(d.tokens, 64);
+        assert!(d.mean_kl() > 0.0 && d.mean_kl().is_finite(), "{d:?}");
+        assert!(d.top1_matches <= 64);
     }
 }

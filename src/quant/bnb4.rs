@@ -591,8 +591,13 @@ mod tests {
         }
     }
 
+    /// On normal weights in absmax blocks of 64, NF4 (normal quantiles) has the
+    /// lowest error. FP4 has the highest, above symmetric uniform int4: its
+    /// codes below ±1/6 are only 0 and ±1/192, while most of a normalized
+    /// normal block lies within ±0.4. (The issue expected FP4 < uniform; that
+    /// ordering does not hold for the mean squared error on normal data.)
     #[test]
-    fn nf4_beats_fp4_beats_uniform_int4_on_normal_weights() {
+    fn nf4_has_the_lowest_error_on_normal_weights_and_fp4_the_highest() {
         let (o, i) = (128, 512);
         let w = normal(o * i, 2);
         let err = |ty| {
@@ -609,7 +614,7 @@ mod tests {
             .collect();
         let (nf4, fp4, int4) = (err(Bnb4Type::Nf4), err(Bnb4Type::Fp4), mse(&w, &uniform));
         assert!(
-            nf4 < fp4 && fp4 < int4,
+            nf4 < int4 && int4 < fp4,
             "nf4 {nf4:e}, fp4 {fp4:e}, int4 {int4:e}"
         );
     }
@@ -633,7 +638,8 @@ mod tests {
             .map(|b| plain.absmax.value(b) as f64)
             .sum::<f64>()
             / plain.absmax.len() as f64;
-        assert!((n.offset as f64 - mean).abs() < 1e-9);
+        // The mean is taken in f64 and stored in f32.
+        assert!((n.offset as f64 - mean).abs() <= mean * f32::EPSILON as f64);
         let mut worst = 0f32;
         for b in 0..plain.absmax.len() {
             let (a, r) = (plain.absmax.value(b), dq.absmax.value(b));
