@@ -159,10 +159,10 @@ fn bad_methods_and_block_sizes_are_refused() {
     );
     let e = run(&["--method", "nf4", "--block-size", "48"]);
     assert!(e.contains("48") && e.contains("power of two"), "{e}");
-    // synth:tiny's down_proj holds 64 × 176 = 11264 = 2^10 · 11 weights.
+    // synth:tiny's MLP matrices hold 64 × 176 = 11264 = 2^10 · 11 weights.
     let e = run(&["--method", "fp4", "--block-size", "2048"]);
     assert!(
-        e.contains("2048") && e.contains("does not divide") && e.contains("down_proj"),
+        e.contains("2048") && e.contains("does not divide") && e.contains(".mlp."),
         "{e}"
     );
     let e = error_line(&["divergence", "--model", "synth:tiny", "--quant", "q3"]);
