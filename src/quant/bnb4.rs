@@ -224,9 +224,13 @@ pub struct Bnb4Matrix {
 /// Options of one 4-bit quantization.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Bnb4Options {
+    /// NF4 or FP4.
     pub quant_type: Bnb4Type,
+    /// Weights per absmax block (a power of two).
     pub blocksize: usize,
+    /// Quantize the absmax values again (8-bit, nested blocks of 256).
     pub double_quant: bool,
+    /// Dtype in which dequantized weights meet activations.
     pub compute_dtype: DType,
 }
 
@@ -368,11 +372,31 @@ impl Bnb4Matrix {
                 let v = self.dtype.round(self.code[i] * a);
                 then.map_or(v, |d| d.round(v))
             });
-            for (g, o) in (f..seg_end).zip(&mut out[f - start..seg_end - start]) {
-                *o = lut[self.index(g) as usize];
-            }
+            decode_nibbles(&self.packed, f, &mut out[f - start..seg_end - start], &lut);
             f = seg_end;
         }
+    }
+}
+
+/// Writes `lut[index]` of flattened elements `f..f + out.len()` into `out`,
+/// a byte (two elements) at a time.
+#[inline]
+fn decode_nibbles(packed: &[u8], f: usize, out: &mut [f32], lut: &[f32; 16]) {
+    let (f, out) = match out.split_first_mut() {
+        Some((first, rest)) if !f.is_multiple_of(2) => {
+            *first = lut[(packed[f / 2] & 0x0F) as usize];
+            (f + 1, rest)
+        }
+        _ => (f, out),
+    };
+    let (pairs, tail) = out.as_chunks_mut::<2>();
+    let bytes = &packed[f / 2..f / 2 + pairs.len()];
+    for (p, &byte) in pairs.iter_mut().zip(bytes) {
+        p[0] = lut[(byte >> 4) as usize];
+        p[1] = lut[(byte & 0x0F) as usize];
+    }
+    if let [last] = tail {
+        *last = lut[(packed[f / 2 + pairs.len()] >> 4) as usize];
     }
 }
 
@@ -677,6 +701,45 @@ mod tests {
         .unwrap();
         assert_eq!(m.packed, vec![0xF0, 0x77]);
         assert_eq!((m.index(0), m.index(1), m.index(2)), (15, 0, 7));
+    }
+
+    #[test]
+    fn bytewise_decoding_matches_the_nibble_order_at_any_offset() {
+        let indices: Vec<u8> = (0..23u8).map(|i| (i * 7 + 3) % 16).collect();
+        let packed = pack_nibbles(&indices);
+        let lut: [f32; 16] = std::array::from_fn(|i| i as f32 * 0.5 - 3.0);
+        for start in 0..6 {
+            for len in 0..indices.len() - start {
+                let mut out = vec![f32::NAN; len];
+                decode_nibbles(&packed, start, &mut out, &lut);
+                let want: Vec<f32> = indices[start..start + len]
+                    .iter()
+                    .map(|&i| lut[i as usize])
+                    .collect();
+                assert_eq!(out, want, "start {start}, len {len}");
+            }
+        }
+        // Rows of odd length start on odd elements: a 3 × 7 matrix.
+        let w = normal(21, 11);
+        let m = Bnb4Matrix::quantize(
+            &w,
+            3,
+            7,
+            DType::F32,
+            Bnb4Options {
+                blocksize: 4,
+                ..opts(Bnb4Type::Fp4, false)
+            },
+        )
+        .unwrap();
+        let mut row = [0f32; 7];
+        for r in 0..3 {
+            m.dequantize_row(r, &mut row);
+            for (j, v) in row.iter().enumerate() {
+                let f = r * 7 + j;
+                assert_eq!(*v, m.code[m.index(f) as usize] * m.absmax.value(f / 4));
+            }
+        }
     }
 
     #[test]
