@@ -17,6 +17,7 @@ use super::bnb_codes::{
     FP4_CODE, NF4_CODE, dynamic_map_signed, nf4_thresholds, quantize_dynamic, quantize_fp4,
     quantize_nf4,
 };
+use super::nibbles::{decode_nibbles, pack_nibbles};
 use super::spec::Bnb4Config;
 use super::{LinearWeight, QuantizedMatrix, is_skipped};
 use crate::backend::cpu::matmul::matmul_by_row_blocks;
@@ -378,36 +379,6 @@ impl Bnb4Matrix {
     }
 }
 
-/// Writes `lut[index]` of flattened elements `f..f + out.len()` into `out`,
-/// a byte (two elements) at a time.
-#[inline]
-fn decode_nibbles(packed: &[u8], f: usize, out: &mut [f32], lut: &[f32; 16]) {
-    let (f, out) = match out.split_first_mut() {
-        Some((first, rest)) if !f.is_multiple_of(2) => {
-            *first = lut[(packed[f / 2] & 0x0F) as usize];
-            (f + 1, rest)
-        }
-        _ => (f, out),
-    };
-    let (pairs, tail) = out.as_chunks_mut::<2>();
-    let bytes = &packed[f / 2..f / 2 + pairs.len()];
-    for (p, &byte) in pairs.iter_mut().zip(bytes) {
-        p[0] = lut[(byte >> 4) as usize];
-        p[1] = lut[(byte & 0x0F) as usize];
-    }
-    if let [last] = tail {
-        *last = lut[(packed[f / 2 + pairs.len()] >> 4) as usize];
-    }
-}
-
-/// Packs 4-bit indices two per byte, the first in the high nibble.
-pub fn pack_nibbles(indices: &[u8]) -> Vec<u8> {
-    indices
-        .chunks(2)
-        .map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0))
-        .collect()
-}
-
 fn check_blocksize(bs: usize) -> Result<()> {
     if bs < 2 || !bs.is_power_of_two() {
         bail!(
@@ -704,22 +675,8 @@ mod tests {
     }
 
     #[test]
-    fn bytewise_decoding_matches_the_nibble_order_at_any_offset() {
-        let indices: Vec<u8> = (0..23u8).map(|i| (i * 7 + 3) % 16).collect();
-        let packed = pack_nibbles(&indices);
-        let lut: [f32; 16] = std::array::from_fn(|i| i as f32 * 0.5 - 3.0);
-        for start in 0..6 {
-            for len in 0..indices.len() - start {
-                let mut out = vec![f32::NAN; len];
-                decode_nibbles(&packed, start, &mut out, &lut);
-                let want: Vec<f32> = indices[start..start + len]
-                    .iter()
-                    .map(|&i| lut[i as usize])
-                    .collect();
-                assert_eq!(out, want, "start {start}, len {len}");
-            }
-        }
-        // Rows of odd length start on odd elements: a 3 × 7 matrix.
+    fn rows_of_odd_length_decode_from_odd_offsets() {
+        // A 3 × 7 matrix: rows 1 and 2 start on odd flattened elements.
         let w = normal(21, 11);
         let m = Bnb4Matrix::quantize(
             &w,
