@@ -369,10 +369,12 @@ impl Bnb4Matrix {
             let b = f / self.blocksize;
             let seg_end = ((b + 1) * self.blocksize).min(end);
             let a = self.absmax.value(b);
-            let lut: [f32; 16] = std::array::from_fn(|i| {
-                let v = self.dtype.round(self.code[i] * a);
-                then.map_or(v, |d| d.round(v))
-            });
+            let mut lut: [f32; 16] = std::array::from_fn(|i| self.code[i] * a);
+            for d in [Some(self.dtype), then].into_iter().flatten() {
+                if d != DType::F32 {
+                    lut.iter_mut().for_each(|v| *v = d.round(*v));
+                }
+            }
             decode_nibbles(&self.packed, f, &mut out[f - start..seg_end - start], &lut);
             f = seg_end;
         }
