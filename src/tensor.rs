@@ -25,6 +25,7 @@ impl DType {
     }
 
     /// Rounds `v` to the nearest value representable in this precision.
+    #[inline]
     pub fn round(self, v: f32) -> f32 {
         match self {
             DType::F32 => v,

@@ -83,3 +83,35 @@ fn greedy_continuation_knows_paris() {
     let text = &out[0].as_ref().unwrap().text;
     assert!(text.contains("Paris"), "continuation: {text:?}");
 }
+
+#[test]
+fn bitsandbytes_formats_stay_close_in_the_expected_order() {
+    use quantbench::eval::divergence::{DEFAULT_TEXT, Reference, text_windows};
+    use quantbench::quant::{QuantContext, QuantSpec, quantize_model};
+    let loaded = smollm2();
+    let windows = text_windows(&loaded.tokenizer, DEFAULT_TEXT, 128, 128).unwrap();
+    let base = Model::new(CpuBackend::new(), &loaded.weights).unwrap();
+    let reference = Reference::compute(&base, windows).unwrap();
+    drop(base);
+    let measure = |spec: &str| {
+        let mut w = loaded.weights.clone();
+        let ctx = QuantContext {
+            tokenizer: &loaded.tokenizer,
+        };
+        quantize_model(&mut w, &QuantSpec::parse(spec).unwrap(), &ctx).unwrap();
+        reference
+            .compare(&Model::new(CpuBackend::new(), &w).unwrap())
+            .unwrap()
+    };
+    let (int8, nf4, fp4) = (measure("int8"), measure("nf4"), measure("fp4"));
+    assert_eq!(nf4.tokens, 128);
+    assert!(
+        int8.mean_kl() < nf4.mean_kl() && nf4.mean_kl() < fp4.mean_kl(),
+        "KL int8 {}, nf4 {}, fp4 {}",
+        int8.mean_kl(),
+        nf4.mean_kl(),
+        fp4.mean_kl()
+    );
+    // NF4 keeps the unquantized model's top token at most positions.
+    assert!(nf4.top1_agreement() > 0.5, "{nf4:?}");
+}

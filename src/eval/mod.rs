@@ -1,11 +1,13 @@
 //! Accuracy evaluation: CoQA exactly as lm-evaluation-harness runs it, the
-//! original study's sanity prompts, and sliding-window perplexity.
+//! original study's sanity prompts, sliding-window perplexity, and the
+//! divergence (KL, top-1 agreement) of a quantized model from its base.
 
 pub mod coqa;
 pub mod coqa_data;
 pub mod coqa_parquet;
 pub mod coqa_prompt;
 pub mod coqa_source;
+pub mod divergence;
 pub mod encode;
 pub mod metrics;
 pub mod perplexity;

@@ -1,5 +1,6 @@
 //! Checkpoint readers and writers, hub downloads, tokenizers.
 
+pub mod bnb_checkpoint;
 pub mod gguf;
 pub mod hf_dir;
 pub mod hub;

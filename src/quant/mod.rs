@@ -16,6 +16,7 @@ pub mod bnb4;
 pub mod bnb_codes;
 pub mod gptq;
 pub mod int8;
+pub mod nibbles;
 pub mod packed;
 pub mod rtn;
 pub mod spec;
