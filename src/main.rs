@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Measure storage, memory, prefill and decode latency, throughput.
     Bench(cli::bench::Args),
+    /// Quantize with RTN/GPTQ/AWQ and write a GPTQ or AWQ checkpoint directory.
+    Export(cli::export::Args),
     /// Greedy continuation of a prompt.
     Generate(cli::generate::Args),
     /// Configuration, parameter count and storage by format.
@@ -36,6 +38,7 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Bench(a) => cli::bench::run_cmd(a),
+        Command::Export(a) => cli::export::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Synth(a) => cli::synth::run(a),

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod common;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod synth;

@@ -113,9 +113,10 @@ pub fn load_quantized_dir(
                 dir.join(CONFIG_FILE).display()
             )
         })?;
-    let _ = &config;
     match method {
-        "bitsandbytes" | "gptq" | "awq" => bail!(
+        "gptq" => super::gptq_checkpoint::load_gptq(dir, config, quant_config),
+        "awq" => super::awq_checkpoint::load_awq(dir, config, quant_config),
+        "bitsandbytes" => bail!(
             "{}: quantized checkpoint with quant_method {method} cannot be loaded yet; load the unquantized model and pass --quant instead",
             dir.display()
         ),

@@ -1,5 +1,7 @@
 //! Checkpoint readers and writers, hub downloads, tokenizers.
 
+pub mod awq_checkpoint;
+pub mod gptq_checkpoint;
 pub mod hf_dir;
 pub mod safetensors_io;
 pub mod tokenizer;

@@ -1,9 +1,13 @@
 //! Applies a [`QuantSpec`] to a model's weights.
 
-use anyhow::{Result, bail};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
 
 use super::LinearWeight;
-use super::spec::QuantSpec;
+use super::calib::calibration_samples;
+use super::rtn::rtn_quantize;
+use super::spec::{QuantSpec, RtnConfig};
 use crate::model::LlamaWeights;
 
 /// Everything a quantization method may need beyond the weights.
@@ -21,12 +25,14 @@ pub fn is_skipped(name: &str, skip_modules: &[String]) -> bool {
     })
 }
 
-/// Quantizes `weights` in place as `spec` says.
+/// Quantizes `weights` in place as `spec` says. GPTQ and AWQ calibrate on
+/// windows of their `calib` text tokenized with `ctx.tokenizer`.
 pub fn quantize_model(
     weights: &mut LlamaWeights,
     spec: &QuantSpec,
-    _ctx: &QuantContext,
+    ctx: &QuantContext,
 ) -> Result<()> {
+    spec.validate()?;
     match spec {
         QuantSpec::None { dtype } => {
             if let Some(dtype) = dtype {
@@ -41,11 +47,50 @@ pub fn quantize_model(
             super::bnb4::quantize_model_bnb4(weights, super::bnb4::Bnb4Type::Fp4, c)
         }
         QuantSpec::Int8(c) => super::int8::quantize_model_int8(weights, c),
-        other => bail!(
-            "quantization method '{}' is not available in this build",
-            other.method()
-        ),
+        QuantSpec::Rtn(c) => quantize_model_rtn(weights, c),
+        QuantSpec::Gptq(c) => {
+            block_linears_only("gptq", &c.skip_modules, weights)?;
+            let samples = calibration_samples(ctx.tokenizer, &c.calib)?;
+            super::gptq::quantize_model_gptq(weights, c, &samples)
+        }
+        QuantSpec::Awq(c) => {
+            block_linears_only("awq", &c.skip_modules, weights)?;
+            let samples = calibration_samples(ctx.tokenizer, &c.calib)?;
+            super::awq::quantize_model_awq(weights, c, &samples)
+        }
     }
+}
+
+/// GPTQ and AWQ quantize decoder-block linears; an untied lm_head must be skipped.
+fn block_linears_only(method: &str, skip: &[String], weights: &LlamaWeights) -> Result<()> {
+    if weights.lm_head.is_some() && !is_skipped("lm_head", skip) {
+        bail!("{method} quantizes decoder-block linears only; keep lm_head in skip_modules");
+    }
+    Ok(())
+}
+
+/// Round-to-nearest (GPTQ's grid rule) for every linear not in `skip_modules`,
+/// including an untied lm_head when it is not skipped.
+pub fn quantize_model_rtn(weights: &mut LlamaWeights, c: &RtnConfig) -> Result<()> {
+    let quant = |name: &str, w: &mut LinearWeight| -> Result<()> {
+        if is_skipped(name, &c.skip_modules) {
+            return Ok(());
+        }
+        let (o, i) = w.shape();
+        let q = rtn_quantize(&w.dequantize(), o, i, c.bits, c.group_size, c.sym)
+            .with_context(|| format!("RTN of {name}"))?;
+        *w = LinearWeight::Quantized(Arc::new(q));
+        Ok(())
+    };
+    for (l, layer) in weights.layers.iter_mut().enumerate() {
+        for (name, w) in layer.linears_mut() {
+            quant(&format!("model.layers.{l}.{name}"), w)?;
+        }
+    }
+    if let Some(h) = &mut weights.lm_head {
+        quant("lm_head", h)?;
+    }
+    Ok(())
 }
 
 /// Rounds every dense weight (embeddings, norms, linears) to `dtype`.

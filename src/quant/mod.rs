@@ -12,8 +12,10 @@ use std::sync::Arc;
 use crate::tensor::HostTensor;
 
 pub mod apply;
+pub mod awq;
 pub mod bnb4;
 pub mod bnb_codes;
+pub mod calib;
 pub mod gptq;
 pub mod int8;
 pub mod packed;
