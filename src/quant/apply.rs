@@ -51,14 +51,28 @@ pub fn quantize_model(
         QuantSpec::Gptq(c) => {
             block_linears_only("gptq", &c.skip_modules, weights)?;
             let samples = calibration_samples(ctx.tokenizer, &c.calib)?;
-            super::gptq::quantize_model_gptq(weights, c, &samples)
+            with_large_stacks(|| super::gptq::quantize_model_gptq(weights, c, &samples))
         }
         QuantSpec::Awq(c) => {
             block_linears_only("awq", &c.skip_modules, weights)?;
             let samples = calibration_samples(ctx.tokenizer, &c.calib)?;
-            super::awq::quantize_model_awq(weights, c, &samples)
+            with_large_stacks(|| super::awq::quantize_model_awq(weights, c, &samples))
         }
     }
+}
+
+/// Stack size of the worker threads that run calibrated quantization.
+pub const CALIB_THREAD_STACK: usize = 256 << 20;
+
+/// Runs `f` in a rayon pool whose threads have [`CALIB_THREAD_STACK`] bytes
+/// of stack: faer's factorizations and products on large matrices (the
+/// Hessians, `[in, in]`) use more stack than rayon's default threads have.
+fn with_large_stacks<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .stack_size(CALIB_THREAD_STACK)
+        .build()
+        .context("cannot start the quantization thread pool")?;
+    pool.install(f)
 }
 
 /// GPTQ and AWQ quantize decoder-block linears; an untied lm_head must be skipped.

@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
+use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
 use super::calib::{Calibrator, linear_mut, progress_bar};
@@ -90,8 +90,14 @@ pub fn matmul_xwt(x: &[f32], n: usize, k: usize, w: &[f32], m: usize, parallel: 
         .for_each(|(y, xc)| {
             let r = xc.len() / k.max(1);
             let xm = MatRef::from_row_major_slice(xc, r, k);
-            let ym = MatMut::from_row_major_slice_mut(y, r, m);
-            matmul(ym, Accum::Replace, xm, wm.transpose(), 1.0, Par::Seq);
+            // An owned (column-major) destination: see `gptq::quantize_rows`.
+            let mut ym = Mat::<f32>::zeros(r, m);
+            matmul(ym.as_mut(), Accum::Replace, xm, wm.transpose(), 1.0, Par::Seq);
+            for (i, row) in y.chunks_mut(m).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = ym[(i, j)];
+                }
+            }
         });
     out
 }
