@@ -77,8 +77,7 @@ pub fn run(args: Args) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "quantized {} with {} in {secs:.1} s",
-        loaded.source,
-        args.quant
+        loaded.source, args.quant
     );
     match args.format {
         Format::Gptq => {
@@ -86,7 +85,12 @@ pub fn run(args: Args) -> Result<()> {
                 QuantSpec::Gptq(c) => Some(c),
                 _ => None,
             };
-            gptq_checkpoint::write_gptq_dir(&args.out, &loaded.weights, Some(&loaded.tokenizer), cfg)?
+            gptq_checkpoint::write_gptq_dir(
+                &args.out,
+                &loaded.weights,
+                Some(&loaded.tokenizer),
+                cfg,
+            )?
         }
         Format::Awq => {
             awq_checkpoint::write_awq_dir(&args.out, &loaded.weights, Some(&loaded.tokenizer))?

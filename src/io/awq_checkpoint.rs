@@ -62,13 +62,18 @@ fn unpack_gemm(words: &[u32], cols: usize) -> Vec<u8> {
 pub fn awq_tensors(m: &PackedIntMatrix) -> Result<Vec<(&'static str, RawTensor)>> {
     let (o, i) = (m.out_features, m.in_features);
     if m.bits != 4 {
-        bail!("the AWQ GEMM format holds 4-bit codes; this matrix has {} bits", m.bits);
+        bail!(
+            "the AWQ GEMM format holds 4-bit codes; this matrix has {} bits",
+            m.bits
+        );
     }
     if m.g_idx.is_some() {
         bail!("the AWQ format has no g_idx; act-order (desc_act) matrices need the GPTQ format");
     }
     if !o.is_multiple_of(8) {
-        bail!("AWQ GEMM packs 8 output columns per int32; {o} output features is not a multiple of 8");
+        bail!(
+            "AWQ GEMM packs 8 output columns per int32; {o} output features is not a multiple of 8"
+        );
     }
     if m.zeros.iter().any(|&z| z > 15) {
         bail!("zero points above 15 do not fit the AWQ format");
@@ -85,7 +90,10 @@ pub fn awq_tensors(m: &PackedIntMatrix) -> Result<Vec<(&'static str, RawTensor)>
     let groups = m.groups();
     Ok(vec![
         ("qweight", i32_tensor(vec![i, o / 8], &pack_gemm(&t, o))),
-        ("qzeros", i32_tensor(vec![groups, o / 8], &pack_gemm(&zeros, o))),
+        (
+            "qzeros",
+            i32_tensor(vec![groups, o / 8], &pack_gemm(&zeros, o)),
+        ),
         ("scales", f16_tensor(vec![groups, o], &m.scales)),
     ])
 }
@@ -119,14 +127,21 @@ pub fn matrix_from_awq(
             codes[r * inp + c] = t[c * out + r];
         }
     }
-    let zeros = unpack_gemm(&qzeros, out).iter().map(|&z| z as u16).collect();
+    let zeros = unpack_gemm(&qzeros, out)
+        .iter()
+        .map(|&z| z as u16)
+        .collect();
     PackedIntMatrix::from_codes(out, inp, 4, gs, &codes, scales, zeros, None, false, "awq")
         .with_context(|| format!("{name}: inconsistent AWQ tensors"))
 }
 
 /// Writes `weights` (4-bit packed integer block linears without act-order) as
 /// an AWQ GEMM checkpoint directory.
-pub fn write_awq_dir(dir: &Path, weights: &LlamaWeights, tokenizer: Option<&Tokenizer>) -> Result<()> {
+pub fn write_awq_dir(
+    dir: &Path,
+    weights: &LlamaWeights,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<()> {
     let (bits, group_size, _, act) = common_format(weights)?;
     if bits != 4 {
         bail!("the AWQ GEMM format holds 4-bit weights; the model is quantized to {bits} bits");

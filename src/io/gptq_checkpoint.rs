@@ -60,7 +60,10 @@ pub(crate) fn i32_words(name: &str, t: &RawTensor, shape: &[usize]) -> Result<Ve
         bail!("tensor '{name}' has dtype {:?}; expected I32", t.dtype);
     }
     if t.shape != shape {
-        bail!("tensor '{name}' has shape {:?}; expected {shape:?}", t.shape);
+        bail!(
+            "tensor '{name}' has shape {:?}; expected {shape:?}",
+            t.shape
+        );
     }
     Ok(t.bytes
         .chunks_exact(4)
@@ -74,7 +77,10 @@ pub(crate) fn f16_values(name: &str, t: &RawTensor, shape: &[usize]) -> Result<V
         bail!("tensor '{name}' has dtype {:?}; expected F16", t.dtype);
     }
     if t.shape != shape {
-        bail!("tensor '{name}' has shape {:?}; expected {shape:?}", t.shape);
+        bail!(
+            "tensor '{name}' has shape {:?}; expected {shape:?}",
+            t.shape
+        );
     }
     Ok(t.bytes
         .chunks_exact(2)
@@ -141,9 +147,8 @@ pub(crate) fn write_quantized_dir(
         for (name, w) in layer.linears() {
             let full = format!("{p}{name}");
             match (packed(&full, w)?, w) {
-                (Some(m), _) => tensors.extend(
-                    linear(&full, m).with_context(|| format!("cannot export {full}"))?,
-                ),
+                (Some(m), _) => tensors
+                    .extend(linear(&full, m).with_context(|| format!("cannot export {full}"))?),
                 (None, LinearWeight::Dense(t)) => tensors.push((format!("{full}.weight"), half(t))),
                 (None, _) => unreachable!("packed() returns Some for quantized weights"),
             }
@@ -186,13 +191,20 @@ pub(crate) fn assemble_weights(
     tensors: &mut HashMap<String, RawTensor>,
     linear: &dyn Fn(&mut HashMap<String, RawTensor>, &str, usize, usize) -> Result<LinearWeight>,
 ) -> Result<LlamaWeights> {
-    fn take(tensors: &mut HashMap<String, RawTensor>, name: &str, shape: &[usize]) -> Result<HostTensor> {
+    fn take(
+        tensors: &mut HashMap<String, RawTensor>,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<HostTensor> {
         let raw = tensors
             .remove(name)
             .with_context(|| format!("checkpoint has no tensor '{name}'"))?;
         let t = raw_to_host(name, &raw)?;
         if t.shape != shape {
-            bail!("tensor '{name}' has shape {:?}, the config implies {shape:?}", t.shape);
+            bail!(
+                "tensor '{name}' has shape {:?}, the config implies {shape:?}",
+                t.shape
+            );
         }
         Ok(t)
     }
@@ -239,7 +251,11 @@ pub(crate) fn assemble_weights(
         tensors.remove("lm_head.weight");
         None
     } else {
-        Some(LinearWeight::Dense(take(tensors, "lm_head.weight", &[v, h])?))
+        Some(LinearWeight::Dense(take(
+            tensors,
+            "lm_head.weight",
+            &[v, h],
+        )?))
     };
     Ok(LlamaWeights {
         config,
@@ -263,7 +279,10 @@ pub(crate) fn dense_linear(
         .with_context(|| format!("checkpoint has neither {prefix}.qweight nor {name}"))?;
     let t = raw_to_host(&name, &raw)?;
     if t.shape != [out, inp] {
-        bail!("tensor '{name}' has shape {:?}, the config implies [{out}, {inp}]", t.shape);
+        bail!(
+            "tensor '{name}' has shape {:?}, the config implies [{out}, {inp}]",
+            t.shape
+        );
     }
     Ok(LinearWeight::Dense(t))
 }
@@ -360,7 +379,8 @@ pub fn matrix_from_gptq(
         sym,
         method: "gptq".to_string(),
     };
-    m.validate().with_context(|| format!("{name}: inconsistent GPTQ tensors"))?;
+    m.validate()
+        .with_context(|| format!("{name}: inconsistent GPTQ tensors"))?;
     Ok(m)
 }
 
@@ -372,7 +392,11 @@ pub(crate) fn common_format(weights: &LlamaWeights) -> Result<(u32, i64, bool, b
         for (name, w) in layer.linears() {
             let full = format!("model.layers.{l}.{name}");
             let Some(m) = packed(&full, w)? else { continue };
-            let group = if m.groups() == 1 { -1 } else { m.group_size as i64 };
+            let group = if m.groups() == 1 {
+                -1
+            } else {
+                m.group_size as i64
+            };
             let this = (m.bits, group, m.sym);
             match found {
                 None => found = Some(this),
@@ -480,7 +504,10 @@ mod tests {
     fn matrices(w: &LlamaWeights) -> Vec<PackedIntMatrix> {
         w.layers
             .iter()
-            .flat_map(|l| l.linears().map(|(n, w)| packed(n, w).unwrap().unwrap().clone()))
+            .flat_map(|l| {
+                l.linears()
+                    .map(|(n, w)| packed(n, w).unwrap().unwrap().clone())
+            })
             .collect()
     }
 
@@ -500,9 +527,15 @@ mod tests {
         let p = "model.layers.0.mlp.down_proj";
         // down_proj: in 176, out 64, groups ceil(176/32) = 6.
         let t = &raw[&format!("{p}.qweight")];
-        assert_eq!((t.dtype, t.shape.clone()), (Dtype::I32, vec![176 * 4 / 32, 64]));
+        assert_eq!(
+            (t.dtype, t.shape.clone()),
+            (Dtype::I32, vec![176 * 4 / 32, 64])
+        );
         let t = &raw[&format!("{p}.qzeros")];
-        assert_eq!((t.dtype, t.shape.clone()), (Dtype::I32, vec![6, 64 * 4 / 32]));
+        assert_eq!(
+            (t.dtype, t.shape.clone()),
+            (Dtype::I32, vec![6, 64 * 4 / 32])
+        );
         let t = &raw[&format!("{p}.scales")];
         assert_eq!((t.dtype, t.shape.clone()), (Dtype::F16, vec![6, 64]));
         let t = &raw[&format!("{p}.g_idx")];
@@ -536,13 +569,16 @@ mod tests {
         let t = &raw[&format!("{p}.scales")];
         assert_eq!((t.dtype, t.shape.clone()), (Dtype::F16, vec![2, 176]));
         assert!(!raw.contains_key(&format!("{p}.g_idx")));
-        let cfg: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap(),
-        )
-        .unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap())
+                .unwrap();
         let qc = &cfg["quantization_config"];
         assert_eq!(
-            (qc["quant_method"].as_str(), qc["version"].as_str(), qc["zero_point"].as_bool()),
+            (
+                qc["quant_method"].as_str(),
+                qc["version"].as_str(),
+                qc["zero_point"].as_bool()
+            ),
             (Some("awq"), Some("gemm"), Some(true))
         );
         let loaded = load_hf_dir(dir.path()).unwrap();
@@ -559,13 +595,30 @@ mod tests {
     fn gptq_tensors_round_trip_every_bit_width() {
         for bits in [2u32, 3, 4, 8] {
             let (o, i, gs) = (32usize, 64usize, 32usize);
-            let codes: Vec<u8> = (0..o * i).map(|k| ((k * 7 + k / 5) % (1 << bits)) as u8).collect();
+            let codes: Vec<u8> = (0..o * i)
+                .map(|k| ((k * 7 + k / 5) % (1 << bits)) as u8)
+                .collect();
             let groups = i / gs;
-            let scales = (0..groups * o).map(|k| f16::from_f32(0.01 * (k + 1) as f32)).collect();
-            let zeros = (0..groups * o).map(|k| 1 + (k % ((1 << bits) - 1)) as u16).collect();
+            let scales = (0..groups * o)
+                .map(|k| f16::from_f32(0.01 * (k + 1) as f32))
+                .collect();
+            let zeros = (0..groups * o)
+                .map(|k| 1 + (k % ((1 << bits) - 1)) as u16)
+                .collect();
             let g_idx: Vec<u32> = (0..i).map(|c| ((c * 5) % groups) as u32).collect();
-            let m = PackedIntMatrix::from_codes(o, i, bits, gs, &codes, scales, zeros, Some(g_idx), false, "gptq")
-                .unwrap();
+            let m = PackedIntMatrix::from_codes(
+                o,
+                i,
+                bits,
+                gs,
+                &codes,
+                scales,
+                zeros,
+                Some(g_idx),
+                false,
+                "gptq",
+            )
+            .unwrap();
             let mut t: HashMap<String, RawTensor> = gptq_tensors(&m)
                 .unwrap()
                 .into_iter()
@@ -579,20 +632,45 @@ mod tests {
 
     #[test]
     fn exports_refuse_what_the_formats_cannot_hold() {
-        let m = PackedIntMatrix::from_codes(32, 32, 3, 32, &[0; 1024], vec![f16::ONE; 32], vec![0; 32], None, false, "rtn")
-            .unwrap();
+        let m = PackedIntMatrix::from_codes(
+            32,
+            32,
+            3,
+            32,
+            &[0; 1024],
+            vec![f16::ONE; 32],
+            vec![0; 32],
+            None,
+            false,
+            "rtn",
+        )
+        .unwrap();
         let e = format!("{:#}", gptq_tensors(&m).unwrap_err());
         assert!(e.contains("zero point 0"), "{e}");
         let e = format!("{:#}", awq_tensors(&m).unwrap_err());
         assert!(e.contains("4-bit"), "{e}");
-        let m = PackedIntMatrix::from_codes(8, 24, 3, 24, &[0; 192], vec![f16::ONE; 8], vec![1; 8], None, false, "rtn")
-            .unwrap();
+        let m = PackedIntMatrix::from_codes(
+            8,
+            24,
+            3,
+            24,
+            &[0; 192],
+            vec![f16::ONE; 8],
+            vec![1; 8],
+            None,
+            false,
+            "rtn",
+        )
+        .unwrap();
         let e = format!("{:#}", gptq_tensors(&m).unwrap_err());
         assert!(e.contains("whole int32 words"), "{e}");
         let (c, d) = synth_config("tiny").unwrap();
         let dense = synth_weights(&c, d, 2).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let e = format!("{:#}", write_gptq_dir(dir.path(), &dense, None, None).unwrap_err());
+        let e = format!(
+            "{:#}",
+            write_gptq_dir(dir.path(), &dense, None, None).unwrap_err()
+        );
         assert!(e.contains("no quantized linear layers"), "{e}");
     }
 }

@@ -92,7 +92,14 @@ pub fn matmul_xwt(x: &[f32], n: usize, k: usize, w: &[f32], m: usize, parallel: 
             let xm = MatRef::from_row_major_slice(xc, r, k);
             // An owned (column-major) destination: see `gptq::quantize_rows`.
             let mut ym = Mat::<f32>::zeros(r, m);
-            matmul(ym.as_mut(), Accum::Replace, xm, wm.transpose(), 1.0, Par::Seq);
+            matmul(
+                ym.as_mut(),
+                Accum::Replace,
+                xm,
+                wm.transpose(),
+                1.0,
+                Par::Seq,
+            );
             for (i, row) in y.chunks_mut(m).enumerate() {
                 for (j, v) in row.iter_mut().enumerate() {
                     *v = ym[(i, j)];
@@ -124,7 +131,9 @@ pub fn mean_abs(x: &[f32], cols: usize) -> Vec<f32> {
             *s += v.abs() as f64;
         }
     }
-    sum.iter().map(|s| (s / rows.max(1) as f64) as f32).collect()
+    sum.iter()
+        .map(|s| (s / rows.max(1) as f64) as f32)
+        .collect()
 }
 
 /// AWQ's scales for `α`: `max(s_x^α, 1e-4)`, divided by `sqrt(max·min)`.
@@ -154,7 +163,13 @@ pub enum Inspect<'a> {
     Mlp { down: &'a [f32], out: usize },
 }
 
-fn group_output(x: &[f32], t: usize, k: usize, ws: &[(Vec<f32>, usize)], inspect: Inspect) -> Vec<f32> {
+fn group_output(
+    x: &[f32],
+    t: usize,
+    k: usize,
+    ws: &[(Vec<f32>, usize)],
+    inspect: Inspect,
+) -> Vec<f32> {
     let outs: Vec<Vec<f32>> = ws
         .iter()
         .map(|(w, m)| matmul_xwt(x, t, k, w, *m, true))
@@ -414,7 +429,13 @@ fn dense_f32(layer: &mut LayerWeights, name: &str) -> (Vec<f32>, usize, usize) {
     (w.dequantize(), m, k)
 }
 
-fn set_dense(layer: &mut LayerWeights, name: &str, data: Vec<f32>, m: usize, k: usize) -> Result<()> {
+fn set_dense(
+    layer: &mut LayerWeights,
+    name: &str,
+    data: Vec<f32>,
+    m: usize,
+    k: usize,
+) -> Result<()> {
     let t = crate::tensor::HostTensor::new(vec![m, k], crate::tensor::DType::F32, data)?;
     *linear_mut(layer, name) = LinearWeight::Dense(t);
     Ok(())
@@ -473,7 +494,10 @@ pub fn quantize_model_awq(
         let mut caps: Vec<Option<InputCapture>> = (0..4).map(|_| None).collect();
         let inputs = GROUPS.map(|g| g.input);
         cal.observe(l, &inputs, &mut |which, x| {
-            let i = inputs.iter().position(|&g| g == which).expect("observed input");
+            let i = inputs
+                .iter()
+                .position(|&g| g == which)
+                .expect("observed input");
             caps[i]
                 .get_or_insert_with(|| InputCapture::new(x.cols, total, cfg.search_tokens))
                 .add(&x.data);
@@ -628,10 +652,7 @@ mod tests {
         let rtn_w = LinearWeight::Quantized(Arc::new(rtn)).dequantize();
         let e_awq = output_error(held, t, k, &w, &wq, m);
         let e_rtn = output_error(held, t, k, &w, &rtn_w, m);
-        assert!(
-            e_awq < 0.7 * e_rtn,
-            "AWQ output MSE {e_awq} vs RTN {e_rtn}"
-        );
+        assert!(e_awq < 0.7 * e_rtn, "AWQ output MSE {e_awq} vs RTN {e_rtn}");
         // The outlier channels got the largest scales.
         let big = s[5];
         assert!(s.iter().enumerate().all(|(c, &v)| c % 37 == 5 || v < big));
@@ -662,7 +683,11 @@ mod tests {
             clip: true,
         };
         let maxes = search_clip(&x, t, &w, m, k, &p);
-        assert!(maxes[0] < 9.0, "the outlier's group is clipped: {}", maxes[0]);
+        assert!(
+            maxes[0] < 9.0,
+            "the outlier's group is clipped: {}",
+            maxes[0]
+        );
         // Per row and group, the partial output error with the chosen max is
         // no larger than without clipping.
         let partial = |wq: &[f32], r: usize, g: usize| -> f64 {
@@ -677,11 +702,17 @@ mod tests {
         };
         let mut clipped = w.clone();
         apply_clip(&mut clipped, k, 32, &maxes);
-        let (q0, q1) = (fake_quantize(&w, k, 3, 32), fake_quantize(&clipped, k, 3, 32));
+        let (q0, q1) = (
+            fake_quantize(&w, k, 3, 32),
+            fake_quantize(&clipped, k, 3, 32),
+        );
         for r in 0..m {
             for g in 0..2 {
                 let (before, after) = (partial(&q0, r, g), partial(&q1, r, g));
-                assert!(after <= before * (1.0 + 1e-4) + 1e-9, "row {r} group {g}: {after} > {before}");
+                assert!(
+                    after <= before * (1.0 + 1e-4) + 1e-9,
+                    "row {r} group {g}: {after} > {before}"
+                );
             }
         }
     }

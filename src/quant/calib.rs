@@ -25,8 +25,8 @@ use super::spec::CalibConfig;
 use crate::backend::cpu::{CpuBackend, CpuKvCache, CpuTensor};
 use crate::backend::{CacheShape, StepLayout};
 use crate::io::tokenizer::Tokenizer;
-use crate::model::forward::{LinearInput, Model};
 use crate::model::LlamaWeights;
+use crate::model::forward::{LinearInput, Model};
 use crate::model::weights::LayerWeights;
 
 /// The built-in calibration text (original English prose), used when no file is given.
@@ -57,11 +57,14 @@ pub fn load_calib_text(path: Option<&Path>) -> Result<String> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| {
-            format!("{}:{}: not a JSON object (JSONL)", path.display(), i + 1)
-        })?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON object (JSONL)", path.display(), i + 1))?;
         let text = v.get("text").and_then(|t| t.as_str()).with_context(|| {
-            format!("{}:{}: JSONL line has no \"text\" string", path.display(), i + 1)
+            format!(
+                "{}:{}: JSONL line has no \"text\" string",
+                path.display(),
+                i + 1
+            )
         })?;
         texts.push(text.to_string());
     }
@@ -135,7 +138,13 @@ struct Batch {
 /// only its own layer, so calibration never keeps all layers' caches).
 fn layer_cache(shape: CacheShape, l: usize) -> CpuKvCache {
     let per_layer = shape.slots * shape.max_len * shape.kv_heads * shape.head_dim;
-    let buf = |i: usize| if i == l { vec![0f32; per_layer] } else { Vec::new() };
+    let buf = |i: usize| {
+        if i == l {
+            vec![0f32; per_layer]
+        } else {
+            Vec::new()
+        }
+    };
     CpuKvCache {
         shape,
         k: (0..shape.layers).map(buf).collect(),
@@ -238,21 +247,17 @@ impl Calibrator {
         for b in &self.batches {
             let mut x = b.hidden.clone();
             let mut cache = layer_cache(b.cache, l);
-            let result = self.model.block_observed(
-                l,
-                &mut x,
-                &mut cache,
-                &b.layout,
-                &mut |input, t| {
-                    if which.contains(&input) {
-                        f(input, t)?;
-                    }
-                    if order(input) == last {
-                        return Err(StopBlock.into());
-                    }
-                    Ok(())
-                },
-            );
+            let result =
+                self.model
+                    .block_observed(l, &mut x, &mut cache, &b.layout, &mut |input, t| {
+                        if which.contains(&input) {
+                            f(input, t)?;
+                        }
+                        if order(input) == last {
+                            return Err(StopBlock.into());
+                        }
+                        Ok(())
+                    });
             match result {
                 Ok(()) => {}
                 Err(e) if e.is::<StopBlock>() => {}
@@ -281,7 +286,6 @@ impl Calibrator {
     pub fn hidden_states(&self) -> impl Iterator<Item = &CpuTensor> {
         self.batches.iter().map(|b| &b.hidden)
     }
-
 }
 
 #[cfg(test)]
@@ -322,10 +326,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("c.jsonl");
         std::fs::write(&jsonl, "{\"text\": \"one two\"}\n\n{\"text\": \"three\"}\n").unwrap();
-        assert_eq!(
-            load_calib_text(Some(&jsonl)).unwrap(),
-            "one two\n\nthree"
-        );
+        assert_eq!(load_calib_text(Some(&jsonl)).unwrap(), "one two\n\nthree");
         let empty = dir.path().join("e.txt");
         std::fs::write(&empty, " \n").unwrap();
         let err = format!("{:#}", load_calib_text(Some(&empty)).unwrap_err());
@@ -333,7 +334,10 @@ mod tests {
         let bad = dir.path().join("b.jsonl");
         std::fs::write(&bad, "{\"txt\": \"x\"}\n").unwrap();
         let err = format!("{:#}", load_calib_text(Some(&bad)).unwrap_err());
-        assert!(err.contains("b.jsonl:1: JSONL line has no \"text\""), "{err}");
+        assert!(
+            err.contains("b.jsonl:1: JSONL line has no \"text\""),
+            "{err}"
+        );
         let short = dir.path().join("s.txt");
         std::fs::write(&short, "too short").unwrap();
         let cfg = CalibConfig {
@@ -343,7 +347,10 @@ mod tests {
             seed: 0,
         };
         let err = format!("{:#}", calibration_samples(&tok(), &cfg).unwrap_err());
-        assert!(err.contains("fewer than one sample of seq_len 100"), "{err}");
+        assert!(
+            err.contains("fewer than one sample of seq_len 100"),
+            "{err}"
+        );
     }
 
     #[test]

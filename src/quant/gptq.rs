@@ -26,9 +26,9 @@ use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, MatRef, Par, Side};
 use rayon::prelude::*;
 
+use super::calib::{Calibrator, linear_mut, progress_bar};
 use super::packed::{PackedIntMatrix, check_bits};
 use super::rtn::{GridRule, GroupGrid, IntFormat, assemble, resolve_group_size};
-use super::calib::{Calibrator, linear_mut, progress_bar};
 use super::spec::GptqConfig;
 use super::{LinearWeight, is_skipped};
 use crate::model::LlamaWeights;
@@ -498,7 +498,9 @@ mod tests {
         let wq = LinearWeight::Quantized(Arc::new(q.clone())).dequantize();
         let mut err = 0f64;
         for r in 0..o {
-            let d: Vec<f64> = (0..n).map(|c| (w[r * n + c] - wq[r * n + c]) as f64).collect();
+            let d: Vec<f64> = (0..n)
+                .map(|c| (w[r * n + c] - wq[r * n + c]) as f64)
+                .collect();
             for a in 0..n {
                 let row: f64 = (0..n).map(|b| cov[a * n + b] * d[b]).sum();
                 err += d[a] * row;
@@ -522,7 +524,13 @@ mod tests {
     fn gptq_beats_rtn_and_act_order_helps() {
         let (o, n) = (32, 256);
         let w = layer(o, n);
-        let uneven = |c: usize| if c % 16 == 3 { 8.0 } else { 0.5 + (c % 5) as f64 * 0.2 };
+        let uneven = |c: usize| {
+            if c % 16 == 3 {
+                8.0
+            } else {
+                0.5 + (c % 5) as f64 * 0.2
+            }
+        };
         let cov = covariance(n, uneven);
         let h: Vec<f64> = cov.iter().map(|v| 2.0 * v).collect();
         for (bits, group) in [(4, 128), (3, 64), (2, 32)] {
@@ -533,13 +541,27 @@ mod tests {
             };
             let rtn = crate::quant::rtn::rtn_quantize(&w, o, n, bits, group, false).unwrap();
             let g = gptq_quantize(&w, o, n, &h, &p).unwrap();
-            let act = gptq_quantize(&w, o, n, &h, &GptqParams { desc_act: true, ..p.clone() }).unwrap();
+            let act = gptq_quantize(
+                &w,
+                o,
+                n,
+                &h,
+                &GptqParams {
+                    desc_act: true,
+                    ..p.clone()
+                },
+            )
+            .unwrap();
             let stat = gptq_quantize(
                 &w,
                 o,
                 n,
                 &h,
-                &GptqParams { desc_act: true, static_groups: true, ..p.clone() },
+                &GptqParams {
+                    desc_act: true,
+                    static_groups: true,
+                    ..p.clone()
+                },
             )
             .unwrap();
             let (e_rtn, e_g, e_act, e_stat) = (
@@ -548,10 +570,15 @@ mod tests {
                 output_error(&cov, &w, &act),
                 output_error(&cov, &w, &stat),
             );
-            eprintln!("bits {bits} g{group}: rtn {e_rtn:.4} gptq {e_g:.4} act {e_act:.4} static {e_stat:.4}");
+            eprintln!(
+                "bits {bits} g{group}: rtn {e_rtn:.4} gptq {e_g:.4} act {e_act:.4} static {e_stat:.4}"
+            );
             assert!(e_g < 0.9 * e_rtn, "bits {bits}: GPTQ {e_g} vs RTN {e_rtn}");
             assert!(e_act < e_g, "bits {bits}: act-order {e_act} vs GPTQ {e_g}");
-            assert!(e_stat < e_rtn, "bits {bits}: static groups {e_stat} vs RTN {e_rtn}");
+            assert!(
+                e_stat < e_rtn,
+                "bits {bits}: static groups {e_stat} vs RTN {e_rtn}"
+            );
             assert!(act.g_idx.is_some() && stat.g_idx.is_none());
             assert_eq!(act.format_name(), format!("gptq-{bits}bit-g{group}-act"));
         }
@@ -567,7 +594,11 @@ mod tests {
                     .collect();
                 let words = pack_codes(&codes, bits);
                 assert_eq!(words.len(), (len * bits as usize).div_ceil(32));
-                assert_eq!(unpack_codes(&words, bits, len), codes, "bits {bits} len {len}");
+                assert_eq!(
+                    unpack_codes(&words, bits, len),
+                    codes,
+                    "bits {bits} len {len}"
+                );
             }
         }
     }
@@ -577,11 +608,38 @@ mod tests {
         let h = vec![1f64; 4];
         let w = vec![0f32; 4];
         let err = |p: GptqParams| format!("{:#}", gptq_quantize(&w, 2, 2, &h, &p).unwrap_err());
-        assert!(err(GptqParams { bits: 5, ..Default::default() }).contains("bits 5"));
-        assert!(err(GptqParams { group_size: 0, ..Default::default() }).contains("group_size 0"));
-        assert!(err(GptqParams { static_groups: true, ..Default::default() }).contains("desc_act"));
-        assert!(err(GptqParams { damp_percent: 0.0, ..Default::default() }).contains("damp_percent"));
-        let e = format!("{:#}", gptq_quantize(&w, 3, 2, &h, &GptqParams::default()).unwrap_err());
+        assert!(
+            err(GptqParams {
+                bits: 5,
+                ..Default::default()
+            })
+            .contains("bits 5")
+        );
+        assert!(
+            err(GptqParams {
+                group_size: 0,
+                ..Default::default()
+            })
+            .contains("group_size 0")
+        );
+        assert!(
+            err(GptqParams {
+                static_groups: true,
+                ..Default::default()
+            })
+            .contains("desc_act")
+        );
+        assert!(
+            err(GptqParams {
+                damp_percent: 0.0,
+                ..Default::default()
+            })
+            .contains("damp_percent")
+        );
+        let e = format!(
+            "{:#}",
+            gptq_quantize(&w, 3, 2, &h, &GptqParams::default()).unwrap_err()
+        );
         assert!(e.contains("do not fit"), "{e}");
     }
 

@@ -294,7 +294,9 @@ impl QuantSpec {
                     bail!("block_size must be positive");
                 }
                 if c.desc_act && c.static_groups && c.group_size == -1 {
-                    bail!("static_groups needs a group_size (it is meaningless with group_size = -1)");
+                    bail!(
+                        "static_groups needs a group_size (it is meaningless with group_size = -1)"
+                    );
                 }
                 check_calib(&c.calib)?;
             }
@@ -379,9 +381,12 @@ mod tests {
         assert!(err("gptq,bits=1").contains("bits 1"));
         assert!(err("gptq,group_size=0").contains("group_size 0"));
         assert!(err("gptq,damp_percent=0").contains("damp_percent"));
-        assert!(err("gptq,desc_act=true,static_groups=true,group_size=-1").contains("static_groups"));
+        assert!(
+            err("gptq,desc_act=true,static_groups=true,group_size=-1").contains("static_groups")
+        );
         assert!(err("awq,calib_samples=0").contains("at least one sample"));
-        let s = QuantSpec::parse("gptq,calib_samples=8,calib_seq_len=256,calib_path=c.txt").unwrap();
+        let s =
+            QuantSpec::parse("gptq,calib_samples=8,calib_seq_len=256,calib_path=c.txt").unwrap();
         let QuantSpec::Gptq(g) = &s else { panic!() };
         assert_eq!((g.calib.samples, g.calib.seq_len), (8, 256));
         assert_eq!(g.calib.path.as_deref(), Some(std::path::Path::new("c.txt")));
