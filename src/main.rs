@@ -21,10 +21,20 @@ enum Command {
     Bench(cli::bench::Args),
     /// Quantize with RTN/GPTQ/AWQ and write a GPTQ or AWQ checkpoint directory.
     Export(cli::export::Args),
+    /// Evaluate accuracy: CoQA (lm-eval's task), perplexity or sanity prompts.
+    Eval(cli::eval::Args),
     /// Greedy continuation of a prompt.
     Generate(cli::generate::Args),
     /// Configuration, parameter count and storage by format.
     Inspect(cli::inspect::Args),
+    /// Run named experiments into a resumable run directory.
+    Run(cli::run::Args),
+    /// Compare experiments (default: fp16 baseline, NF4, FP4).
+    Compare(cli::run::CompareArgs),
+    /// Run a grid of experiments from a sweep file.
+    Sweep(cli::run::SweepArgs),
+    /// Plots, report.md and report.html from run directories.
+    Report(cli::report::Args),
     /// Write seeded random weights of a named shape as an HF directory.
     Synth(cli::synth::Args),
 }
@@ -39,9 +49,14 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Bench(a) => cli::bench::run_cmd(a),
         Command::Export(a) => cli::export::run(a),
+        Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Synth(a) => cli::synth::run(a),
+        Command::Run(a) => cli::run::run(a),
+        Command::Compare(a) => cli::run::compare(a),
+        Command::Sweep(a) => cli::run::sweep_cmd(a),
+        Command::Report(a) => cli::report::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

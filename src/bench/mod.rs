@@ -153,10 +153,14 @@ fn prefill<B: Backend>(
 }
 
 /// Runs all measurements on `model`. Peak memory is the backend's device peak,
-/// or the process's peak resident memory on the CPU.
+/// or the process's peak resident memory on the CPU during the measurements
+/// (the peak is reset first where Linux allows).
 pub fn run<B: Backend>(model: &Model<B>, cfg: &BenchConfig) -> Result<BenchResult> {
     if cfg.repeats == 0 || cfg.decode_tokens == 0 {
         bail!("bench needs repeats ≥ 1 and decode_tokens ≥ 1");
+    }
+    if model.backend().peak_memory_bytes().is_none() {
+        memory::reset_peak_rss();
     }
     let vocab = model.config.vocab_size;
     let max_pos = model.config.max_position_embeddings;

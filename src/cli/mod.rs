@@ -4,6 +4,9 @@
 pub mod bench;
 pub mod common;
 pub mod export;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod report;
+pub mod run;
 pub mod synth;

@@ -48,11 +48,20 @@ mod tests {
 
     #[test]
     fn default_output_directory() {
-        let one = Args { run_dirs: vec!["results/a".into()], out: None };
+        let one = Args {
+            run_dirs: vec!["results/a".into()],
+            out: None,
+        };
         assert_eq!(one.out_dir().unwrap(), PathBuf::from("results/a/report"));
-        let two = Args { run_dirs: vec!["a".into(), "b".into()], out: None };
+        let two = Args {
+            run_dirs: vec!["a".into(), "b".into()],
+            out: None,
+        };
         assert!(two.out_dir().unwrap_err().to_string().contains("--out"));
-        let given = Args { run_dirs: vec!["a".into(), "b".into()], out: Some("r".into()) };
+        let given = Args {
+            run_dirs: vec!["a".into(), "b".into()],
+            out: Some("r".into()),
+        };
         assert_eq!(given.out_dir().unwrap(), PathBuf::from("r"));
     }
 }

@@ -31,9 +31,13 @@ pub struct RunArgs {
     /// Continue past a failing experiment, recording its error.
     #[arg(long)]
     pub keep_going: bool,
-    /// Short benchmark settings (128-token prompts, batch 1 and 4, few tokens).
-    #[arg(long)]
+    /// Short benchmark settings (128-token prompts, batch 1 and 4, few
+    /// tokens). The default on the CPU, where the full settings take long.
+    #[arg(long, conflicts_with = "full_bench")]
     pub quick: bool,
+    /// The experiments' own benchmark settings, also on the CPU.
+    #[arg(long)]
+    pub full_bench: bool,
 }
 
 /// Model used when neither the experiment nor `--model` names one.
@@ -56,20 +60,34 @@ pub fn quick_bench() -> BenchConfig {
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
 /// Runs `experiments` with the shared options and prints the summary.
 pub fn execute(cmd: &str, mut experiments: Vec<Experiment>, args: &RunArgs) -> Result<()> {
-    let model = args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    if args.quick {
+    let model = args
+        .model
+        .clone()
+        .unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    if args.quick || (args.device == Device::Cpu && !args.full_bench) {
+        eprintln!("benchmarks: quick settings (--full-bench for the experiments' own)");
         for e in &mut experiments {
             e.bench = quick_bench();
         }
     }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        PathBuf::from("results").join(format!("{cmd}-{}-{}", sanitize(&model), sanitize(&args.device.to_string())))
+        PathBuf::from("results").join(format!(
+            "{cmd}-{}-{}",
+            sanitize(&model),
+            sanitize(&args.device.to_string())
+        ))
     });
     let opts = RunOptions {
         model,
@@ -111,7 +129,12 @@ pub fn run(args: Args) -> Result<()> {
         if args.experiments.is_empty() {
             anyhow::bail!(
                 "name experiments to run or pass --all; known: {}",
-                registry.experiments.keys().cloned().collect::<Vec<_>>().join(", ")
+                registry
+                    .experiments
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         pick(&registry, &args.experiments)?
@@ -155,6 +178,9 @@ pub struct SweepArgs {
 pub fn sweep_cmd(args: SweepArgs) -> Result<()> {
     let registry = Registry::load(args.run.config.as_deref())?;
     let exps = sweep::load(&args.grid, &registry)?;
-    let stem = args.grid.file_stem().map_or("sweep".into(), |s| s.to_string_lossy().to_string());
+    let stem = args
+        .grid
+        .file_stem()
+        .map_or("sweep".into(), |s| s.to_string_lossy().to_string());
     execute(&format!("sweep-{stem}"), exps, &args.run)
 }

@@ -174,14 +174,28 @@ pub fn evaluate_with_progress<B: Backend>(
             bail!(
                 "{}: the record of document '{}' has other gold answers than the data; \
                  it was written for other data: pass another output path or delete the file",
-                records_path.map(|p| p.display().to_string()).unwrap_or_default(),
+                records_path
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 d.id
             );
         }
     }
-    let pending: Vec<usize> = (0..docs.len()).filter(|&i| !done.contains_key(&docs[i].id)).collect();
+    let pending: Vec<usize> = (0..docs.len())
+        .filter(|&i| !done.contains_key(&docs[i].id))
+        .collect();
     let resumed = docs.len() - pending.len();
-    let run = generate_pending(model, tokenizer, docs, &pending, opts, add_bos, file.as_mut(), resumed, on_batch)?;
+    let run = generate_pending(
+        model,
+        tokenizer,
+        docs,
+        &pending,
+        opts,
+        add_bos,
+        file.as_mut(),
+        resumed,
+        on_batch,
+    )?;
     for r in run.records {
         done.insert(r.doc_id.clone(), r);
     }
@@ -235,7 +249,10 @@ fn generate_pending<B: Backend>(
     on_batch: &mut dyn FnMut(&BatchProgress),
 ) -> Result<Generated> {
     let start = Instant::now();
-    let max_prompt = model.config.max_position_embeddings.saturating_sub(opts.max_new_tokens);
+    let max_prompt = model
+        .config
+        .max_position_embeddings
+        .saturating_sub(opts.max_new_tokens);
     let mut encoded: Vec<(usize, Vec<u32>, bool)> = pending
         .iter()
         .map(|&i| {

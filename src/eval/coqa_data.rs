@@ -50,7 +50,8 @@ pub fn fixture() -> Result<Vec<CoqaDoc>> {
 /// Loads a CoQA file: parquet (by its `PAR1` magic), a JSON document (the
 /// official `{"data": [...]}` or an array of rows) or JSONL rows.
 pub fn load_file(path: &Path) -> Result<Vec<CoqaDoc>> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read CoQA data", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("{}: cannot read CoQA data", path.display()))?;
     let origin = path.display().to_string();
     if bytes.starts_with(b"PAR1") {
         let rows = super::coqa_parquet::read_rows(path)?;
@@ -103,7 +104,10 @@ pub fn parse_rows(rows: Vec<Value>, origin: &str) -> Result<Vec<CoqaDoc>> {
     for (i, row) in rows.iter().enumerate() {
         let doc = parse_doc(row, i, origin)?;
         if !seen.insert(doc.id.clone()) {
-            bail!("{origin}: document {i}: id '{}' appears twice; ids must be unique", doc.id);
+            bail!(
+                "{origin}: document {i}: id '{}' appears twice; ids must be unique",
+                doc.id
+            );
         }
         docs.push(doc);
     }
@@ -122,27 +126,47 @@ struct DocCtx<'a> {
 
 impl DocCtx<'_> {
     fn fail(&self, what: impl std::fmt::Display) -> anyhow::Error {
-        anyhow::anyhow!("{}: document {} (id '{}'): {what}", self.origin, self.index, self.id)
+        anyhow::anyhow!(
+            "{}: document {} (id '{}'): {what}",
+            self.origin,
+            self.index,
+            self.id
+        )
     }
 }
 
 fn parse_doc(row: &Value, index: usize, origin: &str) -> Result<CoqaDoc> {
     let Some(obj) = row.as_object() else {
-        bail!("{origin}: document {index}: expected a JSON object, found {}", kind(row));
+        bail!(
+            "{origin}: document {index}: expected a JSON object, found {}",
+            kind(row)
+        );
     };
     let id = match obj.get("id") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
         None | Some(Value::Null) => format!("#{index}"),
-        Some(other) => bail!("{origin}: document {index}: field 'id' must be a string, found {}", kind(other)),
+        Some(other) => bail!(
+            "{origin}: document {index}: field 'id' must be a string, found {}",
+            kind(other)
+        ),
     };
     let ctx = DocCtx { origin, index, id };
     let story = match obj.get("story") {
         Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(ctx.fail(format!("field 'story' must be a string, found {}", kind(other)))),
+        Some(other) => {
+            return Err(ctx.fail(format!(
+                "field 'story' must be a string, found {}",
+                kind(other)
+            )));
+        }
         None => return Err(ctx.fail("missing field 'story'")),
     };
-    let source = obj.get("source").and_then(Value::as_str).unwrap_or_default().to_string();
+    let source = obj
+        .get("source")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let questions = texts(&ctx, "questions", obj.get("questions"), true)?;
     let answers = texts(&ctx, "answers", obj.get("answers"), false)?;
     if questions.is_empty() {
@@ -223,7 +247,12 @@ fn is_placeholder(v: &Value) -> bool {
 }
 
 /// The `input_text`s of a questions/answers field in any accepted shape.
-fn texts(ctx: &DocCtx, field: &str, value: Option<&Value>, plain_strings_ok: bool) -> Result<Vec<String>> {
+fn texts(
+    ctx: &DocCtx,
+    field: &str,
+    value: Option<&Value>,
+    plain_strings_ok: bool,
+) -> Result<Vec<String>> {
     let Some(value) = value else {
         return Err(ctx.fail(format!("missing field '{field}'")));
     };
@@ -259,10 +288,16 @@ fn texts(ctx: &DocCtx, field: &str, value: Option<&Value>, plain_strings_ok: boo
                     ))),
                 })
                 .collect(),
-            Some(other) => Err(ctx.fail(format!("{field}.input_text must be a list, found {}", kind(other)))),
+            Some(other) => Err(ctx.fail(format!(
+                "{field}.input_text must be a list, found {}",
+                kind(other)
+            ))),
             None => Err(ctx.fail(format!("{field} has no 'input_text' column"))),
         },
-        other => Err(ctx.fail(format!("field '{field}' must be a list or an object of columns, found {}", kind(other)))),
+        other => Err(ctx.fail(format!(
+            "field '{field}' must be a list or an object of columns, found {}",
+            kind(other)
+        ))),
     }
 }
 
@@ -292,7 +327,11 @@ mod tests {
         assert!((5..=8).contains(&docs.len()), "{}", docs.len());
         for d in &docs {
             assert!(d.turns.len() >= 4, "{}", d.id);
-            assert!(d.turns.iter().all(|t| t.additional_answers.len() == 3), "{}", d.id);
+            assert!(
+                d.turns.iter().all(|t| t.additional_answers.len() == 3),
+                "{}",
+                d.id
+            );
         }
         assert_eq!(docs[0].id, "qb-lighthouse");
         assert_eq!(docs[0].turns[1].question, "For how long?");
@@ -325,16 +364,34 @@ mod tests {
     #[test]
     fn bad_documents_name_document_and_field() {
         let e = err_of(json!({"id": "s1", "questions": [], "answers": []}));
-        assert!(e.contains("document 0 (id 's1'): missing field 'story'"), "{e}");
-        let e = err_of(json!({"id": "s1", "story": "S", "questions": [{"input_text": "q"}, {"turn_id": 2}], "answers": [{"input_text": "a"}, {"input_text": "b"}]}));
-        assert!(e.contains("(id 's1'): questions[1] has no 'input_text'"), "{e}");
-        let e = err_of(json!({"id": "s2", "story": "S", "questions": [{"input_text": "q"}, {"input_text": "r"}], "answers": [{"input_text": "a"}]}));
+        assert!(
+            e.contains("document 0 (id 's1'): missing field 'story'"),
+            "{e}"
+        );
+        let e = err_of(
+            json!({"id": "s1", "story": "S", "questions": [{"input_text": "q"}, {"turn_id": 2}], "answers": [{"input_text": "a"}, {"input_text": "b"}]}),
+        );
+        assert!(
+            e.contains("(id 's1'): questions[1] has no 'input_text'"),
+            "{e}"
+        );
+        let e = err_of(
+            json!({"id": "s2", "story": "S", "questions": [{"input_text": "q"}, {"input_text": "r"}], "answers": [{"input_text": "a"}]}),
+        );
         assert!(e.contains("(id 's2'): 2 questions but 1 answers"), "{e}");
-        let e = err_of(json!({"id": "s3", "story": "S", "questions": ["q"], "answers": [{"input_text": "a"}],
-            "additional_answers": {"0": [{"input_text": "a"}, {"input_text": "b"}]}}));
-        assert!(e.contains("(id 's3'): additional_answers['0'] has 2 answers for 1 questions"), "{e}");
+        let e = err_of(
+            json!({"id": "s3", "story": "S", "questions": ["q"], "answers": [{"input_text": "a"}],
+            "additional_answers": {"0": [{"input_text": "a"}, {"input_text": "b"}]}}),
+        );
+        assert!(
+            e.contains("(id 's3'): additional_answers['0'] has 2 answers for 1 questions"),
+            "{e}"
+        );
         let e = err_of(json!({"id": "s4", "story": 3, "questions": ["q"], "answers": ["a"]}));
-        assert!(e.contains("field 'story' must be a string, found a number"), "{e}");
+        assert!(
+            e.contains("field 'story' must be a string, found a number"),
+            "{e}"
+        );
         let e = err_of(json!({"id": "s5", "story": "S", "answers": ["a"]}));
         assert!(e.contains("(id 's5'): missing field 'questions'"), "{e}");
         let e = parse_rows(vec![json!({"id": "d", "story": "S", "questions": ["q"], "answers": [{"input_text": "a"}]}); 2], "t.json")
@@ -345,15 +402,26 @@ mod tests {
 
     #[test]
     fn text_forms_official_array_and_jsonl() {
-        let row = r#"{"id": "a", "story": "S", "questions": ["q"], "answers": [{"input_text": "x"}]}"#;
+        let row =
+            r#"{"id": "a", "story": "S", "questions": ["q"], "answers": [{"input_text": "x"}]}"#;
         let official = format!(r#"{{"version": "1.0", "data": [{row}]}}"#);
         let jsonl = format!("{row}\n{}\n", row.replace("\"a\"", "\"b\""));
         assert_eq!(parse_text(&official, "o").unwrap().len(), 1);
         assert_eq!(parse_text(&format!("[{row}]"), "a").unwrap().len(), 1);
         let docs = parse_text(&jsonl, "l").unwrap();
-        assert_eq!(docs.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        let e = parse_text("{\"id\": 1,\n garbage", "bad.json").unwrap_err().to_string();
+        assert_eq!(
+            docs.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let e = parse_text("{\"id\": 1,\n garbage", "bad.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("bad.json: neither one JSON document"), "{e}");
-        assert!(parse_text("  ", "e").unwrap_err().to_string().contains("empty"));
+        assert!(
+            parse_text("  ", "e")
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
     }
 }

@@ -14,9 +14,14 @@ pub fn read_rows(path: &Path) -> Result<Vec<Value>> {
     let hint = "convert it to JSON Lines elsewhere (Python: \
                 pandas.read_parquet(PATH).to_json(OUT, orient='records', lines=True)) \
                 and pass that file with --data";
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let reader = SerializedFileReader::new(file)
-        .map_err(|e| anyhow!("{}: not a readable parquet file ({e}); {hint}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| {
+        anyhow!(
+            "{}: not a readable parquet file ({e}); {hint}",
+            path.display()
+        )
+    })?;
     let rows = reader
         .get_row_iter(None)
         .map_err(|e| anyhow!("{}: cannot read parquet rows ({e}); {hint}", path.display()))?;

@@ -114,7 +114,10 @@ Q: Who fixed it?\n\nA:";
         let docs = fixture().unwrap();
         let river = docs.iter().find(|d| d.id == "qb-river-ost").unwrap();
         assert!(river.story.ends_with(".\n"));
-        assert!(prompt(river).contains("31,000 inhabitants.\n\n\nQ: What is the Ostwater?\n\nA: a river\n\n"));
+        assert!(
+            prompt(river)
+                .contains("31,000 inhabitants.\n\n\nQ: What is the Ostwater?\n\nA: a river\n\n")
+        );
     }
 
     #[test]
@@ -135,7 +138,9 @@ Q: Who fixed it?\n\nA:";
     #[test]
     fn prediction_is_first_line_of_stripped_output() {
         assert_eq!(prediction(" their dad\n\nQ"), "their dad");
-        assert_eq!(prediction("\n\n  blue tape  \nmore"), "blue tape");
+        // Python's `strip()` trims the whole string, so spaces before the
+        // first newline stay (normalization removes them before scoring).
+        assert_eq!(prediction("\n\n  blue tape  \nmore"), "blue tape  ");
         assert_eq!(prediction("   "), "");
         assert_eq!(prediction("a\r\nb"), "a\r");
     }

@@ -73,10 +73,20 @@ impl fmt::Display for CoqaSource {
 /// Path of `file` of hub dataset `repo`: from the HF cache (`HF_HOME`) when
 /// there, else downloaded into it (honouring `HF_ENDPOINT`).
 pub fn download(repo: &str, file: &str) -> Result<PathBuf> {
-    fetch(repo, file, hf_hub::Cache::from_env(), std::env::var("HF_ENDPOINT").ok())
+    fetch(
+        repo,
+        file,
+        hf_hub::Cache::from_env(),
+        std::env::var("HF_ENDPOINT").ok(),
+    )
 }
 
-fn fetch(repo: &str, file: &str, cache: hf_hub::Cache, endpoint: Option<String>) -> Result<PathBuf> {
+fn fetch(
+    repo: &str,
+    file: &str,
+    cache: hf_hub::Cache,
+    endpoint: Option<String>,
+) -> Result<PathBuf> {
     if let Some(p) = cache.dataset(repo.to_string()).get(file) {
         return Ok(p);
     }
@@ -112,8 +122,14 @@ mod tests {
             file: f.into(),
         };
         assert_eq!(CoqaSource::parse("hf"), hub(HF_DATASET, HF_VALIDATION_FILE));
-        assert_eq!(CoqaSource::parse("hf:me/coqa"), hub("me/coqa", HF_VALIDATION_FILE));
-        assert_eq!(CoqaSource::parse("hf:me/coqa/dev.json"), hub("me/coqa", "dev.json"));
+        assert_eq!(
+            CoqaSource::parse("hf:me/coqa"),
+            hub("me/coqa", HF_VALIDATION_FILE)
+        );
+        assert_eq!(
+            CoqaSource::parse("hf:me/coqa/dev.json"),
+            hub("me/coqa", "dev.json")
+        );
         assert_eq!(
             CoqaSource::parse("data/coqa-dev-v1.0.json"),
             CoqaSource::File("data/coqa-dev-v1.0.json".into())
@@ -125,10 +141,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = hf_hub::Cache::new(dir.path().to_path_buf());
         // A closed local port stands in for no network.
-        let err = fetch(HF_DATASET, HF_VALIDATION_FILE, cache, Some("http://127.0.0.1:9".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("cannot download coqa_validation.parquet of dataset EleutherAI/coqa"), "{err}");
+        let err = fetch(
+            HF_DATASET,
+            HF_VALIDATION_FILE,
+            cache,
+            Some("http://127.0.0.1:9".into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("cannot download coqa_validation.parquet of dataset EleutherAI/coqa"),
+            "{err}"
+        );
         assert!(
             err.contains("huggingface-cli download EleutherAI/coqa coqa_validation.parquet --repo-type dataset"),
             "{err}"
@@ -142,10 +166,18 @@ mod tests {
         let cache = hf_hub::Cache::new(dir.path().to_path_buf());
         let repo = cache.dataset(HF_DATASET.into());
         repo.create_ref("0123456789abcdef").unwrap();
-        let snap = dir.path().join("datasets--EleutherAI--coqa/snapshots/0123456789abcdef");
+        let snap = dir
+            .path()
+            .join("datasets--EleutherAI--coqa/snapshots/0123456789abcdef");
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::write(snap.join(HF_VALIDATION_FILE), b"x").unwrap();
-        let p = fetch(HF_DATASET, HF_VALIDATION_FILE, cache, Some("http://127.0.0.1:9".into())).unwrap();
+        let p = fetch(
+            HF_DATASET,
+            HF_VALIDATION_FILE,
+            cache,
+            Some("http://127.0.0.1:9".into()),
+        )
+        .unwrap();
         assert_eq!(p, snap.join(HF_VALIDATION_FILE));
     }
 }

@@ -125,7 +125,13 @@ pub fn coqa_scores(golds: &[String], pred: &str) -> Scores {
         n => {
             let mut sum = Scores::default();
             for i in 0..n {
-                let s = best(&mut golds.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, g)| g));
+                let s = best(
+                    &mut golds
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i)
+                        .map(|(_, g)| g),
+                );
                 sum.em += s.em;
                 sum.f1 += s.f1;
             }
@@ -171,7 +177,10 @@ mod tests {
         assert_eq!(normalize_answer("The Cat!"), "cat");
         assert_eq!(normalize_answer("  An  apple, a day. "), "apple day");
         // Articles only as whole words: "theater", "again", "banana" stay.
-        assert_eq!(normalize_answer("the theater again a banana"), "theater again banana");
+        assert_eq!(
+            normalize_answer("the theater again a banana"),
+            "theater again banana"
+        );
         // Punctuation goes before articles are matched: "the-end" → "theend".
         assert_eq!(normalize_answer("the-end"), "theend");
         assert_eq!(normalize_answer("a_b"), "ab");

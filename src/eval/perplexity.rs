@@ -77,7 +77,11 @@ pub fn windows(n: usize, context: usize, stride: usize) -> Vec<Window> {
         let end = (begin + context).min(n);
         let score_from = prev_end.max(begin + 1);
         if score_from < end {
-            out.push(Window { begin, end, score_from });
+            out.push(Window {
+                begin,
+                end,
+                score_from,
+            });
         }
         prev_end = end;
         if end == n {
@@ -95,9 +99,14 @@ pub fn perplexity_of_file<B: Backend>(
     path: &Path,
     opts: &PerplexityOptions,
 ) -> Result<PerplexityResult> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the text for perplexity (UTF-8 expected)", path.display()))?;
-    perplexity(model, tokenizer, &text, opts).with_context(|| format!("perplexity of {}", path.display()))
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "{}: cannot read the text for perplexity (UTF-8 expected)",
+            path.display()
+        )
+    })?;
+    perplexity(model, tokenizer, &text, opts)
+        .with_context(|| format!("perplexity of {}", path.display()))
 }
 
 /// Perplexity of `text`.
@@ -118,7 +127,11 @@ pub fn perplexity<B: Backend>(
 }
 
 /// Perplexity of a token sequence (`bos_added` is left false).
-pub fn perplexity_of_tokens<B: Backend>(model: &Model<B>, ids: &[u32], opts: &PerplexityOptions) -> Result<PerplexityResult> {
+pub fn perplexity_of_tokens<B: Backend>(
+    model: &Model<B>,
+    ids: &[u32],
+    opts: &PerplexityOptions,
+) -> Result<PerplexityResult> {
     if opts.context < 2 || opts.stride == 0 || opts.stride > opts.context {
         bail!(
             "need context ≥ 2 and 1 ≤ stride ≤ context (got context {}, stride {})",
@@ -134,7 +147,10 @@ pub fn perplexity_of_tokens<B: Backend>(model: &Model<B>, ids: &[u32], opts: &Pe
         );
     }
     if ids.len() < 2 {
-        bail!("the text has {} token(s); perplexity needs at least 2", ids.len());
+        bail!(
+            "the text has {} token(s); perplexity needs at least 2",
+            ids.len()
+        );
     }
     let start = Instant::now();
     let plan = windows(ids.len(), opts.context, opts.stride);
@@ -160,7 +176,11 @@ pub fn perplexity_of_tokens<B: Backend>(model: &Model<B>, ids: &[u32], opts: &Pe
 }
 
 /// Sum of −log p(tokens[t] | tokens[..t]) for `t` in `from..len`, and the count.
-pub fn window_nll<B: Backend>(model: &Model<B>, tokens: &[u32], from: usize) -> Result<(f64, usize)> {
+pub fn window_nll<B: Backend>(
+    model: &Model<B>,
+    tokens: &[u32],
+    from: usize,
+) -> Result<(f64, usize)> {
     if from == 0 || from > tokens.len() {
         bail!("first scored token {from} must be in 1..={}", tokens.len());
     }
@@ -178,7 +198,9 @@ pub fn window_nll<B: Backend>(model: &Model<B>, tokens: &[u32], from: usize) -> 
             let (rows, vocab, values) = model.backend().to_host(&logits)?;
             debug_assert_eq!(rows, end - pos);
             for p in pos.max(from - 1)..end {
-                let Some(&target) = tokens.get(p + 1) else { break };
+                let Some(&target) = tokens.get(p + 1) else {
+                    break;
+                };
                 let row = &values[(p - pos) * vocab..(p - pos + 1) * vocab];
                 sum += nll_of(row, target as usize)?;
                 count += 1;
@@ -192,9 +214,14 @@ pub fn window_nll<B: Backend>(model: &Model<B>, tokens: &[u32], from: usize) -> 
 /// −log softmax(row)[target] in f64.
 pub fn nll_of(row: &[f32], target: usize) -> Result<f64> {
     let Some(&x) = row.get(target) else {
-        bail!("token id {target} is outside the model's {} logits", row.len());
+        bail!(
+            "token id {target} is outside the model's {} logits",
+            row.len()
+        );
     };
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+    let max = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
     let sum: f64 = row.iter().map(|&v| (f64::from(v) - max).exp()).sum();
     Ok(max + sum.ln() - f64::from(x))
 }
@@ -211,11 +238,24 @@ mod tests {
         let spans: Vec<_> = w.iter().map(|w| (w.begin, w.end, w.score_from)).collect();
         assert_eq!(spans, vec![(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]);
         // Stride = context: disjoint windows, each first token unscored.
-        let spans: Vec<_> = windows(10, 4, 4).iter().map(|w| (w.begin, w.end, w.score_from)).collect();
+        let spans: Vec<_> = windows(10, 4, 4)
+            .iter()
+            .map(|w| (w.begin, w.end, w.score_from))
+            .collect();
         assert_eq!(spans, vec![(0, 4, 1), (4, 8, 5), (8, 10, 9)]);
         // Context covers everything: one window scoring 1..n.
-        assert_eq!(windows(5, 8, 3), vec![Window { begin: 0, end: 5, score_from: 1 }]);
-        let total: usize = windows(1000, 128, 32).iter().map(|w| w.end - w.score_from).sum();
+        assert_eq!(
+            windows(5, 8, 3),
+            vec![Window {
+                begin: 0,
+                end: 5,
+                score_from: 1
+            }]
+        );
+        let total: usize = windows(1000, 128, 32)
+            .iter()
+            .map(|w| w.end - w.score_from)
+            .sum();
         assert_eq!(total, 999);
     }
 

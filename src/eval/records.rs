@@ -41,9 +41,13 @@ pub struct RecordsFile {
 impl RecordsFile {
     /// Opens `path` for `header`, creating it (and its directory) when absent.
     /// Returns the file and the records it already holds, in file order.
-    pub fn open<R: DeserializeOwned>(path: &Path, header: &RecordsHeader) -> Result<(RecordsFile, Vec<R>)> {
+    pub fn open<R: DeserializeOwned>(
+        path: &Path,
+        header: &RecordsHeader,
+    ) -> Result<(RecordsFile, Vec<R>)> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create directory", dir.display()))?;
         }
         let mut file = OpenOptions::new()
             .read(true)
@@ -51,8 +55,12 @@ impl RecordsFile {
             .create(true)
             .open(path)
             .with_context(|| format!("{}: cannot open records file", path.display()))?;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: records file is not readable UTF-8 text", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "{}: records file is not readable UTF-8 text",
+                path.display()
+            )
+        })?;
         let (records, keep) = parse(&text, path, header)?;
         if keep < text.len() {
             tracing::warn!(
@@ -69,7 +77,9 @@ impl RecordsFile {
             file,
         };
         if keep == 0 {
-            out.write_lines(&[HeaderLine { header: header.clone() }])?;
+            out.write_lines(&[HeaderLine {
+                header: header.clone(),
+            }])?;
         }
         Ok((out, records))
     }
@@ -99,7 +109,11 @@ impl RecordsFile {
 }
 
 /// Records of `text` and the byte length of its complete, valid prefix.
-fn parse<R: DeserializeOwned>(text: &str, path: &Path, header: &RecordsHeader) -> Result<(Vec<R>, usize)> {
+fn parse<R: DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    header: &RecordsHeader,
+) -> Result<(Vec<R>, usize)> {
     let mut records = Vec::new();
     let mut offset = 0;
     let mut first = true;
@@ -167,7 +181,10 @@ mod tests {
     }
 
     fn rec(id: &str) -> Rec {
-        Rec { id: id.into(), x: 0.5 }
+        Rec {
+            id: id.into(),
+            x: 0.5,
+        }
     }
 
     #[test]
@@ -182,7 +199,10 @@ mod tests {
         let (_, old) = RecordsFile::open::<Rec>(&p, &header("m")).unwrap();
         assert_eq!(old, vec![rec("a"), rec("b"), rec("c")]);
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(text.starts_with("{\"header\":{\"task\":\"t\",\"model\":\"m\""), "{text}");
+        assert!(
+            text.starts_with("{\"header\":{\"task\":\"t\",\"model\":\"m\""),
+            "{text}"
+        );
         assert_eq!(text.lines().count(), 4);
     }
 
@@ -211,15 +231,22 @@ mod tests {
         let (mut f, _) = RecordsFile::open::<Rec>(&p, &header("m")).unwrap();
         f.append(&[rec("a")]).unwrap();
         drop(f);
-        let e = RecordsFile::open::<Rec>(&p, &header("other")).unwrap_err().to_string();
+        let e = RecordsFile::open::<Rec>(&p, &header("other"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("holds records of another run"), "{e}");
         let mut raw = OpenOptions::new().append(true).open(&p).unwrap();
-        raw.write_all(b"not json\n{\"id\":\"c\",\"x\":1}\n").unwrap();
+        raw.write_all(b"not json\n{\"id\":\"c\",\"x\":1}\n")
+            .unwrap();
         drop(raw);
-        let e = RecordsFile::open::<Rec>(&p, &header("m")).unwrap_err().to_string();
+        let e = RecordsFile::open::<Rec>(&p, &header("m"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 3 is not a valid record"), "{e}");
         std::fs::write(&p, "{\"id\":\"a\",\"x\":1}\n").unwrap();
-        let e = RecordsFile::open::<Rec>(&p, &header("m")).unwrap_err().to_string();
+        let e = RecordsFile::open::<Rec>(&p, &header("m"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1 is not a records header"), "{e}");
     }
 }

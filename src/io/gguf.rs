@@ -28,18 +28,31 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// One metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GgufValue {
+    /// A u8.
     U8(u8),
+    /// An i8.
     I8(i8),
+    /// A u16.
     U16(u16),
+    /// An i16.
     I16(i16),
+    /// A u32.
     U32(u32),
+    /// An i32.
     I32(i32),
+    /// An f32.
     F32(f32),
+    /// A bool.
     Bool(bool),
+    /// A UTF-8 string.
     String(String),
+    /// An array of values of one type.
     Array(Vec<GgufValue>),
+    /// A u64.
     U64(u64),
+    /// An i64.
     I64(i64),
+    /// An f64.
     F64(f64),
 }
 
@@ -100,9 +113,11 @@ impl GgufValue {
 /// Where one tensor lives in the file and how it is stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GgufTensorInfo {
+    /// Tensor name (llama.cpp naming, e.g. `blk.0.attn_q.weight`).
     pub name: String,
     /// Dimensions as GGUF lists them: innermost (contiguous) first.
     pub dims: Vec<u64>,
+    /// Storage type.
     pub kind: GgmlType,
     /// Byte offset from the start of the data section.
     pub offset: u64,
@@ -123,6 +138,7 @@ impl GgufTensorInfo {
 /// Everything before the data section.
 #[derive(Clone, Debug)]
 pub struct GgufHeader {
+    /// GGUF format version (2 or 3).
     pub version: u32,
     /// Metadata in key order.
     pub metadata: BTreeMap<String, GgufValue>,
@@ -172,7 +188,10 @@ impl<'a> Cursor<'a> {
         let n = self.u64()?;
         let left = (self.bytes.len() - self.pos) as u64;
         if n.saturating_mul(min_size as u64) > left {
-            bail!("{what} count {n} at offset {} exceeds the file size", self.pos - 8);
+            bail!(
+                "{what} count {n} at offset {} exceeds the file size",
+                self.pos - 8
+            );
         }
         Ok(n as usize)
     }
@@ -200,7 +219,10 @@ impl<'a> Cursor<'a> {
             10 => GgufValue::U64(self.u64()?),
             11 => GgufValue::I64(i64::from_le_bytes(self.array()?)),
             12 => GgufValue::F64(f64::from_le_bytes(self.array()?)),
-            other => bail!("unknown metadata value type {other} at offset {}", self.pos - 4),
+            other => bail!(
+                "unknown metadata value type {other} at offset {}",
+                self.pos - 4
+            ),
         })
     }
 
@@ -220,7 +242,9 @@ impl<'a> Cursor<'a> {
         if n_dims > 8 {
             bail!("tensor '{name}' claims {n_dims} dimensions");
         }
-        let dims = (0..n_dims).map(|_| self.u64()).collect::<Result<Vec<_>>>()?;
+        let dims = (0..n_dims)
+            .map(|_| self.u64())
+            .collect::<Result<Vec<_>>>()?;
         let kind = GgmlType::from_id(self.u32()?);
         let offset = self.u64()?;
         Ok(GgufTensorInfo {
@@ -249,7 +273,9 @@ impl GgufHeader {
         for _ in 0..n_kv {
             let key = c.string()?;
             let kind = c.u32()?;
-            let value = c.value(kind).with_context(|| format!("metadata key '{key}'"))?;
+            let value = c
+                .value(kind)
+                .with_context(|| format!("metadata key '{key}'"))?;
             metadata.insert(key, value);
         }
         let tensors = (0..n_tensors)
@@ -282,6 +308,7 @@ impl GgufHeader {
 pub struct GgufFile {
     path: PathBuf,
     mmap: Mmap,
+    /// The parsed header.
     pub header: GgufHeader,
 }
 
@@ -293,7 +320,10 @@ impl GgufFile {
         let mmap = unsafe { Mmap::map(&file) }
             .with_context(|| format!("{}: cannot memory-map", path.display()))?;
         let header = GgufHeader::parse(&mmap).with_context(|| {
-            format!("{} is truncated or corrupt GGUF; re-download it", path.display())
+            format!(
+                "{} is truncated or corrupt GGUF; re-download it",
+                path.display()
+            )
         })?;
         Ok(GgufFile {
             path: path.to_path_buf(),
@@ -318,16 +348,21 @@ impl GgufFile {
                 GgmlType::SUPPORTED
             )
         })?;
-        let start = self.header.data_offset + info.offset;
-        let end = start + len as u64;
-        if end > self.mmap.len() as u64 {
+        let range = self
+            .header
+            .data_offset
+            .checked_add(info.offset)
+            .and_then(|s| Some((s, s.checked_add(len as u64)?)))
+            .filter(|&(_, e)| e <= self.mmap.len() as u64);
+        let Some((start, end)) = range else {
             bail!(
-                "{} is truncated or corrupt: tensor '{}' ends at byte {end} but the file has {}; re-download it",
+                "{} is truncated or corrupt: tensor '{}' (offset {}, {len} bytes) lies past the end of the {}-byte file; re-download it",
                 self.path.display(),
                 info.name,
+                info.offset,
                 self.mmap.len()
             );
-        }
+        };
         Ok(&self.mmap[start as usize..end as usize])
     }
 

@@ -6,7 +6,51 @@ use std::path::Path;
 use anyhow::{Result, anyhow};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{
+    AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer as HfTokenizer,
+};
+
+/// The word-splitting rule applied before byte-level BPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BpeSplit {
+    /// GPT-2's regex (the `tokenizers` ByteLevel pre-tokenizer).
+    Gpt2,
+    /// Every digit on its own, then GPT-2's regex (SmolLM, StarCoder).
+    DigitsThenGpt2,
+    /// Llama 3's regex (digits in groups of up to three), merges ignored for
+    /// words that are whole tokens.
+    Llama3,
+}
+
+/// Llama 3's pre-tokenizer regex (from its tokenizer.json).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+impl BpeSplit {
+    fn pre_tokenizer(self) -> Result<PreTokenizerWrapper> {
+        Ok(match self {
+            BpeSplit::Gpt2 => ByteLevel::new(false, true, true).into(),
+            BpeSplit::DigitsThenGpt2 => Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+            BpeSplit::Llama3 => Sequence::new(vec![
+                Split::new(
+                    SplitPattern::Regex(LLAMA3_SPLIT.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| anyhow!("invalid Llama 3 split regex: {e}"))?
+                .into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
+        })
+    }
+}
 
 /// A tokenizer plus the special ids generation needs.
 #[derive(Clone)]
@@ -54,6 +98,18 @@ impl Tokenizer {
         bos_id: Option<u32>,
         eos_ids: Vec<u32>,
     ) -> Result<Self> {
+        Self::byte_level_bpe_with(tokens, merges, specials, BpeSplit::Gpt2, bos_id, eos_ids)
+    }
+
+    /// [`Tokenizer::byte_level_bpe`] with the given word-splitting rule.
+    pub fn byte_level_bpe_with(
+        tokens: &[String],
+        merges: &[(String, String)],
+        specials: &[String],
+        split: BpeSplit,
+        bos_id: Option<u32>,
+        eos_ids: Vec<u32>,
+    ) -> Result<Self> {
         let vocab: tokenizers::models::bpe::Vocab = tokens
             .iter()
             .enumerate()
@@ -61,10 +117,11 @@ impl Tokenizer {
             .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges.to_vec())
+            .ignore_merges(split == BpeSplit::Llama3)
             .build()
             .map_err(|e| anyhow!("invalid BPE vocabulary: {e}"))?;
         let mut inner = HfTokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_pre_tokenizer(Some(split.pre_tokenizer()?));
         inner.with_decoder(Some(ByteLevel::default()));
         let specials: Vec<AddedToken> = specials
             .iter()

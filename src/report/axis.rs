@@ -40,7 +40,11 @@ impl AccuracyMetric {
     /// The value as a score where higher is better (negated when lower is
     /// better); the frontier and the plot's y coordinate use scores.
     pub fn score(self, value: f64) -> f64 {
-        if self.higher_is_better() { value } else { -value }
+        if self.higher_is_better() {
+            value
+        } else {
+            -value
+        }
     }
 
     /// The value back from a score.
@@ -75,10 +79,16 @@ impl AccuracyMetric {
 /// Chooses the y metric: the one measured by the most results, ties broken
 /// by [`AccuracyMetric::PREFERENCE`] (so CoQA F1 whenever every result has
 /// it). `None` when no result has any.
-pub fn choose_metric<'a>(results: impl IntoIterator<Item = &'a AccuracyMetrics> + Clone) -> Option<AccuracyMetric> {
+pub fn choose_metric<'a>(
+    results: impl IntoIterator<Item = &'a AccuracyMetrics> + Clone,
+) -> Option<AccuracyMetric> {
     let mut best: Option<(AccuracyMetric, usize)> = None;
     for metric in AccuracyMetric::PREFERENCE {
-        let n = results.clone().into_iter().filter(|m| metric.value(m).is_some()).count();
+        let n = results
+            .clone()
+            .into_iter()
+            .filter(|m| metric.value(m).is_some())
+            .count();
         if n > 0 && best.is_none_or(|(_, b)| n > b) {
             best = Some((metric, n));
         }
@@ -138,13 +148,19 @@ mod tests {
 
     #[test]
     fn prefers_f1_when_everyone_has_it() {
-        let r = [acc(Some(0.6), Some(0.9), Some(0.1)), acc(Some(0.5), Some(0.8), None)];
+        let r = [
+            acc(Some(0.6), Some(0.9), Some(0.1)),
+            acc(Some(0.5), Some(0.8), None),
+        ];
         assert_eq!(choose_metric(&r), Some(AccuracyMetric::CoqaF1));
     }
 
     #[test]
     fn falls_back_to_the_best_covered_metric() {
-        let r = [acc(None, Some(0.9), Some(0.1)), acc(Some(0.5), Some(0.8), Some(0.2))];
+        let r = [
+            acc(None, Some(0.9), Some(0.1)),
+            acc(Some(0.5), Some(0.8), Some(0.2)),
+        ];
         assert_eq!(choose_metric(&r), Some(AccuracyMetric::Top1Agreement));
         let r = [acc(None, None, Some(0.1)), acc(None, None, Some(0.2))];
         assert_eq!(choose_metric(&r), Some(AccuracyMetric::KlDivergence));

@@ -74,7 +74,11 @@ pub fn table(t: &Table) -> String {
     let status = t.column("status");
     for row in &t.rows {
         let failed = status.is_some_and(|i| row[i].text == "failed");
-        out.push_str(if failed { "<tr class=\"failed\">" } else { "<tr>" });
+        out.push_str(if failed {
+            "<tr class=\"failed\">"
+        } else {
+            "<tr>"
+        });
         for (cell, col) in row.iter().zip(&t.columns) {
             let class = if col.numeric { " class=\"num\"" } else { "" };
             match cell.sort {
@@ -109,7 +113,12 @@ pub fn render(r: &Report) -> String {
         escape(&r.summary_line())
     );
     for (dir, n) in &r.sources {
-        let _ = writeln!(out, "<li><code>{}</code>: {n} result file{}</li>", escape(&dir.display().to_string()), if *n == 1 { "" } else { "s" });
+        let _ = writeln!(
+            out,
+            "<li><code>{}</code>: {n} result file{}</li>",
+            escape(&dir.display().to_string()),
+            if *n == 1 { "" } else { "s" }
+        );
     }
     out.push_str("</ul>\n<h2>Summary</h2>\n<p class=\"note\">Click a column header to sort.</p>\n");
     out.push_str(&table(&r.table));
@@ -121,7 +130,12 @@ pub fn render(r: &Report) -> String {
     if !r.plots.is_empty() {
         out.push_str("<h2>Plots</h2>\n");
         for p in &r.plots {
-            let _ = writeln!(out, "<figure id=\"{}\">\n<h3>{}</h3>", escape(&p.stem), escape(&p.title));
+            let _ = writeln!(
+                out,
+                "<figure id=\"{}\">\n<h3>{}</h3>",
+                escape(&p.stem),
+                escape(&p.title)
+            );
             out.push_str(inline_svg(&p.svg));
             let _ = writeln!(
                 out,
@@ -148,7 +162,12 @@ pub fn render(r: &Report) -> String {
     if !r.failures.is_empty() {
         out.push_str("<h2>Failed experiments</h2>\n");
         for (label, error) in &r.failures {
-            let _ = writeln!(out, "<h3>{}</h3>\n<pre>{}</pre>", escape(label), escape(error));
+            let _ = writeln!(
+                out,
+                "<h3>{}</h3>\n<pre>{}</pre>",
+                escape(label),
+                escape(error)
+            );
         }
     }
     let _ = write!(out, "<script>{SCRIPT}</script>\n</body>\n</html>\n");
@@ -169,19 +188,40 @@ mod tests {
     fn numeric_cells_carry_sort_values() {
         let t = Table {
             columns: vec![
-                Column { header: "experiment".into(), numeric: false },
-                Column { header: "bits".into(), numeric: true },
-                Column { header: "status".into(), numeric: false },
+                Column {
+                    header: "experiment".into(),
+                    numeric: false,
+                },
+                Column {
+                    header: "bits".into(),
+                    numeric: true,
+                },
+                Column {
+                    header: "status".into(),
+                    numeric: false,
+                },
             ],
-            rows: vec![vec![Cell::text("x<y"), Cell::number(Some(4.25), |v| format!("{v:.2}")), Cell::text("failed")]],
+            rows: vec![vec![
+                Cell::text("x<y"),
+                Cell::number(Some(4.25), |v| format!("{v:.2}")),
+                Cell::text("failed"),
+            ]],
         };
         let h = table(&t);
-        assert!(h.contains("<tr class=\"failed\"><td>x&lt;y</td><td class=\"num\" data-v=\"4.25\">4.25</td>"), "{h}");
+        assert!(
+            h.contains(
+                "<tr class=\"failed\"><td>x&lt;y</td><td class=\"num\" data-v=\"4.25\">4.25</td>"
+            ),
+            "{h}"
+        );
         assert!(h.contains("<th class=\"num\" title=\"sort\">bits</th>"));
     }
 
     #[test]
     fn svg_declarations_are_dropped() {
-        assert_eq!(inline_svg("<?xml version=\"1.0\"?>\n<svg a=\"1\"></svg>"), "<svg a=\"1\"></svg>");
+        assert_eq!(
+            inline_svg("<?xml version=\"1.0\"?>\n<svg a=\"1\"></svg>"),
+            "<svg a=\"1\"></svg>"
+        );
     }
 }

@@ -14,12 +14,22 @@ pub struct Rect {
 impl Rect {
     /// The rectangle of size `w`×`h` with top-left corner `(x, y)`.
     pub fn at(x: i32, y: i32, w: i32, h: i32) -> Rect {
-        Rect { x0: x, y0: y, x1: x + w, y1: y + h }
+        Rect {
+            x0: x,
+            y0: y,
+            x1: x + w,
+            y1: y + h,
+        }
     }
 
     /// The square of half-width `r` around `(x, y)`.
     pub fn around(x: i32, y: i32, r: i32) -> Rect {
-        Rect { x0: x - r, y0: y - r, x1: x + r + 1, y1: y + r + 1 }
+        Rect {
+            x0: x - r,
+            y0: y - r,
+            x1: x + r + 1,
+            y1: y + r + 1,
+        }
     }
 
     /// Area of the intersection with `other`.
@@ -31,7 +41,10 @@ impl Rect {
 
     /// The point of the rectangle nearest to `p` (for leader lines).
     pub fn nearest(&self, p: (i32, i32)) -> (i32, i32) {
-        (p.0.clamp(self.x0, self.x1 - 1), p.1.clamp(self.y0, self.y1 - 1))
+        (
+            p.0.clamp(self.x0, self.x1 - 1),
+            p.1.clamp(self.y0, self.y1 - 1),
+        )
     }
 
     /// Area of the rectangle.
@@ -80,7 +93,10 @@ pub fn place(
     bounds: Rect,
 ) -> Vec<Placement> {
     assert_eq!(anchors.len(), sizes.len(), "one size per label");
-    let mut markers: Vec<Rect> = anchors.iter().map(|&(x, y)| Rect::around(x, y, marker)).collect();
+    let mut markers: Vec<Rect> = anchors
+        .iter()
+        .map(|&(x, y)| Rect::around(x, y, marker))
+        .collect();
     markers.extend_from_slice(obstacles);
     let mut placed: Vec<Rect> = vec![];
     let mut out = vec![];
@@ -90,9 +106,20 @@ pub fn place(
             for (x, y) in candidates(ax, ay, w, h, gap, ring) {
                 let rect = Rect::at(x, y, w, h);
                 let outside = rect.area() - rect.overlap(&bounds);
-                let cost = placed.iter().chain(&markers).map(|r| rect.overlap(r)).sum::<i64>() + 4 * outside;
+                let cost = placed
+                    .iter()
+                    .chain(&markers)
+                    .map(|r| rect.overlap(r))
+                    .sum::<i64>()
+                    + 4 * outside;
                 if best.as_ref().is_none_or(|(c, _)| cost < *c) {
-                    best = Some((cost, Placement { rect, leader: ring > 0 }));
+                    best = Some((
+                        cost,
+                        Placement {
+                            rect,
+                            leader: ring > 0,
+                        },
+                    ));
                 }
                 if cost == 0 {
                     break;
@@ -113,20 +140,39 @@ pub fn place(
 mod tests {
     use super::*;
 
-    const BOUNDS: Rect = Rect { x0: 0, y0: 0, x1: 1000, y1: 1000 };
+    const BOUNDS: Rect = Rect {
+        x0: 0,
+        y0: 0,
+        x1: 1000,
+        y1: 1000,
+    };
 
     #[test]
     fn rect_overlap_by_hand() {
         let a = Rect::at(0, 0, 10, 10);
         assert_eq!(a.overlap(&Rect::at(5, 5, 10, 10)), 25);
         assert_eq!(a.overlap(&Rect::at(10, 0, 5, 5)), 0);
-        assert_eq!(Rect::around(5, 5, 2), Rect { x0: 3, y0: 3, x1: 8, y1: 8 });
+        assert_eq!(
+            Rect::around(5, 5, 2),
+            Rect {
+                x0: 3,
+                y0: 3,
+                x1: 8,
+                y1: 8
+            }
+        );
     }
 
     #[test]
     fn a_lone_label_goes_right_of_its_point() {
         let p = place(&[(100, 100)], &[(40, 10)], &[], 4, 6, BOUNDS);
-        assert_eq!(p[0], Placement { rect: Rect::at(106, 95, 40, 10), leader: false });
+        assert_eq!(
+            p[0],
+            Placement {
+                rect: Rect::at(106, 95, 40, 10),
+                leader: false
+            }
+        );
     }
 
     #[test]
@@ -138,7 +184,14 @@ mod tests {
     #[test]
     fn obstacles_are_avoided() {
         // The right-hand spot is taken, so the label goes left.
-        let p = place(&[(100, 100)], &[(40, 10)], &[Rect::at(104, 90, 50, 20)], 4, 6, BOUNDS);
+        let p = place(
+            &[(100, 100)],
+            &[(40, 10)],
+            &[Rect::at(104, 90, 50, 20)],
+            4,
+            6,
+            BOUNDS,
+        );
         assert_eq!(p[0].rect, Rect::at(54, 95, 40, 10));
     }
 
@@ -160,7 +213,11 @@ mod tests {
                 assert_eq!(p[i].rect.overlap(&p[j].rect), 0, "{i} and {j}: {p:?}");
             }
             for (k, &(x, y)) in anchors.iter().enumerate() {
-                assert_eq!(p[i].rect.overlap(&Rect::around(x, y, 4)), 0, "label {i} over point {k}");
+                assert_eq!(
+                    p[i].rect.overlap(&Rect::around(x, y, 4)),
+                    0,
+                    "label {i} over point {k}"
+                );
             }
         }
     }

@@ -30,8 +30,8 @@ fn is_candidate(path: &Path) -> bool {
 /// for unreadable files, invalid JSON, another schema version or a malformed
 /// result.
 pub fn parse_result(path: &Path, text: &str) -> Result<Option<ExperimentResult>> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
     let Some(obj) = value.as_object() else {
         return Ok(None);
     };
@@ -47,8 +47,12 @@ pub fn parse_result(path: &Path, text: &str) -> Result<Option<ExperimentResult>>
             path.display()
         );
     }
-    let result: ExperimentResult = serde_json::from_value(value)
-        .with_context(|| format!("{}: malformed experiment result (schema version {SCHEMA_VERSION})", path.display()))?;
+    let result: ExperimentResult = serde_json::from_value(value).with_context(|| {
+        format!(
+            "{}: malformed experiment result (schema version {SCHEMA_VERSION})",
+            path.display()
+        )
+    })?;
     Ok(Some(result))
 }
 
@@ -59,8 +63,12 @@ pub fn load_dir(dir: &Path) -> Result<Vec<(PathBuf, ExperimentResult)>> {
         bail!("{}: not a run directory", dir.display());
     }
     let mut paths = vec![];
-    for entry in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
-        let path = entry.with_context(|| format!("{}: cannot list", dir.display()))?.path();
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("{}: cannot list", dir.display()))?
+            .path();
         if path.is_file() && is_candidate(&path) {
             paths.push(path);
         }
@@ -68,7 +76,8 @@ pub fn load_dir(dir: &Path) -> Result<Vec<(PathBuf, ExperimentResult)>> {
     paths.sort();
     let mut out = vec![];
     for path in paths {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
         match parse_result(&path, &text)? {
             Some(r) => out.push((path, r)),
             None => tracing::warn!("{}: not an experiment result, skipped", path.display()),
@@ -106,7 +115,11 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<Loaded>> {
     Ok(all
         .into_iter()
         .zip(labels)
-        .map(|((_, path, result), label)| Loaded { path, label, result })
+        .map(|((_, path, result), label)| Loaded {
+            path,
+            label,
+            result,
+        })
         .collect())
 }
 
@@ -115,8 +128,7 @@ pub fn load_runs(dirs: &[PathBuf]) -> Result<Vec<Loaded>> {
 fn dir_name(dir: &Path) -> String {
     let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     abs.components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
-        .next_back()
+        .rfind(|c| !matches!(c, std::path::Component::CurDir))
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .unwrap_or_else(|| dir.display().to_string())
 }
@@ -130,7 +142,10 @@ mod tests {
         let p = Path::new("runs/a/nf4.json");
         let err = parse_result(p, r#"{"schema_version": 2, "experiment": "nf4"}"#).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("runs/a/nf4.json") && msg.contains("version 2"), "{msg}");
+        assert!(
+            msg.contains("runs/a/nf4.json") && msg.contains("version 2"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@ use super::table::Table;
 
 /// A table cell's text made safe for a Markdown table.
 pub fn escape_cell(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('|', "\\|").replace(['\n', '\r'], " ")
+    s.replace('\\', "\\\\")
+        .replace('|', "\\|")
+        .replace(['\n', '\r'], " ")
 }
 
 /// The table in GitHub-flavoured Markdown; numeric columns right-aligned.
@@ -15,7 +17,11 @@ pub fn table(t: &Table) -> String {
     let mut out = String::new();
     let headers: Vec<String> = t.columns.iter().map(|c| escape_cell(&c.header)).collect();
     let _ = writeln!(out, "| {} |", headers.join(" | "));
-    let rules: Vec<&str> = t.columns.iter().map(|c| if c.numeric { "---:" } else { "---" }).collect();
+    let rules: Vec<&str> = t
+        .columns
+        .iter()
+        .map(|c| if c.numeric { "---:" } else { "---" })
+        .collect();
     let _ = writeln!(out, "|{}|", rules.join("|"));
     for row in &t.rows {
         let cells: Vec<String> = row.iter().map(|c| escape_cell(&c.text)).collect();
@@ -41,7 +47,12 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(out, "# quantbench report\n");
     let _ = writeln!(out, "{}\n", r.summary_line());
     for (dir, n) in &r.sources {
-        let _ = writeln!(out, "- `{}`: {n} result file{}", dir.display(), if *n == 1 { "" } else { "s" });
+        let _ = writeln!(
+            out,
+            "- `{}`: {n} result file{}",
+            dir.display(),
+            if *n == 1 { "" } else { "s" }
+        );
     }
     let _ = writeln!(out, "\n## Summary\n");
     out.push_str(&table(&r.table));
@@ -88,12 +99,24 @@ mod tests {
     fn tables_escape_pipes_and_align_numbers() {
         let t = Table {
             columns: vec![
-                Column { header: "name".into(), numeric: false },
-                Column { header: "bits".into(), numeric: true },
+                Column {
+                    header: "name".into(),
+                    numeric: false,
+                },
+                Column {
+                    header: "bits".into(),
+                    numeric: true,
+                },
             ],
-            rows: vec![vec![Cell::text("a|b\nc"), Cell::number(Some(4.5), |v| format!("{v:.1}"))]],
+            rows: vec![vec![
+                Cell::text("a|b\nc"),
+                Cell::number(Some(4.5), |v| format!("{v:.1}")),
+            ]],
         };
-        assert_eq!(table(&t), "| name | bits |\n|---|---:|\n| a\\|b c | 4.5 |\n");
+        assert_eq!(
+            table(&t),
+            "| name | bits |\n|---|---:|\n| a\\|b c | 4.5 |\n"
+        );
     }
 
     #[test]

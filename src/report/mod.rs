@@ -65,11 +65,16 @@ pub fn sort_for_report(results: &mut [Loaded]) {
         let key = |l: &Loaded| {
             (
                 l.result.status != Status::Ok,
-                -l.result.storage.as_ref().map_or(f64::NEG_INFINITY, |s| s.bits_per_parameter),
+                -l.result
+                    .storage
+                    .as_ref()
+                    .map_or(f64::NEG_INFINITY, |s| s.bits_per_parameter),
             )
         };
         let (ka, kb) = (key(a), key(b));
-        ka.0.cmp(&kb.0).then(ka.1.total_cmp(&kb.1)).then_with(|| a.label.cmp(&b.label))
+        ka.0.cmp(&kb.0)
+            .then(ka.1.total_cmp(&kb.1))
+            .then_with(|| a.label.cmp(&b.label))
     });
 }
 
@@ -89,18 +94,25 @@ fn draw_plots(entries: &[Entry], out: &Path, notes: &mut Vec<String>) -> Result<
     match axis::choose_metric(entries.iter().map(|e| &e.result.accuracy)) {
         Some(metric) => {
             let mut axes = vec![BitsAxis::WholeModel];
-            if entries
-                .iter()
-                .any(|e| e.result.storage.as_ref().is_some_and(|s| s.quantized_bits_per_parameter.is_some()))
-            {
+            if entries.iter().any(|e| {
+                e.result
+                    .storage
+                    .as_ref()
+                    .is_some_and(|s| s.quantized_bits_per_parameter.is_some())
+            }) {
                 axes.push(BitsAxis::QuantizedLayers);
             }
             for axis in axes {
                 if let Some((fig, n)) = plots::accuracy::figure(entries, axis, metric) {
                     let title = match axis {
-                        BitsAxis::WholeModel => format!("{} vs bits per parameter (whole model)", metric.name()),
+                        BitsAxis::WholeModel => {
+                            format!("{} vs bits per parameter (whole model)", metric.name())
+                        }
                         BitsAxis::QuantizedLayers => {
-                            format!("{} vs bits per parameter (quantized layers only)", metric.name())
+                            format!(
+                                "{} vs bits per parameter (quantized layers only)",
+                                metric.name()
+                            )
                         }
                     };
                     plots.push(plots::write(&fig, out, axis.file_stem(), &title, n)?);
@@ -118,16 +130,36 @@ fn draw_plots(entries: &[Entry], out: &Path, notes: &mut Vec<String>) -> Result<
                 });
             }
         }
-        None => notes.push("No accuracy metric recorded in any finished experiment: no accuracy plot.".into()),
+        None => notes.push(
+            "No accuracy metric recorded in any finished experiment: no accuracy plot.".into(),
+        ),
     }
     if let Some((fig, n)) = plots::memory::figure(entries) {
-        plots.push(plots::write(&fig, out, "memory", "Weight memory and peak memory", n)?);
+        plots.push(plots::write(
+            &fig,
+            out,
+            "memory",
+            "Weight memory and peak memory",
+            n,
+        )?);
     }
     if let Some((fig, n)) = plots::latency::figure(entries) {
-        plots.push(plots::write(&fig, out, "decode_latency", "Decode latency (batch 1)", n)?);
+        plots.push(plots::write(
+            &fig,
+            out,
+            "decode_latency",
+            "Decode latency (batch 1)",
+            n,
+        )?);
     }
     if let Some((fig, n)) = plots::throughput::figure(entries) {
-        plots.push(plots::write(&fig, out, "throughput", "Decode throughput vs batch size", n)?);
+        plots.push(plots::write(
+            &fig,
+            out,
+            "throughput",
+            "Decode throughput vs batch size",
+            n,
+        )?);
     }
     if !entries.iter().any(|e| e.result.bench.is_some()) {
         notes.push("No experiment was benchmarked: no latency or throughput plots.".into());
@@ -140,11 +172,15 @@ fn draw_plots(entries: &[Entry], out: &Path, notes: &mut Vec<String>) -> Result<
 pub fn generate(run_dirs: &[PathBuf], out: &Path) -> Result<Written> {
     let mut results = load::load_runs(run_dirs)?;
     sort_for_report(&mut results);
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create report directory", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create report directory", out.display()))?;
     let sources = run_dirs
         .iter()
         .map(|d| {
-            let n = results.iter().filter(|l| l.path.parent() == Some(d.as_path())).count();
+            let n = results
+                .iter()
+                .filter(|l| l.path.parent() == Some(d.as_path()))
+                .count();
             (d.clone(), n)
         })
         .collect();
@@ -152,14 +188,26 @@ pub fn generate(run_dirs: &[PathBuf], out: &Path) -> Result<Written> {
         .iter()
         .filter(|l| l.result.status == Status::Ok)
         .enumerate()
-        .map(|(i, l)| Entry { label: &l.label, color: plots::color(i), result: &l.result })
+        .map(|(i, l)| Entry {
+            label: &l.label,
+            color: plots::color(i),
+            result: &l.result,
+        })
         .collect();
     let mut notes = vec![];
     let plots = draw_plots(&entries, out, &mut notes)?;
     let failures: Vec<(String, String)> = results
         .iter()
         .filter(|l| l.result.status == Status::Failed)
-        .map(|l| (l.label.clone(), l.result.error.clone().unwrap_or_else(|| "(no error message recorded)".into())))
+        .map(|l| {
+            (
+                l.label.clone(),
+                l.result
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "(no error message recorded)".into()),
+            )
+        })
         .collect();
     let report = Report {
         sources,
@@ -170,13 +218,20 @@ pub fn generate(run_dirs: &[PathBuf], out: &Path) -> Result<Written> {
         notes,
     };
     let markdown = out.join("report.md");
-    std::fs::write(&markdown, markdown::render(&report)).with_context(|| format!("{}: cannot write", markdown.display()))?;
+    std::fs::write(&markdown, markdown::render(&report))
+        .with_context(|| format!("{}: cannot write", markdown.display()))?;
     let html = out.join("report.html");
-    std::fs::write(&html, html::render(&report)).with_context(|| format!("{}: cannot write", html.display()))?;
+    std::fs::write(&html, html::render(&report))
+        .with_context(|| format!("{}: cannot write", html.display()))?;
     let plots = report
         .plots
         .iter()
         .flat_map(|p| ["png", "svg"].map(|ext| out.join(format!("{}.{ext}", p.stem))))
         .collect();
-    Ok(Written { markdown, html, plots, report })
+    Ok(Written {
+        markdown,
+        html,
+        plots,
+        report,
+    })
 }

@@ -29,13 +29,19 @@ pub struct Cell {
 impl Cell {
     /// A text cell.
     pub fn text(text: impl Into<String>) -> Cell {
-        Cell { text: text.into(), sort: None }
+        Cell {
+            text: text.into(),
+            sort: None,
+        }
     }
 
     /// A number cell shown as `text`, or an empty mark when `value` is `None`.
     pub fn number(value: Option<f64>, text: impl FnOnce(f64) -> String) -> Cell {
         match value {
-            Some(v) => Cell { text: text(v), sort: Some(v) },
+            Some(v) => Cell {
+                text: text(v),
+                sort: Some(v),
+            },
             None => Cell::text(EMPTY),
         }
     }
@@ -77,7 +83,11 @@ pub fn method_label(config: &Value) -> String {
     let int = |key: &str| get(quant, key).and_then(Value::as_i64);
     match method {
         "none" => {
-            if let Some(d) = text("dtype").or_else(|| get(config, "dtype").and_then(Value::as_str).map(str::to_string)) {
+            if let Some(d) = text("dtype").or_else(|| {
+                get(config, "dtype")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            }) {
                 parts.push(d);
             }
         }
@@ -91,7 +101,11 @@ pub fn method_label(config: &Value) -> String {
         }
         "int8" => {
             if let Some(t) = get(quant, "threshold").and_then(Value::as_f64) {
-                parts.push(if t == 0.0 { "no outliers".into() } else { format!("t{t}") });
+                parts.push(if t == 0.0 {
+                    "no outliers".into()
+                } else {
+                    format!("t{t}")
+                });
             }
         }
         _ => {
@@ -168,7 +182,11 @@ pub fn summary_table(results: &[Loaded]) -> Table {
     let batches = batch_sizes(results);
     let kinds = peak_kinds(results);
     let any = |f: &dyn Fn(&ExperimentResult) -> bool| results.iter().any(|l| f(&l.result));
-    let with_qbits = any(&|r| r.storage.as_ref().is_some_and(|s| s.quantized_bits_per_parameter.is_some()));
+    let with_qbits = any(&|r| {
+        r.storage
+            .as_ref()
+            .is_some_and(|s| s.quantized_bits_per_parameter.is_some())
+    });
     let with_ppl = any(&|r| r.accuracy.perplexity.is_some());
 
     let mut columns: Vec<(String, bool)> = vec![
@@ -209,13 +227,24 @@ pub fn summary_table(results: &[Loaded]) -> Table {
                 Cell::number(s.map(|s| s.bits_per_parameter), |v| format!("{v:.3}")),
             ];
             if with_qbits {
-                row.push(Cell::number(s.and_then(|s| s.quantized_bits_per_parameter), |v| format!("{v:.3}")));
+                row.push(Cell::number(
+                    s.and_then(|s| s.quantized_bits_per_parameter),
+                    |v| format!("{v:.3}"),
+                ));
             }
-            let peak = b.and_then(|b| b.peak_memory_bytes.map(|p| (p, b.peak_memory_kind.as_str())));
+            let peak = b.and_then(|b| {
+                b.peak_memory_bytes
+                    .map(|p| (p, b.peak_memory_kind.as_str()))
+            });
             row.extend([
-                Cell::number(s.map(|s| s.weight_bytes as f64 / MIB), |v| format!("{v:.1}")),
+                Cell::number(s.map(|s| s.weight_bytes as f64 / MIB), |v| {
+                    format!("{v:.1}")
+                }),
                 Cell::number(peak.map(|(p, _)| p as f64 / MIB), |v| match peak {
-                    Some((_, kind)) if kinds.len() > 1 => format!("{v:.1} ({})", if kind == "device" { "device" } else { "RSS" }),
+                    Some((_, kind)) if kinds.len() > 1 => format!(
+                        "{v:.1} ({})",
+                        if kind == "device" { "device" } else { "RSS" }
+                    ),
                     _ => format!("{v:.1}"),
                 }),
                 f1_cell(a.coqa_f1, a.coqa_f1_stderr),
@@ -227,11 +256,17 @@ pub fn summary_table(results: &[Loaded]) -> Table {
                 row.push(Cell::number(a.perplexity, |v| format!("{v:.2}")));
             }
             for len in &lens {
-                let ms = b.and_then(|b| b.prefill.iter().find(|p| p.prompt_len == *len)).map(|p| p.ms.mean);
+                let ms = b
+                    .and_then(|b| b.prefill.iter().find(|p| p.prompt_len == *len))
+                    .map(|p| p.ms.mean);
                 row.push(Cell::number(ms, |v| format!("{v:.1}")));
             }
-            row.push(Cell::number(b.map(|b| b.decode_ms_per_token.mean), |v| format!("{v:.2}")));
-            row.push(Cell::number(b.map(|b| b.decode_ms_per_token.p95), |v| format!("{v:.2}")));
+            row.push(Cell::number(b.map(|b| b.decode_ms_per_token.mean), |v| {
+                format!("{v:.2}")
+            }));
+            row.push(Cell::number(b.map(|b| b.decode_ms_per_token.p95), |v| {
+                format!("{v:.2}")
+            }));
             for batch in &batches {
                 let tps = b
                     .and_then(|b| b.throughput.iter().find(|t| t.batch_size == *batch))
@@ -246,7 +281,10 @@ pub fn summary_table(results: &[Loaded]) -> Table {
         })
         .collect();
     Table {
-        columns: columns.into_iter().map(|(header, numeric)| Column { header, numeric }).collect(),
+        columns: columns
+            .into_iter()
+            .map(|(header, numeric)| Column { header, numeric })
+            .collect(),
         rows,
     }
 }

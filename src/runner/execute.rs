@@ -6,7 +6,9 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::provenance;
-use super::result::{AccuracyMetrics, ExperimentResult, FormatBytes, SCHEMA_VERSION, Status, StorageMetrics, Timings};
+use super::result::{
+    AccuracyMetrics, ExperimentResult, FormatBytes, SCHEMA_VERSION, Status, StorageMetrics, Timings,
+};
 use super::store::RunStore;
 use crate::backend::Backend;
 use crate::config::Experiment;
@@ -79,7 +81,6 @@ pub fn execute<B: Backend>(
 
     let t = Instant::now();
     cast_dense(&mut loaded.weights, exp.dtype);
-    let base = exp.eval.divergence.then(|| loaded.weights.clone());
     let ctx = QuantContext {
         tokenizer: &loaded.tokenizer,
     };
@@ -88,8 +89,10 @@ pub fn execute<B: Backend>(
     result.timings.quantize_s = t.elapsed().as_secs_f64();
 
     let model = Model::new(backend, &loaded.weights)?;
+    // The backend holds its own copy; the host copy would only inflate memory.
+    drop(loaded.weights);
     let t = Instant::now();
-    super::evaluate::run_evaluations(&model, &loaded.tokenizer, base.as_ref(), exp, store, result)?;
+    super::evaluate::run_evaluations(&model, &loaded.tokenizer, exp, store, result)?;
     result.timings.eval_s = t.elapsed().as_secs_f64() - result.timings.sanity_s;
 
     if exp.benchmark {

@@ -55,27 +55,47 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Prints a progress line above the bar, or to stderr when the bar is hidden
+/// (not a terminal), so logs always show what happened.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 /// Runs `experiments` in order; returns each one's saved result and outcome.
-pub fn run_experiments(experiments: Vec<Experiment>, opts: &RunOptions) -> Result<Vec<(ExperimentResult, Outcome)>> {
+pub fn run_experiments(
+    experiments: Vec<Experiment>,
+    opts: &RunOptions,
+) -> Result<Vec<(ExperimentResult, Outcome)>> {
     if experiments.is_empty() {
         bail!("no experiments to run");
     }
     let store = RunStore::open(&opts.run_dir, &opts.command)?;
     let bar = ProgressBar::new(experiments.len() as u64).with_style(
-        ProgressStyle::with_template("[{pos}/{len}] {elapsed_precise} {msg}").expect("valid template"),
+        ProgressStyle::with_template("[{pos}/{len}] {elapsed_precise} {msg}")
+            .expect("valid template"),
     );
     let mut out = vec![];
     for exp in experiments {
         let exp = resolve(exp, opts);
         let config = serde_json::to_value(&exp)?;
         if store.is_done(&exp.name, &config)? {
-            bar.println(format!("{}: already finished, skipped", exp.name));
-            out.push((store.load(&exp.name)?.expect("finished result exists"), Outcome::Skipped));
+            say(&bar, format!("{}: already finished, skipped", exp.name));
+            out.push((
+                store.load(&exp.name)?.expect("finished result exists"),
+                Outcome::Skipped,
+            ));
             bar.inc(1);
             continue;
         }
         bar.set_message(format!("{} on {}", exp.name, opts.device));
-        let model = exp.model.clone().expect("resolved experiments name their model");
+        let model = exp
+            .model
+            .clone()
+            .expect("resolved experiments name their model");
         let mut result = execute::new_result(&exp, &model, &opts.device.to_string())?;
         let run = with_backend!(opts.device, |backend| {
             result.provenance.device = crate::backend::Backend::describe(&backend);
@@ -95,7 +115,7 @@ pub fn run_experiments(experiments: Vec<Experiment>, opts: &RunOptions) -> Resul
         store.save(&result)?;
         bar.inc(1);
         if let Outcome::Failed(msg) = &outcome {
-            bar.println(format!("{}: FAILED: {msg}", exp.name));
+            say(&bar, format!("{}: FAILED: {msg}", exp.name));
             if !opts.keep_going {
                 bar.finish_and_clear();
                 bail!(
@@ -105,7 +125,10 @@ pub fn run_experiments(experiments: Vec<Experiment>, opts: &RunOptions) -> Resul
                 );
             }
         } else {
-            bar.println(format!("{}: done in {:.1}s", exp.name, result.timings.total_s));
+            say(
+                &bar,
+                format!("{}: done in {:.1}s", exp.name, result.timings.total_s),
+            );
         }
         out.push((result, outcome));
     }

@@ -28,7 +28,8 @@ pub fn collect(device: &str) -> Provenance {
         hostname: std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default(),
-        cpu: first_line_value(&cpuinfo, "model name").unwrap_or_else(|| std::env::consts::ARCH.to_string()),
+        cpu: first_line_value(&cpuinfo, "model name")
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string()),
         cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         memory_bytes,
         device: device.to_string(),
@@ -41,7 +42,10 @@ mod tests {
 
     #[test]
     fn reads_key_values() {
-        assert_eq!(first_line_value("a: 1\nmodel name\t: X Y\n", "model name").as_deref(), Some("X Y"));
+        assert_eq!(
+            first_line_value("a: 1\nmodel name\t: X Y\n", "model name").as_deref(),
+            Some("X Y")
+        );
         let p = collect("cpu");
         assert!(p.cpu_cores >= 1 && !p.tool_version.is_empty());
     }

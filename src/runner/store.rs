@@ -30,20 +30,26 @@ pub struct RunStore {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot move into place", path.display()))
 }
 
 impl RunStore {
     /// Opens `dir`, creating it and its run.json when new. A run.json of
     /// another schema version is refused and left untouched.
     pub fn open(dir: &Path, command: &str) -> Result<RunStore> {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create run directory", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create run directory", dir.display()))?;
         let info_path = dir.join("run.json");
         if info_path.exists() {
             let text = std::fs::read_to_string(&info_path)
                 .with_context(|| format!("{}: cannot read", info_path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON; move the directory aside or pick another --run-dir", info_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: not valid JSON; move the directory aside or pick another --run-dir",
+                    info_path.display()
+                )
+            })?;
             let found = v.get("schema_version").and_then(|s| s.as_u64());
             if found != Some(SCHEMA_VERSION as u64) {
                 bail!(
@@ -62,7 +68,9 @@ impl RunStore {
             };
             write_atomic(&info_path, serde_json::to_string_pretty(&info)?.as_bytes())?;
         }
-        Ok(RunStore { dir: dir.to_path_buf() })
+        Ok(RunStore {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The run directory.
@@ -86,7 +94,8 @@ impl RunStore {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
         let r: ExperimentResult = serde_json::from_str(&text).with_context(|| {
             format!("{}: not a quantbench result (schema {SCHEMA_VERSION}); move it aside to rerun the experiment", path.display())
         })?;
@@ -112,6 +121,9 @@ impl RunStore {
 
     /// Saves a result atomically.
     pub fn save(&self, r: &ExperimentResult) -> Result<()> {
-        write_atomic(&self.result_path(&r.experiment), serde_json::to_string_pretty(r)?.as_bytes())
+        write_atomic(
+            &self.result_path(&r.experiment),
+            serde_json::to_string_pretty(r)?.as_bytes(),
+        )
     }
 }

@@ -16,11 +16,17 @@ pub const QK: usize = 32;
 /// A ggml tensor storage type, by its numeric id in GGUF files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit float.
     F32,
+    /// IEEE half precision.
     F16,
+    /// 4-bit blocks of 32 with an f16 scale, offset −8.
     Q4_0,
+    /// 4-bit blocks of 32 with f16 scale and minimum.
     Q4_1,
+    /// 8-bit blocks of 32 with an f16 scale.
     Q8_0,
+    /// bfloat16.
     BF16,
     /// Any other id (K-quants, i-quants, integer types, ...): not readable here.
     Other(u32),
@@ -124,11 +130,17 @@ fn other_type_name(id: u32) -> Option<&'static str> {
 /// Dequantizes `n` values of type `kind` stored in `bytes`.
 pub fn dequantize(kind: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let Some((per, block_bytes)) = kind.block() else {
-        bail!("ggml type {kind} is not supported (supported: {})", GgmlType::SUPPORTED);
+        bail!(
+            "ggml type {kind} is not supported (supported: {})",
+            GgmlType::SUPPORTED
+        );
     };
     match kind.byte_size(n) {
         Some(len) if len == bytes.len() => {}
-        Some(len) => bail!("{kind} data of {n} values needs {len} bytes, got {}", bytes.len()),
+        Some(len) => bail!(
+            "{kind} data of {n} values needs {len} bytes, got {}",
+            bytes.len()
+        ),
         None => bail!("{n} values are not a whole number of {kind} blocks of {per}"),
     }
     let mut out = vec![0f32; n];

@@ -49,11 +49,19 @@ pub struct AccuracyChart {
 /// The accuracy chart of `entries` on `axis` with `metric`, and notes on what
 /// it leaves out and which experiments form the frontier. `None` when no entry
 /// has both a position and a value.
-pub fn figure(entries: &[Entry], axis: BitsAxis, metric: AccuracyMetric) -> Option<(AccuracyChart, Vec<String>)> {
+pub fn figure(
+    entries: &[Entry],
+    axis: BitsAxis,
+    metric: AccuracyMetric,
+) -> Option<(AccuracyChart, Vec<String>)> {
     let (mut points, mut references, mut notes) = (vec![], vec![], vec![]);
     for e in entries {
         let Some(value) = metric.value(&e.result.accuracy) else {
-            notes.push(format!("{}: no {} recorded, not plotted", e.label, metric.name()));
+            notes.push(format!(
+                "{}: no {} recorded, not plotted",
+                e.label,
+                metric.name()
+            ));
             continue;
         };
         let Some(storage) = &e.result.storage else {
@@ -65,22 +73,46 @@ pub fn figure(entries: &[Entry], axis: BitsAxis, metric: AccuracyMetric) -> Opti
             _ => None,
         };
         match axis.value(storage) {
-            Some(bits) => points.push(Point { label: e.label.to_string(), color: e.color, bits, value, stderr }),
-            None => references.push(Reference { label: e.label.to_string(), color: e.color, value }),
+            Some(bits) => points.push(Point {
+                label: e.label.to_string(),
+                color: e.color,
+                bits,
+                value,
+                stderr,
+            }),
+            None => references.push(Reference {
+                label: e.label.to_string(),
+                color: e.color,
+                value,
+            }),
         }
     }
     if points.is_empty() {
         return None;
     }
-    let scored: Vec<(f64, f64)> = points.iter().map(|p| (p.bits, metric.score(p.value))).collect();
+    let scored: Vec<(f64, f64)> = points
+        .iter()
+        .map(|p| (p.bits, metric.score(p.value)))
+        .collect();
     let frontier = pareto::frontier(&scored);
     let path: Vec<String> = frontier
         .iter()
-        .map(|&i| format!("{} ({:.3} bits, {})", points[i].label, points[i].bits, format_value(metric, points[i].value)))
+        .map(|&i| {
+            format!(
+                "{} ({:.3} bits, {})",
+                points[i].label,
+                points[i].bits,
+                format_value(metric, points[i].value)
+            )
+        })
         .collect();
     notes.insert(
         0,
-        format!("Pareto frontier (fewest bits, best {}): {}.", metric.name(), path.join(" → ")),
+        format!(
+            "Pareto frontier (fewest bits, best {}): {}.",
+            metric.name(),
+            path.join(" → ")
+        ),
     );
     if !references.is_empty() {
         let names: Vec<&str> = references.iter().map(|r| r.label.as_str()).collect();
@@ -90,7 +122,16 @@ pub fn figure(entries: &[Entry], axis: BitsAxis, metric: AccuracyMetric) -> Opti
             metric.name()
         ));
     }
-    Some((AccuracyChart { axis, metric, points, references, frontier }, notes))
+    Some((
+        AccuracyChart {
+            axis,
+            metric,
+            points,
+            references,
+            frontier,
+        },
+        notes,
+    ))
 }
 
 /// A metric value as the report prints it.
@@ -126,7 +167,12 @@ impl AccuracyChart {
 
     /// The key above the plot, right-aligned: frontier line with ring, and
     /// the error bar when any point has one.
-    fn draw_key<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>, right: i32, y: i32) -> Result<()>
+    fn draw_key<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        right: i32,
+        y: i32,
+    ) -> Result<()>
     where
         DB::ErrorType: 'static,
     {
@@ -147,7 +193,10 @@ impl AccuracyChart {
         x -= text_size(root, t, &style)?.0;
         root.draw(&Text::new(t, (x, y), style))?;
         x -= 40;
-        root.draw(&PathElement::new(vec![(x, y), (x + 32, y)], ACCENT.stroke_width(2)))?;
+        root.draw(&PathElement::new(
+            vec![(x, y), (x + 32, y)],
+            ACCENT.stroke_width(2),
+        ))?;
         root.draw(&Circle::new((x + 16, y), 9, ACCENT.stroke_width(2)))?;
         Ok(())
     }
@@ -165,7 +214,11 @@ impl Figure for AccuracyChart {
         root.fill(&WHITE)?;
         let m = self.metric;
         let bits: Vec<f64> = self.points.iter().map(|p| p.bits).collect();
-        let (b_lo, b_hi) = bits.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        let (b_lo, b_hi) = bits
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
         let (x_lo, x_hi) = padded(b_lo, b_hi, 0.08, 0.5);
         let (s_lo, s_hi) = self.score_range();
         let (y_lo, y_hi) = padded(s_lo, s_hi, 0.12, (0.05 * s_hi.abs()).max(1e-3));
@@ -191,7 +244,12 @@ impl Figure for AccuracyChart {
             .draw()?;
 
         let (px, py) = chart.plotting_area().get_pixel_range();
-        let bounds = Rect { x0: px.start, y0: py.start, x1: px.end, y1: py.end };
+        let bounds = Rect {
+            x0: px.start,
+            y0: py.start,
+            x1: px.end,
+            y1: py.end,
+        };
         self.draw_key(root, px.end, py.start - 14)?;
 
         // Reference lines, labelled at their right end above the line.
@@ -216,9 +274,7 @@ impl Figure for AccuracyChart {
             if let Some(e) = p.stderr {
                 let (x, y) = at(p);
                 let s = p.color.stroke_width(1);
-                chart.draw_series([
-                    PathElement::new(vec![(x, y - e), (x, y + e)], s),
-                ])?;
+                chart.draw_series([PathElement::new(vec![(x, y - e), (x, y + e)], s)])?;
                 for yy in [y - e, y + e] {
                     let (cx, cy) = chart.backend_coord(&(x, yy));
                     root.draw(&PathElement::new(vec![(cx - 4, cy), (cx + 4, cy)], s))?;
@@ -228,7 +284,11 @@ impl Figure for AccuracyChart {
         for &i in &self.frontier {
             chart.draw_series([Circle::new(at(&self.points[i]), 10, ACCENT.stroke_width(2))])?;
         }
-        chart.draw_series(self.points.iter().map(|p| Circle::new(at(p), 6, p.color.filled())))?;
+        chart.draw_series(
+            self.points
+                .iter()
+                .map(|p| Circle::new(at(p), 6, p.color.filled())),
+        )?;
 
         // Labels: frontier points first, then the rest, each where it
         // overlaps least.
@@ -245,11 +305,18 @@ impl Figure for AccuracyChart {
         for ((&i, p), &a) in order.iter().zip(&placed).zip(&anchors) {
             if p.leader {
                 let end = p.rect.nearest(a);
-                root.draw(&PathElement::new(vec![a, end], RGBColor(120, 120, 120).stroke_width(1)))?;
+                root.draw(&PathElement::new(
+                    vec![a, end],
+                    RGBColor(120, 120, 120).stroke_width(1),
+                ))?;
             }
             let color = darker(self.points[i].color);
             let style = label_style.clone().color(&color);
-            root.draw(&Text::new(self.points[i].label.clone(), (p.rect.x0, p.rect.y0), style))?;
+            root.draw(&Text::new(
+                self.points[i].label.clone(),
+                (p.rect.x0, p.rect.y0),
+                style,
+            ))?;
         }
         Ok(())
     }
@@ -266,7 +333,11 @@ fn capitalized(s: &str) -> String {
 
 /// A darker shade of `c` for text on white.
 fn darker(c: RGBColor) -> RGBColor {
-    RGBColor((c.0 as f64 * 0.75) as u8, (c.1 as f64 * 0.75) as u8, (c.2 as f64 * 0.75) as u8)
+    RGBColor(
+        (c.0 as f64 * 0.75) as u8,
+        (c.1 as f64 * 0.75) as u8,
+        (c.2 as f64 * 0.75) as u8,
+    )
 }
 
 #[cfg(test)]
@@ -277,7 +348,10 @@ mod tests {
     fn helpers() {
         assert_eq!(capitalized("top-1 agreement"), "Top-1 agreement");
         assert_eq!(capitalized("CoQA F1"), "CoQA F1");
-        assert_eq!(format_value(AccuracyMetric::Top1Agreement, 0.9731), "top-1 97.3%");
+        assert_eq!(
+            format_value(AccuracyMetric::Top1Agreement, 0.9731),
+            "top-1 97.3%"
+        );
         assert_eq!(darker(RGBColor(200, 100, 40)), RGBColor(150, 75, 30));
     }
 }

@@ -138,12 +138,18 @@ impl Figure for BarChart {
                     Fill::Fixed(c) => c,
                     Fill::PerBand => self.bands[i].1,
                 };
-                chart.draw_series(std::iter::once(Rectangle::new([(0.0, bottom), (v, top)], color.filled())))?;
+                chart.draw_series(std::iter::once(Rectangle::new(
+                    [(0.0, bottom), (v, top)],
+                    color.filled(),
+                )))?;
                 let mut end = v;
                 if let Some(m) = s.marks.get(i).copied().flatten() {
                     let mid = (top + bottom) / 2.0;
                     let style = BLACK.stroke_width(2);
-                    chart.draw_series(std::iter::once(PathElement::new(vec![(v, mid), (m, mid)], style)))?;
+                    chart.draw_series(std::iter::once(PathElement::new(
+                        vec![(v, mid), (m, mid)],
+                        style,
+                    )))?;
                     chart.draw_series(std::iter::once(PathElement::new(
                         vec![(m, bottom + 0.1 * bar), (m, top - 0.1 * bar)],
                         style,
@@ -205,7 +211,11 @@ impl BarChart {
 pub fn short_number(x: f64) -> String {
     let s = format!("{x:.3}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s == "-0" { "0".to_string() } else { s.to_string() }
+    if s == "-0" {
+        "0".to_string()
+    } else {
+        s.to_string()
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use super::bars::{BarChart, BarSeries, Fill};
 /// The latency chart of the entries with a benchmark, and notes on those left
 /// out. `None` when no entry was benchmarked.
 pub fn figure(entries: &[Entry]) -> Option<(BarChart, Vec<String>)> {
-    let (mut bands, mut values, mut marks, mut texts, mut notes) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut bands, mut values, mut marks, mut texts, mut notes) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let mut devices = std::collections::BTreeSet::new();
     for e in entries {
         let Some(b) = &e.result.bench else {
@@ -18,7 +19,10 @@ pub fn figure(entries: &[Entry]) -> Option<(BarChart, Vec<String>)> {
         bands.push((e.label.to_string(), e.color));
         values.push(Some(d.mean));
         marks.push(Some(d.p95));
-        texts.push(Some(format!("{:.2} ms (p95 {:.2}, n={})", d.mean, d.p95, d.n)));
+        texts.push(Some(format!(
+            "{:.2} ms (p95 {:.2}, n={})",
+            d.mean, d.p95, d.n
+        )));
         devices.insert(b.device.clone());
     }
     if bands.is_empty() {
@@ -26,13 +30,22 @@ pub fn figure(entries: &[Entry]) -> Option<(BarChart, Vec<String>)> {
     }
     if devices.len() > 1 {
         let list: Vec<String> = devices.into_iter().collect();
-        notes.push(format!("Measured on different devices: {}.", list.join("; ")));
+        notes.push(format!(
+            "Measured on different devices: {}.",
+            list.join("; ")
+        ));
     }
     let chart = BarChart {
         title: "Decode latency (batch 1)".into(),
         x_desc: "milliseconds per token (bar: mean, tick: 95th percentile)".into(),
         bands,
-        series: vec![BarSeries { name: "mean".into(), fill: Fill::PerBand, values, marks, texts }],
+        series: vec![BarSeries {
+            name: "mean".into(),
+            fill: Fill::PerBand,
+            values,
+            marks,
+            texts,
+        }],
         mark_name: Some("p95".into()),
     };
     Some((chart, notes))

@@ -29,9 +29,15 @@ pub fn figure(entries: &[Entry]) -> Option<(BarChart, Vec<String>)> {
     let (mut weights, mut peaks, mut notes) = (vec![], vec![], vec![]);
     let mut kinds = BTreeSet::new();
     for e in entries {
-        let w = e.result.storage.as_ref().map(|s| s.weight_bytes as f64 / MIB);
+        let w = e
+            .result
+            .storage
+            .as_ref()
+            .map(|s| s.weight_bytes as f64 / MIB);
         let bench = e.result.bench.as_ref();
-        let p = bench.and_then(|b| b.peak_memory_bytes).map(|p| p as f64 / MIB);
+        let p = bench
+            .and_then(|b| b.peak_memory_bytes)
+            .map(|p| p as f64 / MIB);
         if w.is_none() && p.is_none() {
             notes.push(format!("{}: no storage or peak memory recorded", e.label));
             continue;

@@ -19,7 +19,10 @@ use plotters::style::{FontStyle, register_font};
 use crate::runner::result::ExperimentResult;
 
 /// DejaVu Sans, embedded (license: assets/fonts/LICENSE-DejaVu.txt).
-static DEJAVU_SANS: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fonts/DejaVuSans.ttf"));
+static DEJAVU_SANS: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/assets/fonts/DejaVuSans.ttf"
+));
 
 /// Font family name every figure uses; registered by [`register_fonts`].
 pub const FONT: &str = "sans-serif";
@@ -94,28 +97,48 @@ pub struct PlotFile {
 }
 
 /// Writes `fig` as `<dir>/<stem>.svg` and `<dir>/<stem>.png`.
-pub fn write(fig: &impl Figure, dir: &Path, stem: &str, title: &str, notes: Vec<String>) -> Result<PlotFile> {
+pub fn write(
+    fig: &impl Figure,
+    dir: &Path,
+    stem: &str,
+    title: &str,
+    notes: Vec<String>,
+) -> Result<PlotFile> {
     register_fonts()?;
     let size = fig.size();
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
-        fig.draw(&root).with_context(|| format!("drawing {stem}.svg"))?;
-        root.present().with_context(|| format!("drawing {stem}.svg"))?;
+        fig.draw(&root)
+            .with_context(|| format!("drawing {stem}.svg"))?;
+        root.present()
+            .with_context(|| format!("drawing {stem}.svg"))?;
     }
     let svg_path = dir.join(format!("{stem}.svg"));
-    std::fs::write(&svg_path, &svg).with_context(|| format!("{}: cannot write", svg_path.display()))?;
+    std::fs::write(&svg_path, &svg)
+        .with_context(|| format!("{}: cannot write", svg_path.display()))?;
     let png_path = dir.join(format!("{stem}.png"));
     {
         let root = BitMapBackend::new(&png_path, size).into_drawing_area();
-        fig.draw(&root).with_context(|| format!("drawing {}", png_path.display()))?;
-        root.present().with_context(|| format!("{}: cannot write", png_path.display()))?;
+        fig.draw(&root)
+            .with_context(|| format!("drawing {}", png_path.display()))?;
+        root.present()
+            .with_context(|| format!("{}: cannot write", png_path.display()))?;
     }
-    Ok(PlotFile { stem: stem.to_string(), title: title.to_string(), svg, notes })
+    Ok(PlotFile {
+        stem: stem.to_string(),
+        title: title.to_string(),
+        svg,
+        notes,
+    })
 }
 
 /// Pixel size of `s` in `style` on `area`.
-pub fn text_size<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, s: &str, style: &TextStyle) -> Result<(i32, i32)>
+pub fn text_size<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    s: &str,
+    style: &TextStyle,
+) -> Result<(i32, i32)>
 where
     DB::ErrorType: 'static,
 {

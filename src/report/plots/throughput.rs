@@ -43,16 +43,27 @@ pub fn figure(entries: &[Entry]) -> Option<(ThroughputChart, Vec<String>)> {
             continue;
         }
         points.sort_by_key(|p| p.0);
-        lines.push(Line { label: e.label.to_string(), color: e.color, points });
+        lines.push(Line {
+            label: e.label.to_string(),
+            color: e.color,
+            points,
+        });
     }
-    if lines.is_empty() { None } else { Some((ThroughputChart { lines }, notes)) }
+    if lines.is_empty() {
+        None
+    } else {
+        Some((ThroughputChart { lines }, notes))
+    }
 }
 
 impl ThroughputChart {
     /// Distinct batch sizes, ascending.
     pub fn batch_sizes(&self) -> Vec<usize> {
-        let set: std::collections::BTreeSet<usize> =
-            self.lines.iter().flat_map(|l| l.points.iter().map(|p| p.0)).collect();
+        let set: std::collections::BTreeSet<usize> = self
+            .lines
+            .iter()
+            .flat_map(|l| l.points.iter().map(|p| p.0))
+            .collect();
         set.into_iter().collect()
     }
 }
@@ -101,7 +112,9 @@ impl Figure for ThroughputChart {
             chart
                 .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))?
                 .label(line.label.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], c.stroke_width(3)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 22, y)], c.stroke_width(3))
+                });
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 5, c.filled())))?;
         }
         chart

@@ -15,7 +15,10 @@ pub struct FixedTicks {
 impl FixedTicks {
     /// The axis over `lo..hi` with ticks at `ticks`.
     pub fn new(lo: f64, hi: f64, ticks: Vec<f64>) -> FixedTicks {
-        FixedTicks { range: lo..hi, ticks }
+        FixedTicks {
+            range: lo..hi,
+            ticks,
+        }
     }
 }
 
@@ -33,7 +36,11 @@ impl Ranged for FixedTicks {
     }
 
     fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
-        if hint.weight().allow_light_points() { vec![] } else { self.ticks.clone() }
+        if hint.weight().allow_light_points() {
+            vec![]
+        } else {
+            self.ticks.clone()
+        }
     }
 
     fn range(&self) -> Range<f64> {
