@@ -3,8 +3,8 @@
 
 pub mod bench;
 pub mod common;
-pub mod export;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod report;

@@ -112,6 +112,14 @@ pub(crate) fn packed<'a>(name: &str, w: &'a LinearWeight) -> Result<Option<&'a P
     }
 }
 
+/// Exports one quantized linear (by its full name) as its checkpoint tensors.
+pub(crate) type LinearExporter<'a> =
+    dyn Fn(&str, &PackedIntMatrix) -> Result<Vec<(String, RawTensor)>> + 'a;
+
+/// Builds one block linear `(tensors, prefix, out, in)` from checkpoint tensors.
+pub(crate) type LinearImporter<'a> =
+    dyn Fn(&mut HashMap<String, RawTensor>, &str, usize, usize) -> Result<LinearWeight> + 'a;
+
 /// Writes a model whose linears are packed integer matrices (or dense) as
 /// an HF directory: dense tensors in fp16, each quantized linear through
 /// `linear(name, matrix)`, `config.json` with `quantization_config`, and the
@@ -121,7 +129,7 @@ pub(crate) fn write_quantized_dir(
     weights: &LlamaWeights,
     tokenizer: Option<&Tokenizer>,
     quantization_config: serde_json::Value,
-    linear: &dyn Fn(&str, &PackedIntMatrix) -> Result<Vec<(String, RawTensor)>>,
+    linear: &LinearExporter,
 ) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("{}: cannot create directory", dir.display()))?;
@@ -189,7 +197,7 @@ pub(crate) fn write_quantized_dir(
 pub(crate) fn assemble_weights(
     config: LlamaConfig,
     tensors: &mut HashMap<String, RawTensor>,
-    linear: &dyn Fn(&mut HashMap<String, RawTensor>, &str, usize, usize) -> Result<LinearWeight>,
+    linear: &LinearImporter,
 ) -> Result<LlamaWeights> {
     fn take(
         tensors: &mut HashMap<String, RawTensor>,
