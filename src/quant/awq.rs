@@ -28,14 +28,13 @@
 //! ([`GridRule::MinMax`]).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
-use super::calib::{Calibrator, linear_mut, progress_bar};
+use super::calib::{BlockProgress, Calibrator, linear_mut};
 use super::packed::{PackedIntMatrix, check_bits};
 use super::rtn::{GridRule, GroupGrid, IntFormat, quantize_groups, resolve_group_size};
 use super::spec::AwqConfig;
@@ -483,17 +482,16 @@ pub fn quantize_model_awq(
     if cfg.search_tokens == 0 {
         bail!("AWQ search_tokens must be at least 1");
     }
-    let started = Instant::now();
     let mut cal = Calibrator::new(weights, samples)?;
     let total = cal.tokens();
     let layers = weights.layers.len();
-    let bar = progress_bar(layers, "awq");
+    let mut progress = BlockProgress::new(layers, "awq");
     for l in 0..layers {
-        let t0 = Instant::now();
+        cal.begin_block(&weights.layers[l])?;
         let prefix = format!("model.layers.{l}.");
         let mut caps: Vec<Option<InputCapture>> = (0..4).map(|_| None).collect();
         let inputs = GROUPS.map(|g| g.input);
-        cal.observe(l, &inputs, &mut |which, x| {
+        cal.observe(&inputs, &mut |which, x| {
             let i = inputs
                 .iter()
                 .position(|&g| g == which)
@@ -575,20 +573,11 @@ pub fn quantize_model_awq(
                 *linear_mut(layer, n) = LinearWeight::Quantized(Arc::new(q));
             }
         }
-        cal.set_layer(l, &weights.layers[l])?;
-        cal.advance(l)?;
-        tracing::info!(
-            "awq: block {}/{layers} quantized in {:.1} s",
-            l + 1,
-            t0.elapsed().as_secs_f64()
-        );
-        bar.inc(1);
+        cal.update_block(&weights.layers[l], None)?;
+        cal.advance()?;
+        progress.block_done();
     }
-    bar.finish_and_clear();
-    tracing::info!(
-        "awq: {layers} blocks on {total} calibration tokens in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    progress.finish(total);
     Ok(())
 }
 

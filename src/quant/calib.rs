@@ -14,6 +14,7 @@
 //! in batches of at most [`BATCH_TOKENS`] tokens through the CPU backend.
 
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,11 +23,12 @@ use rand::{Rng, SeedableRng};
 
 use super::LinearWeight;
 use super::spec::CalibConfig;
-use crate::backend::cpu::{CpuBackend, CpuKvCache, CpuTensor};
-use crate::backend::{CacheShape, StepLayout};
+use super::staged::{BlockContext, BlockWeights, StagedRun};
+use crate::backend::cpu::CpuTensor;
+use crate::backend::{Backend, StepLayout};
 use crate::io::tokenizer::Tokenizer;
 use crate::model::LlamaWeights;
-use crate::model::forward::{LinearInput, Model};
+use crate::model::forward::LinearInput;
 use crate::model::weights::LayerWeights;
 
 /// The built-in calibration text (original English prose), used when no file is given.
@@ -115,79 +117,98 @@ pub fn linear_mut<'a>(layer: &'a mut LayerWeights, name: &str) -> &'a mut Linear
         .unwrap_or_else(|| panic!("no linear layer named {name}"))
 }
 
-/// A progress bar over `blocks` decoder blocks (hidden when stderr is not a terminal).
-pub fn progress_bar(blocks: usize, method: &str) -> ProgressBar {
-    let bar = ProgressBar::new(blocks as u64);
-    if let Ok(style) =
-        ProgressStyle::with_template("{prefix} block {pos}/{len} [{elapsed_precise}] {wide_bar}")
-    {
-        bar.set_style(style);
-    }
-    bar.set_prefix(method.to_string());
-    bar
+/// Progress of a calibrated quantization over decoder blocks: a bar on a
+/// terminal, and one line per finished block with its wall time on stderr
+/// (above the bar), then the total.
+pub struct BlockProgress {
+    method: &'static str,
+    blocks: usize,
+    done: usize,
+    bar: ProgressBar,
+    started: Instant,
+    block_started: Instant,
 }
 
-/// A batch of calibration windows and their hidden states at the current block.
-struct Batch {
-    layout: StepLayout,
-    hidden: CpuTensor,
-    cache: CacheShape,
-}
-
-/// A KV cache in which only layer `l` holds memory (a block reads and writes
-/// only its own layer, so calibration never keeps all layers' caches).
-fn layer_cache(shape: CacheShape, l: usize) -> CpuKvCache {
-    let per_layer = shape.slots * shape.max_len * shape.kv_heads * shape.head_dim;
-    let buf = |i: usize| {
-        if i == l {
-            vec![0f32; per_layer]
-        } else {
-            Vec::new()
+impl BlockProgress {
+    /// Starts timing `blocks` blocks of `method` (e.g. "gptq").
+    pub fn new(blocks: usize, method: &'static str) -> Self {
+        let bar = ProgressBar::new(blocks as u64);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix} block {pos}/{len} [{elapsed_precise}] {wide_bar}",
+        ) {
+            bar.set_style(style);
         }
-    };
-    CpuKvCache {
-        shape,
-        k: (0..shape.layers).map(buf).collect(),
-        v: (0..shape.layers).map(buf).collect(),
+        bar.set_prefix(method);
+        BlockProgress {
+            method,
+            blocks,
+            done: 0,
+            bar,
+            started: Instant::now(),
+            block_started: Instant::now(),
+        }
+    }
+
+    fn line(&self, text: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+
+    /// Reports the block just finished.
+    pub fn block_done(&mut self) {
+        self.done += 1;
+        self.line(format!(
+            "{}: block {}/{} quantized in {:.1} s",
+            self.method,
+            self.done,
+            self.blocks,
+            self.block_started.elapsed().as_secs_f64()
+        ));
+        self.bar.inc(1);
+        self.block_started = Instant::now();
+    }
+
+    /// Reports the total wall time over `tokens` calibration tokens.
+    pub fn finish(&self, tokens: usize) {
+        self.bar.finish_and_clear();
+        self.line(format!(
+            "{}: {} blocks on {tokens} calibration tokens in {:.1} s",
+            self.method,
+            self.blocks,
+            self.started.elapsed().as_secs_f64()
+        ));
     }
 }
 
-/// Marker error: the observer has what it needs, the rest of the block is skipped.
-#[derive(Debug)]
-struct StopBlock;
-
-impl std::fmt::Display for StopBlock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("capture finished")
-    }
-}
-
-impl std::error::Error for StopBlock {}
-
-fn order(i: LinearInput) -> u8 {
-    match i {
-        LinearInput::Qkv => 0,
-        LinearInput::O => 1,
-        LinearInput::GateUp => 2,
-        LinearInput::Down => 3,
-    }
-}
+/// Most bytes of intermediate block values [`Calibrator`] keeps between
+/// observations; beyond this they are recomputed for every observation.
+pub const KEEP_BYTES: usize = 2 << 30;
 
 /// Hidden states of the calibration windows, advanced block by block.
 pub struct Calibrator {
-    model: Model<CpuBackend>,
-    batches: Vec<Batch>,
+    ctx: BlockContext,
+    runs: Vec<StagedRun>,
+    block: Option<BlockWeights>,
+    keep: bool,
     tokens: usize,
 }
 
 impl Calibrator {
-    /// Embeds `samples` with `weights`' embedding table (on the CPU backend).
+    /// Embeds `samples` with `weights`' embedding table (on the CPU backend),
+    /// in batches of at most [`BATCH_TOKENS`] tokens.
     pub fn new(weights: &LlamaWeights, samples: &[Vec<u32>]) -> Result<Self> {
         if samples.is_empty() || samples.iter().any(|s| s.is_empty()) {
             bail!("calibration needs at least one non-empty sample");
         }
-        let model = Model::new(CpuBackend::new(), weights)?;
-        let mut batches = Vec::new();
+        let c = &weights.config;
+        let ctx = BlockContext::new(c);
+        let table = ctx
+            .backend()
+            .upload_weight(&LinearWeight::Dense(weights.embed_tokens.clone()))?;
+        let mut runs = Vec::new();
         let mut start = 0;
         while start < samples.len() {
             let mut end = start + 1;
@@ -196,34 +217,24 @@ impl Calibrator {
                 count += samples[end].len();
                 end += 1;
             }
-            let group = &samples[start..end];
             let layout = StepLayout::new(
-                group
+                samples[start..end]
                     .iter()
                     .enumerate()
                     .map(|(slot, s)| (slot, 0, s.as_slice())),
             )?;
-            let max_len = group.iter().map(Vec::len).max().unwrap_or(1);
-            let c = &weights.config;
-            let cache = CacheShape {
-                layers: c.num_hidden_layers,
-                slots: group.len(),
-                max_len,
-                kv_heads: c.num_key_value_heads,
-                head_dim: c.head_dim,
-            };
-            let hidden = model.embed(&layout)?;
-            batches.push(Batch {
-                layout,
-                hidden,
-                cache,
-            });
+            let hidden = ctx.backend().embedding(&table, &layout)?;
+            runs.push(StagedRun::new(layout, hidden));
             start = end;
         }
+        let tokens: usize = samples.iter().map(Vec::len).sum();
+        let per_token = (5 * c.hidden_size + c.intermediate_size) * std::mem::size_of::<f32>();
         Ok(Calibrator {
-            model,
-            batches,
-            tokens: samples.iter().map(Vec::len).sum(),
+            ctx,
+            runs,
+            block: None,
+            keep: tokens * per_token <= KEEP_BYTES,
+            tokens,
         })
     }
 
@@ -232,66 +243,70 @@ impl Calibrator {
         self.tokens
     }
 
-    /// Runs block `l` as it currently is on every batch and hands the inputs
-    /// named in `which` to `f`, batch by batch. The block is cut short after
-    /// the last input needed; the hidden states are not changed.
+    /// Makes `layer` the block that observations and [`Calibrator::advance`] run.
+    pub fn begin_block(&mut self, layer: &LayerWeights) -> Result<()> {
+        self.block = Some(BlockWeights::upload(self.ctx.backend(), layer)?);
+        self.runs.iter_mut().for_each(|r| r.invalidate_after(None));
+        Ok(())
+    }
+
+    /// Replaces the current block's weights with `layer`, whose changes
+    /// affect only what comes after the input `unchanged_through` (e.g.
+    /// `Some(Qkv)` after quantizing q/k/v); `None` when anything may have changed.
+    pub fn update_block(
+        &mut self,
+        layer: &LayerWeights,
+        unchanged_through: Option<LinearInput>,
+    ) -> Result<()> {
+        self.block = Some(BlockWeights::upload(self.ctx.backend(), layer)?);
+        self.runs
+            .iter_mut()
+            .for_each(|r| r.invalidate_after(unchanged_through));
+        Ok(())
+    }
+
+    /// Hands the inputs named in `which`, as the current block computes them
+    /// from its current weights, to `f`, batch by batch.
     pub fn observe(
         &mut self,
-        l: usize,
         which: &[LinearInput],
         f: &mut dyn FnMut(LinearInput, &CpuTensor) -> Result<()>,
     ) -> Result<()> {
-        let Some(last) = which.iter().map(|&w| order(w)).max() else {
-            return Ok(());
-        };
-        for b in &self.batches {
-            let mut x = b.hidden.clone();
-            let mut cache = layer_cache(b.cache, l);
-            let result =
-                self.model
-                    .block_observed(l, &mut x, &mut cache, &b.layout, &mut |input, t| {
-                        if which.contains(&input) {
-                            f(input, t)?;
-                        }
-                        if order(input) == last {
-                            return Err(StopBlock.into());
-                        }
-                        Ok(())
-                    });
-            match result {
-                Ok(()) => {}
-                Err(e) if e.is::<StopBlock>() => {}
-                Err(e) => return Err(e),
+        let w = self.block.as_ref().context("calibration: no block begun")?;
+        for run in &mut self.runs {
+            for &input in which {
+                f(input, run.value(input, w, &self.ctx)?)?;
+            }
+            if !self.keep {
+                run.invalidate_after(None);
             }
         }
         Ok(())
     }
 
-    /// Replaces block `l`'s weights in the calibration model.
-    pub fn set_layer(&mut self, l: usize, weights: &LayerWeights) -> Result<()> {
-        self.model.set_layer(l, weights)
-    }
-
-    /// Runs block `l` (with its current weights) on every batch, so the hidden
-    /// states become the inputs of block `l + 1`.
-    pub fn advance(&mut self, l: usize) -> Result<()> {
-        for b in &mut self.batches {
-            let mut cache = layer_cache(b.cache, l);
-            self.model.block(l, &mut b.hidden, &mut cache, &b.layout)?;
+    /// Runs the current block on every batch, so the hidden states become the
+    /// inputs of the next block.
+    pub fn advance(&mut self) -> Result<()> {
+        let w = self.block.as_ref().context("calibration: no block begun")?;
+        for run in &mut self.runs {
+            run.advance(w, &self.ctx)?;
         }
+        self.block = None;
         Ok(())
     }
 
     /// The hidden states of every batch (`[tokens, hidden]` each).
     pub fn hidden_states(&self) -> impl Iterator<Item = &CpuTensor> {
-        self.batches.iter().map(|b| &b.hidden)
+        self.runs.iter().map(|r| r.input())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
     use crate::io::synth_tokenizer;
+    use crate::model::Model;
     use crate::model::synth::{synth_config, synth_weights};
 
     fn tok() -> Tokenizer {
@@ -360,14 +375,22 @@ mod tests {
         let samples = vec![vec![1u32, 5, 9, 200, 3], vec![7u32, 8, 9]];
         let mut cal = Calibrator::new(&w, &samples).unwrap();
         let mut seen = Vec::new();
-        cal.observe(0, &[LinearInput::O], &mut |i, t| {
+        cal.begin_block(&w.layers[0]).unwrap();
+        cal.observe(&[LinearInput::O, LinearInput::Down], &mut |i, t| {
             seen.push((i, t.rows, t.cols));
             Ok(())
         })
         .unwrap();
-        assert_eq!(seen, vec![(LinearInput::O, 8, c.q_dim())]);
-        for l in 0..c.num_hidden_layers {
-            cal.advance(l).unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (LinearInput::O, 8, c.q_dim()),
+                (LinearInput::Down, 8, c.intermediate_size)
+            ]
+        );
+        for layer in &w.layers {
+            cal.begin_block(layer).unwrap();
+            cal.advance().unwrap();
         }
         // Final hidden states through the head give the model's logits.
         let model = Model::new(CpuBackend::new(), &w).unwrap();
@@ -377,6 +400,64 @@ mod tests {
         let got = &logits.data[5 * c.vocab_size..];
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+    }
+
+    /// The inputs `which` of block 0 as `Model::block_observed` computes them.
+    fn reference_inputs(w: &LlamaWeights, samples: &[Vec<u32>]) -> Vec<Vec<f32>> {
+        let model = Model::new(CpuBackend::new(), w).unwrap();
+        let mut out = Vec::new();
+        for s in samples {
+            let layout = StepLayout::new([(0, 0, s.as_slice())]).unwrap();
+            let mut x = model.embed(&layout).unwrap();
+            let mut cache = model.new_cache(1, s.len()).unwrap();
+            model
+                .block_observed(0, &mut x, &mut cache, &layout, &mut |i, t| {
+                    if matches!(i, LinearInput::O | LinearInput::Down) {
+                        out.push(t.data.clone());
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn kept_values_follow_updated_weights() {
+        let (c, d) = synth_config("tiny").unwrap();
+        let mut w = synth_weights(&c, d, 3).unwrap();
+        let samples = vec![vec![4u32, 8, 15, 16, 23, 42]];
+        let mut cal = Calibrator::new(&w, &samples).unwrap();
+        assert!(cal.keep);
+        cal.begin_block(&w.layers[0]).unwrap();
+        let mut before = Vec::new();
+        cal.observe(&[LinearInput::Down], &mut |_, t| {
+            before.push(t.data.clone());
+            Ok(())
+        })
+        .unwrap();
+        // Quantize q/k/v: the attention output and everything after it change.
+        for name in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
+            let lw = linear_mut(&mut w.layers[0], name);
+            let (o, i) = lw.shape();
+            let q = crate::quant::rtn::rtn_quantize(&lw.dequantize(), o, i, 2, 16, false).unwrap();
+            *lw = LinearWeight::Quantized(std::sync::Arc::new(q));
+        }
+        cal.update_block(&w.layers[0], Some(LinearInput::Qkv))
+            .unwrap();
+        let mut after = Vec::new();
+        cal.observe(&[LinearInput::O, LinearInput::Down], &mut |_, t| {
+            after.push(t.data.clone());
+            Ok(())
+        })
+        .unwrap();
+        assert_ne!(before[0], after[1]);
+        let want = reference_inputs(&w, &samples);
+        for (got, want) in after.iter().zip(&want) {
+            for (a, b) in got.iter().zip(want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
         }
     }
 }

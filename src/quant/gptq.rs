@@ -18,7 +18,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use faer::linalg::matmul::matmul;
@@ -26,7 +25,7 @@ use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, MatRef, Par, Side};
 use rayon::prelude::*;
 
-use super::calib::{Calibrator, linear_mut, progress_bar};
+use super::calib::{BlockProgress, Calibrator, linear_mut};
 use super::packed::{PackedIntMatrix, check_bits};
 use super::rtn::{GridRule, GroupGrid, IntFormat, assemble, resolve_group_size};
 use super::spec::GptqConfig;
@@ -401,7 +400,6 @@ pub fn quantize_model_gptq(
 ) -> Result<()> {
     let p = GptqParams::from(cfg);
     p.validate()?;
-    let started = Instant::now();
     let mut cal = Calibrator::new(weights, samples)?;
     let layers = weights.layers.len();
     let all: Vec<&str> = LINEAR_NAMES.to_vec();
@@ -410,9 +408,9 @@ pub fn quantize_model_gptq(
     } else {
         vec![all]
     };
-    let bar = progress_bar(layers, "gptq");
+    let mut progress = BlockProgress::new(layers, "gptq");
     for l in 0..layers {
-        let t = Instant::now();
+        cal.begin_block(&weights.layers[l])?;
         for stage in &stages {
             let names: Vec<&str> = stage
                 .iter()
@@ -430,7 +428,7 @@ pub fn quantize_model_gptq(
                 }
             }
             let mut hessians: HashMap<LinearInput, Hessian> = HashMap::new();
-            cal.observe(l, &inputs, &mut |which, x| {
+            cal.observe(&inputs, &mut |which, x| {
                 hessians
                     .entry(which)
                     .or_insert_with(|| Hessian::new(x.cols))
@@ -448,22 +446,14 @@ pub fn quantize_model_gptq(
                     .with_context(|| format!("GPTQ of model.layers.{l}.{name}"))?;
                 *w = LinearWeight::Quantized(Arc::new(q));
             }
-            cal.set_layer(l, &weights.layers[l])?;
+            // Only values after the stage's first input (block order, as
+            // LINEAR_NAMES lists the linears) depend on the quantized weights.
+            cal.update_block(&weights.layers[l], inputs.first().copied())?;
         }
-        cal.advance(l)?;
-        tracing::info!(
-            "gptq: block {}/{layers} quantized in {:.1} s",
-            l + 1,
-            t.elapsed().as_secs_f64()
-        );
-        bar.inc(1);
+        cal.advance()?;
+        progress.block_done();
     }
-    bar.finish_and_clear();
-    tracing::info!(
-        "gptq: {layers} blocks on {} calibration tokens in {:.1} s",
-        cal.tokens(),
-        started.elapsed().as_secs_f64()
-    );
+    progress.finish(cal.tokens());
     Ok(())
 }
 

@@ -21,6 +21,7 @@ pub mod int8;
 pub mod packed;
 pub mod rtn;
 pub mod spec;
+pub mod staged;
 pub mod storage;
 
 pub use apply::{QuantContext, cast_dense, is_skipped, quantize_model};
