@@ -1,10 +1,14 @@
 //! `cargo bench --bench cpu_kernels`: throughput of the CPU's batch-invariant
 //! dense product at SmolLM2-135M and Llama-3.2-1B layer shapes, next to the
-//! `gemm` crate on the same inputs.
+//! `gemm` crate on the same inputs and the fused NF4 (double quant, block 64)
+//! dequantize-matmul.
 
 use std::time::Instant;
 
 use quantbench::backend::cpu::matmul::dense_matmul;
+use quantbench::quant::QuantizedMatrix;
+use quantbench::quant::bnb4::{Bnb4Matrix, Bnb4Options, Bnb4Type};
+use quantbench::tensor::DType;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -19,6 +23,13 @@ fn main() {
     );
     for (out_f, in_f) in [(1536, 576), (576, 1536), (8192, 2048)] {
         let w = random(out_f * in_f, 1);
+        let opts = Bnb4Options {
+            quant_type: Bnb4Type::Nf4,
+            blocksize: 64,
+            double_quant: true,
+            compute_dtype: DType::F32,
+        };
+        let nf4 = Bnb4Matrix::quantize(&w, out_f, in_f, DType::F32, opts).expect("quantizes");
         for n in [1, 4, 64, 256] {
             let x = random(n * in_f, 2);
             let mut y = vec![0.0; n * out_f];
@@ -68,6 +79,16 @@ fn main() {
             let s = start.elapsed().as_secs_f64() / reps as f64;
             println!(
                 "  gemm {:>12.3} {:>10.1}",
+                s * 1e3,
+                2.0 * (n * out_f * in_f) as f64 / s / 1e9
+            );
+            let start = Instant::now();
+            for _ in 0..reps {
+                nf4.matmul_cpu(&x, n, &mut y);
+            }
+            let s = start.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "  nf4  {:>12.3} {:>10.1}",
                 s * 1e3,
                 2.0 * (n * out_f * in_f) as f64 / s / 1e9
             );

@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Measure storage, memory, prefill and decode latency, throughput.
     Bench(cli::bench::Args),
+    /// Mean KL(base‖quantized) per token and top-1 agreement on a text.
+    Divergence(cli::divergence::Args),
     /// Quantize with RTN/GPTQ/AWQ and write a GPTQ or AWQ checkpoint directory.
     Export(cli::export::Args),
     /// Evaluate accuracy: CoQA (lm-eval's task), perplexity or sanity prompts.
@@ -27,6 +29,8 @@ enum Command {
     Generate(cli::generate::Args),
     /// Configuration, parameter count and storage by format.
     Inspect(cli::inspect::Args),
+    /// Quantize with nf4/fp4/int8 and write a bitsandbytes-serialized HF directory.
+    Quantize(cli::quantize::Args),
     /// Run named experiments into a resumable run directory.
     Run(cli::run::Args),
     /// Compare experiments (default: fp16 baseline, NF4, FP4).
@@ -48,10 +52,12 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Bench(a) => cli::bench::run_cmd(a),
+        Command::Divergence(a) => cli::divergence::run(a),
         Command::Export(a) => cli::export::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Quantize(a) => cli::quantize::run(a),
         Command::Synth(a) => cli::synth::run(a),
         Command::Run(a) => cli::run::run(a),
         Command::Compare(a) => cli::run::compare(a),

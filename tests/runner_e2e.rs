@@ -70,6 +70,20 @@ fn compare_then_report() {
     let nf4 = result_json(&run, "bnb_4bit_nf4")["storage"]["bits_per_parameter"].as_f64();
     assert_eq!(fp16, Some(16.0));
     assert!(nf4.unwrap() < 16.0);
+    // Divergence from the unquantized model at the experiment's dtype: the
+    // baseline is that model (KL 0, full agreement), the 4-bit ones are not.
+    let acc = |name: &str| result_json(&run, name)["accuracy"].clone();
+    let base = acc("fp16_baseline");
+    assert_eq!(base["kl_divergence"].as_f64(), Some(0.0), "{base}");
+    assert_eq!(base["top1_agreement"].as_f64(), Some(1.0), "{base}");
+    assert!(base["divergence_tokens"].as_u64().unwrap() >= 100, "{base}");
+    for name in ["bnb_4bit_nf4", "bnb_4bit_fp4"] {
+        let a = acc(name);
+        let kl = a["kl_divergence"].as_f64().unwrap();
+        let top1 = a["top1_agreement"].as_f64().unwrap();
+        assert!(kl > 0.0 && kl.is_finite(), "{name}: {a}");
+        assert!((0.0..=1.0).contains(&top1), "{name}: {a}");
+    }
 
     let report = tmp.path().join("report");
     run_ok(&[
@@ -96,6 +110,10 @@ fn compare_then_report() {
     for name in TRIO {
         assert!(md.contains(name), "{md}");
     }
+    assert!(
+        md.contains("100.0%"),
+        "the baseline's top-1 agreement: {md}"
+    );
     let png = std::fs::read(report.join("accuracy_vs_bits.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }

@@ -3,10 +3,12 @@
 
 pub mod bench;
 pub mod common;
+pub mod divergence;
 pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod inspect;
+pub mod quantize;
 pub mod report;
 pub mod run;
 pub mod synth;

@@ -30,6 +30,8 @@ pub struct EvalConfig {
     pub divergence: bool,
     /// Text for the divergence measurement; `None` = the built-in text.
     pub divergence_text: Option<PathBuf>,
+    /// Tokens of that text compared (the first ones).
+    pub divergence_tokens: usize,
 }
 
 impl Default for EvalConfig {
@@ -43,6 +45,7 @@ impl Default for EvalConfig {
             batch_size: 8,
             divergence: true,
             divergence_text: None,
+            divergence_tokens: crate::eval::divergence::DEFAULT_TOKENS,
         }
     }
 }

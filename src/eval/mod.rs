@@ -6,6 +6,7 @@ pub mod coqa_data;
 pub mod coqa_parquet;
 pub mod coqa_prompt;
 pub mod coqa_source;
+pub mod divergence;
 pub mod encode;
 pub mod metrics;
 pub mod perplexity;

@@ -23,7 +23,7 @@ pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
     let (config, raw) = read_config(dir)?;
     let tokenizer = load_tokenizer(dir, &config)?;
     let weights = match raw.get("quantization_config") {
-        Some(q) if !q.is_null() => load_quantized_dir(dir, config, q)?,
+        Some(q) if !q.is_null() => load_quantized_dir(dir, config, &raw)?,
         _ => load_dense_weights(dir, config)?,
     };
     Ok(LoadedModel {
@@ -98,13 +98,14 @@ fn load_dense_weights(dir: &Path, config: LlamaConfig) -> Result<LlamaWeights> {
 }
 
 /// Loads a pre-quantized checkpoint: one arm per `quant_method` of the
-/// config's `quantization_config` (bitsandbytes, gptq, awq, ...).
+/// config's `quantization_config` (bitsandbytes, gptq, awq, ...);
+/// `raw_config` is the whole config.json document.
 pub fn load_quantized_dir(
     dir: &Path,
     config: LlamaConfig,
-    quant_config: &serde_json::Value,
+    raw_config: &serde_json::Value,
 ) -> Result<LlamaWeights> {
-    let method = quant_config
+    let method = raw_config["quantization_config"]
         .get("quant_method")
         .and_then(|m| m.as_str())
         .with_context(|| {
@@ -114,12 +115,11 @@ pub fn load_quantized_dir(
             )
         })?;
     match method {
-        "gptq" => super::gptq_checkpoint::load_gptq(dir, config, quant_config),
-        "awq" => super::awq_checkpoint::load_awq(dir, config, quant_config),
-        "bitsandbytes" => bail!(
-            "{}: quantized checkpoint with quant_method {method} cannot be loaded yet; load the unquantized model and pass --quant instead",
-            dir.display()
-        ),
+        "gptq" => {
+            super::gptq_checkpoint::load_gptq(dir, config, &raw_config["quantization_config"])
+        }
+        "awq" => super::awq_checkpoint::load_awq(dir, config, &raw_config["quantization_config"]),
+        "bitsandbytes" => super::bnb_checkpoint::read_bnb_weights(dir, config, raw_config),
         other => bail!(
             "{}: quantized checkpoint with unknown quant_method {other}; supported: bitsandbytes, gptq, awq",
             dir.display()

@@ -110,6 +110,11 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
+    /// Frees the model's weights and hands its backend back (to upload another model).
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+
     /// A KV cache for `slots` sequences of up to `max_len` tokens each.
     pub fn new_cache(&self, slots: usize, max_len: usize) -> Result<B::Cache> {
         self.backend.new_cache(CacheShape {

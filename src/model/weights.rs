@@ -76,6 +76,8 @@ pub struct LlamaWeights {
 /// Takes tensors out of a name → tensor map, checking shapes.
 struct TensorTaker {
     tensors: HashMap<String, HostTensor>,
+    /// Linear weights already built (quantized checkpoints), by tensor name.
+    prebuilt: HashMap<String, LinearWeight>,
 }
 
 impl TensorTaker {
@@ -98,6 +100,15 @@ impl TensorTaker {
     }
 
     fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<LinearWeight> {
+        if let Some(w) = self.prebuilt.remove(name) {
+            if w.shape() != (out, inp) {
+                bail!(
+                    "tensor '{name}' has shape {:?}, the config implies [{out}, {inp}]",
+                    w.shape()
+                );
+            }
+            return Ok(w);
+        }
         Ok(LinearWeight::Dense(self.take(name, &[out, inp])?))
     }
 }
@@ -105,9 +116,20 @@ impl TensorTaker {
 impl LlamaWeights {
     /// Assembles a model from HF-named tensors (`model.layers.0.self_attn.q_proj.weight`, ...).
     pub fn from_tensors(config: LlamaConfig, tensors: HashMap<String, HostTensor>) -> Result<Self> {
+        Self::from_parts(config, tensors, HashMap::new())
+    }
+
+    /// Like [`LlamaWeights::from_tensors`], with some linear layers already
+    /// built (e.g. quantized), keyed by their weight name
+    /// (`model.layers.0.self_attn.q_proj.weight`); those take precedence.
+    pub fn from_parts(
+        config: LlamaConfig,
+        tensors: HashMap<String, HostTensor>,
+        prebuilt: HashMap<String, LinearWeight>,
+    ) -> Result<Self> {
         let c = &config;
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let mut tk = TensorTaker { tensors };
+        let mut tk = TensorTaker { tensors, prebuilt };
         let embed_tokens = tk.take("model.embed_tokens.weight", &[v, h])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {

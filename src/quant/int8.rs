@@ -18,7 +18,7 @@ use crate::tensor::DType;
 /// 1/127 as bitsandbytes writes it (`int8_vectorwise_dequant`).
 const INV_127: f32 = 7.874015718698502e-3_f64 as f32;
 /// 1/127² as bitsandbytes writes it (`int8_mm_dequant`).
-const INV_127_SQ: f32 = 6.200124e-05_f64 as f32;
+const INV_127_SQ: f32 = 6.200012e-05_f64 as f32;
 /// Output rows one rayon task handles in the int8 product.
 const ROWS_PER_TASK: usize = 16;
 
@@ -276,4 +276,173 @@ pub fn quantize_model_int8(weights: &mut LlamaWeights, cfg: &Int8Config) -> Resu
         convert("lm_head", head)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use rand_distr::{Distribution, Normal};
+
+    fn normal(n: usize, std: f32, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let d = Normal::new(0.0f32, std).unwrap();
+        (0..n).map(|_| d.sample(&mut rng)).collect()
+    }
+
+    /// LLM.int8() written out element by element in f64: outlier columns
+    /// (any |x| ≥ t, when t > 0) multiply the dequantized weight directly; the
+    /// rest is `round(127 x / a_t) · CB / 127² · a_t · SCB`, with `a_t` the
+    /// token's absmax over its non-outlier elements.
+    fn reference(w: &[f32], x: &[f32], n: usize, o: usize, k: usize, t: f32) -> Vec<f64> {
+        // Codes are computed in f32 as the kernels do (`v * (127 / absmax)`, ties to even).
+        let code = |v: f32, a: f32| (v * (127.0f32 / a)).round_ties_even() as f64;
+        let scb: Vec<f32> = w
+            .chunks(k)
+            .map(|r| r.iter().fold(0f32, |m, v| m.max(v.abs())))
+            .collect();
+        let cb: Vec<f64> = w
+            .iter()
+            .enumerate()
+            .map(|(f, &v)| code(v, scb[f / k]))
+            .collect();
+        let outlier: Vec<bool> = (0..k)
+            .map(|j| t > 0.0 && (0..n).any(|r| x[r * k + j].abs() >= t))
+            .collect();
+        let mut y = vec![0f64; n * o];
+        for r in 0..n {
+            let xr = &x[r * k..(r + 1) * k];
+            let a = xr
+                .iter()
+                .filter(|v| t <= 0.0 || v.abs() < t)
+                .fold(0f32, |m, v| m.max(v.abs()));
+            for row in 0..o {
+                let s = scb[row] as f64;
+                let mut int_part = 0f64;
+                let mut outlier_part = 0f64;
+                for j in 0..k {
+                    let c = cb[row * k + j];
+                    if outlier[j] {
+                        outlier_part += xr[j] as f64 * c * s / 127.0;
+                    } else {
+                        int_part += code(xr[j], a) * c;
+                    }
+                }
+                y[r * o + row] = int_part * a as f64 * s / (127.0 * 127.0) + outlier_part;
+            }
+        }
+        y
+    }
+
+    fn exact(w: &[f32], x: &[f32], n: usize, o: usize, k: usize) -> Vec<f64> {
+        let mut y = vec![0f64; n * o];
+        for r in 0..n {
+            for row in 0..o {
+                y[r * o + row] = (0..k)
+                    .map(|j| x[r * k + j] as f64 * w[row * k + j] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (*p as f64 - q).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn weights_are_rowwise_absmax_int8() {
+        let w = [0.5f32, -1.0, 0.25, 0.0, 2.0, -0.5, 0.0, 0.0, 0.0];
+        let m = Int8Matrix::quantize(&w, 3, 3, 6.0, DType::F32).unwrap();
+        assert_eq!(m.scb, vec![1.0, 2.0, 0.0]);
+        // 127 * 0.25 = 31.75 → 32; 127 * 0.5 / 2 = 31.75 → 32; an all-zero row stays 0.
+        assert_eq!(m.cb, vec![64, -127, 32, 0, 127, -32, 0, 0, 0]);
+        assert_eq!(m.storage_bytes(), 9 + 3 * 4);
+        let mut row = [0f32; 3];
+        m.dequantize_row(0, &mut row);
+        assert!((row[2] - 32.0 / 127.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn matmul_without_outliers_matches_the_reference() {
+        let (o, k, n) = (40, 96, 4);
+        let w = normal(o * k, 0.02, 1);
+        let x = normal(n * k, 1.0, 2);
+        for t in [0.0f32, 6.0] {
+            // No |x| reaches 6 here, so both thresholds take the pure int8 path.
+            let m = Int8Matrix::quantize(&w, o, k, t, DType::F32).unwrap();
+            assert!(m.outlier_columns(&x, n).is_empty());
+            let mut y = vec![0f32; n * o];
+            m.matmul_cpu(&x, n, &mut y);
+            let r = reference(&w, &x, n, o, k, t);
+            let scale = r.iter().fold(0f64, |a, v| a.max(v.abs()));
+            assert!(max_abs_diff(&y, &r) <= 1e-5 * scale, "t={t}");
+        }
+    }
+
+    #[test]
+    fn outlier_columns_multiply_in_full_precision() {
+        let (o, k, n) = (24, 64, 3);
+        let w = normal(o * k, 0.02, 3);
+        let mut x = normal(n * k, 1.0, 4);
+        x[k + 5] = 40.0; // column 5 of token 1
+        x[2 * k + 17] = -9.0; // column 17 of token 2
+        let with = Int8Matrix::quantize(&w, o, k, 6.0, DType::F32).unwrap();
+        assert_eq!(with.outlier_columns(&x, n), vec![5, 17]);
+        let mut y = vec![0f32; n * o];
+        with.matmul_cpu(&x, n, &mut y);
+        let r = reference(&w, &x, n, o, k, 6.0);
+        let scale = r.iter().fold(0f64, |a, v| a.max(v.abs()));
+        assert!(max_abs_diff(&y, &r) <= 1e-5 * scale);
+
+        // Threshold 0 disables the decomposition: the outliers inflate the token
+        // absmax and the error against the exact product grows.
+        let without = Int8Matrix::quantize(&w, o, k, 0.0, DType::F32).unwrap();
+        assert!(without.outlier_columns(&x, n).is_empty());
+        let mut y0 = vec![0f32; n * o];
+        without.matmul_cpu(&x, n, &mut y0);
+        let r0 = reference(&w, &x, n, o, k, 0.0);
+        assert!(max_abs_diff(&y0, &r0) <= 1e-5 * scale);
+        let e = exact(&w, &x, n, o, k);
+        let (err_with, err_without) = (max_abs_diff(&y, &e), max_abs_diff(&y0, &e));
+        assert!(
+            err_with * 3.0 < err_without,
+            "with outliers {err_with:e}, without {err_without:e}"
+        );
+    }
+
+    #[test]
+    fn half_precision_rounds_the_output() {
+        let (o, k, n) = (8, 32, 2);
+        let w: Vec<f32> = normal(o * k, 0.02, 5)
+            .iter()
+            .map(|&v| DType::F16.round(v))
+            .collect();
+        let mut x = normal(n * k, 1.0, 6);
+        x[3] = 7.5;
+        let m = Int8Matrix::quantize(&w, o, k, 6.0, DType::F16).unwrap();
+        let mut y = vec![0f32; n * o];
+        m.matmul_cpu(&x, n, &mut y);
+        let xr: Vec<f32> = x.iter().map(|&v| DType::F16.round(v)).collect();
+        let r = reference(&w, &xr, n, o, k, 6.0);
+        let scale = r.iter().fold(0f64, |a, v| a.max(v.abs()));
+        for (a, b) in y.iter().zip(&r) {
+            assert_eq!(*a, DType::F16.round(*a));
+            assert!((*a as f64 - b).abs() <= 2f64.powi(-10) * b.abs() + 1e-3 * scale);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_input_clearly() {
+        let e = Int8Matrix::quantize(&[1.0, f32::INFINITY], 1, 2, 6.0, DType::F32).unwrap_err();
+        assert!(e.to_string().contains("flat index 1"), "{e}");
+        let e = Int8Matrix::quantize(&[1.0], 1, 2, 6.0, DType::F32).unwrap_err();
+        assert!(e.to_string().contains("needs 2"), "{e}");
+        let e = Int8Matrix::quantize(&[1.0, 2.0], 1, 2, -1.0, DType::F32).unwrap_err();
+        assert!(e.to_string().contains("threshold"), "{e}");
+    }
 }

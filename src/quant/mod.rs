@@ -18,6 +18,7 @@ pub mod bnb_codes;
 pub mod calib;
 pub mod gptq;
 pub mod int8;
+pub mod nibbles;
 pub mod packed;
 pub mod rtn;
 pub mod spec;

@@ -1,9 +1,9 @@
-//! One experiment, end to end: load → quantize → sanity → evaluate →
-//! benchmark, producing an [`ExperimentResult`].
+//! One experiment, end to end: load → base logits (divergence) → quantize →
+//! sanity → evaluate → benchmark, producing an [`ExperimentResult`].
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::provenance;
 use super::result::{
@@ -12,7 +12,9 @@ use super::result::{
 use super::store::RunStore;
 use crate::backend::Backend;
 use crate::config::Experiment;
+use crate::eval::divergence::{DEFAULT_TEXT, Reference, text_windows};
 use crate::io::load_model;
+use crate::io::tokenizer::Tokenizer;
 use crate::model::{LlamaWeights, Model};
 use crate::quant::storage::{quantized_usage, total_usage, usage_by_format};
 use crate::quant::{QuantContext, cast_dense, quantize_model};
@@ -41,6 +43,26 @@ pub fn storage_metrics(w: &LlamaWeights) -> StorageMetrics {
             })
             .collect(),
     }
+}
+
+/// The base model's logits on the experiment's divergence text.
+fn base_reference<B: Backend>(
+    base: &Model<B>,
+    tokenizer: &Tokenizer,
+    exp: &Experiment,
+) -> Result<Reference> {
+    let text = match &exp.eval.divergence_text {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("{}: cannot read eval.divergence_text", p.display()))?,
+        None => DEFAULT_TEXT.to_string(),
+    };
+    let window = exp
+        .eval
+        .divergence_tokens
+        .min(base.config.max_position_embeddings);
+    let windows = text_windows(tokenizer, &text, exp.eval.divergence_tokens, window)
+        .context("divergence text")?;
+    Reference::compute(base, windows).context("base model logits for the divergence")
 }
 
 /// A result skeleton for `exp`, status failed until every stage has run.
@@ -79,8 +101,20 @@ pub fn execute<B: Backend>(
     result.model = loaded.source.clone();
     result.timings.load_s = t.elapsed().as_secs_f64();
 
-    let t = Instant::now();
     cast_dense(&mut loaded.weights, exp.dtype);
+    // The base of the divergence is the unquantized model at the experiment's
+    // dtype; its logits are taken before quantizing, then it is freed.
+    let (backend, reference) = if exp.eval.divergence {
+        let t = Instant::now();
+        let base = Model::new(backend, &loaded.weights)?;
+        let reference = base_reference(&base, &loaded.tokenizer, exp)?;
+        result.timings.divergence_s = t.elapsed().as_secs_f64();
+        (base.into_backend(), Some(reference))
+    } else {
+        (backend, None)
+    };
+
+    let t = Instant::now();
     let ctx = QuantContext {
         tokenizer: &loaded.tokenizer,
     };
@@ -89,6 +123,16 @@ pub fn execute<B: Backend>(
     result.timings.quantize_s = t.elapsed().as_secs_f64();
 
     let model = Model::new(backend, &loaded.weights)?;
+    if let Some(reference) = reference {
+        let t = Instant::now();
+        let d = reference
+            .compare(&model)
+            .context("divergence from the base model")?;
+        result.accuracy.kl_divergence = Some(d.mean_kl());
+        result.accuracy.top1_agreement = Some(d.top1_agreement());
+        result.accuracy.divergence_tokens = Some(d.tokens);
+        result.timings.divergence_s += t.elapsed().as_secs_f64();
+    }
     // The backend holds its own copy; the host copy would only inflate memory.
     drop(loaded.weights);
     let t = Instant::now();

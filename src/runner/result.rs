@@ -55,6 +55,9 @@ pub struct AccuracyMetrics {
     pub kl_divergence: Option<f64>,
     /// Fraction of tokens whose argmax equals the unquantized model's.
     pub top1_agreement: Option<f64>,
+    /// Tokens the KL and top-1 agreement were measured over.
+    #[serde(default)]
+    pub divergence_tokens: Option<usize>,
 }
 
 /// Seconds spent in each stage.
@@ -65,6 +68,9 @@ pub struct Timings {
     pub sanity_s: f64,
     pub eval_s: f64,
     pub bench_s: f64,
+    /// Base and quantized logits for the KL / top-1 agreement.
+    #[serde(default)]
+    pub divergence_s: f64,
     pub total_s: f64,
 }
 
