@@ -8,7 +8,6 @@ use anyhow::{Result, bail};
 use clap::{Args as ClapArgs, ValueEnum};
 
 use crate::io::{awq_checkpoint, gptq_checkpoint, load_model};
-use crate::quant::spec::CalibConfig;
 use crate::quant::{QuantContext, QuantSpec, quantize_model};
 
 /// Checkpoint layouts `export` writes.
@@ -38,36 +37,57 @@ pub struct Args {
     /// Calibration text: plain text or JSONL with a "text" field (default: built-in text).
     #[arg(long)]
     pub calib: Option<PathBuf>,
-    /// Calibration windows (the reference setting is 128).
-    #[arg(long, default_value_t = 16)]
-    pub calib_samples: usize,
-    /// Tokens per calibration window (the reference setting is 2048).
-    #[arg(long, default_value_t = 512)]
-    pub calib_seq_len: usize,
-    /// Seed of the calibration windows.
-    #[arg(long, default_value_t = 0)]
-    pub calib_seed: u64,
+    /// Calibration windows (default 16; the GPTQ paper's setting is 128).
+    #[arg(long)]
+    pub calib_samples: Option<usize>,
+    /// Tokens per calibration window (default 512; the GPTQ paper's setting is 2048).
+    #[arg(long)]
+    pub calib_seq_len: Option<usize>,
+    /// Seed of the calibration windows (default 0).
+    #[arg(long)]
+    pub calib_seed: Option<u64>,
+}
+
+/// Refuses, before any quantization work, settings `format` cannot hold.
+fn check_format(spec: &QuantSpec, format: Format) -> Result<()> {
+    if format != Format::Awq {
+        return Ok(());
+    }
+    let (bits, act_order) = match spec {
+        QuantSpec::Rtn(c) => (c.bits, false),
+        QuantSpec::Gptq(c) => (c.bits, c.desc_act),
+        QuantSpec::Awq(c) => (c.bits, false),
+        _ => return Ok(()),
+    };
+    if bits != 4 {
+        bail!("the AWQ GEMM format holds 4-bit weights; {bits} bits need --format gptq");
+    }
+    if act_order {
+        bail!("the AWQ format has no g_idx, so act-order (desc_act) needs --format gptq");
+    }
+    Ok(())
 }
 
 /// Loads, quantizes (timing it) and writes the checkpoint.
 pub fn run(args: Args) -> Result<()> {
     let mut spec = QuantSpec::parse(&args.quant)?;
-    let calib = CalibConfig {
-        path: args.calib.clone(),
-        samples: args.calib_samples,
-        seq_len: args.calib_seq_len,
-        seed: args.calib_seed,
-    };
-    match &mut spec {
-        QuantSpec::Gptq(c) => c.calib = calib,
-        QuantSpec::Awq(c) => c.calib = calib,
-        QuantSpec::Rtn(_) => {}
-        other => bail!(
+    if !matches!(
+        spec,
+        QuantSpec::Rtn(_) | QuantSpec::Gptq(_) | QuantSpec::Awq(_)
+    ) {
+        bail!(
             "export writes GPTQ/AWQ checkpoints of rtn, gptq or awq quantization, not {}",
-            other.method()
-        ),
+            spec.method()
+        );
+    }
+    if let Some(c) = spec.calib_mut() {
+        c.path = args.calib.clone().or(c.path.take());
+        c.samples = args.calib_samples.unwrap_or(c.samples);
+        c.seq_len = args.calib_seq_len.unwrap_or(c.seq_len);
+        c.seed = args.calib_seed.unwrap_or(c.seed);
     }
     spec.validate()?;
+    check_format(&spec, args.format)?;
     let mut loaded = load_model(&args.model)?;
     let started = Instant::now();
     let ctx = QuantContext {

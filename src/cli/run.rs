@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// The experiments' own benchmark settings, also on the CPU.
     #[arg(long)]
     pub full_bench: bool,
+    /// Calibration text for GPTQ/AWQ experiments: plain text or JSONL with a
+    /// "text" field (default: each experiment's own, else the built-in text).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
 }
 
 /// Model used when neither the experiment nor `--model` names one.
@@ -80,6 +84,11 @@ pub fn execute(cmd: &str, mut experiments: Vec<Experiment>, args: &RunArgs) -> R
         eprintln!("benchmarks: quick settings (--full-bench for the experiments' own)");
         for e in &mut experiments {
             e.bench = quick_bench();
+        }
+    }
+    if let Some(path) = &args.calib {
+        for c in experiments.iter_mut().filter_map(|e| e.quant.calib_mut()) {
+            c.path = Some(path.clone());
         }
     }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
