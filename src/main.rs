@@ -21,6 +21,8 @@ enum Command {
     Bench(cli::bench::Args),
     /// Mean KL(base‖quantized) per token and top-1 agreement on a text.
     Divergence(cli::divergence::Args),
+    /// Quantize with RTN/GPTQ/AWQ and write a GPTQ or AWQ checkpoint directory.
+    Export(cli::export::Args),
     /// Evaluate accuracy: CoQA (lm-eval's task), perplexity or sanity prompts.
     Eval(cli::eval::Args),
     /// Greedy continuation of a prompt.
@@ -57,6 +59,7 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Bench(a) => cli::bench::run_cmd(a),
         Command::Divergence(a) => cli::divergence::run(a),
+        Command::Export(a) => cli::export::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Generate(a) => cli::generate::run(a),
         Command::Inspect(a) => cli::inspect::run(a),

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod common;
 pub mod divergence;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod quantize;

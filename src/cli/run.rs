@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// The experiments' own benchmark settings, also on the CPU.
     #[arg(long)]
     pub full_bench: bool,
+    /// Calibration text for GPTQ/AWQ experiments: plain text or JSONL with a
+    /// "text" field (default: each experiment's own, else the built-in text).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
 }
 
 /// Model used when neither the experiment nor `--model` names one.
@@ -83,6 +87,11 @@ pub fn run_options(cmd: &str, experiments: &mut [Experiment], args: &RunArgs) ->
         eprintln!("benchmarks: quick settings (--full-bench for the experiments' own)");
         for e in experiments.iter_mut() {
             e.bench = quick_bench();
+        }
+    }
+    if let Some(path) = &args.calib {
+        for c in experiments.iter_mut().filter_map(|e| e.quant.calib_mut()) {
+            c.path = Some(path.clone());
         }
     }
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {

@@ -115,11 +115,11 @@ pub fn load_quantized_dir(
             )
         })?;
     match method {
+        "gptq" => {
+            super::gptq_checkpoint::load_gptq(dir, config, &raw_config["quantization_config"])
+        }
+        "awq" => super::awq_checkpoint::load_awq(dir, config, &raw_config["quantization_config"]),
         "bitsandbytes" => super::bnb_checkpoint::read_bnb_weights(dir, config, raw_config),
-        "gptq" | "awq" => bail!(
-            "{}: quantized checkpoint with quant_method {method} cannot be loaded yet; load the unquantized model and pass --quant instead",
-            dir.display()
-        ),
         other => bail!(
             "{}: quantized checkpoint with unknown quant_method {other}; supported: bitsandbytes, gptq, awq",
             dir.display()

@@ -1,7 +1,9 @@
 //! Checkpoint readers and writers, hub downloads, tokenizers.
 
+pub mod awq_checkpoint;
 pub mod bnb_checkpoint;
 pub mod gguf;
+pub mod gptq_checkpoint;
 pub mod hf_dir;
 pub mod hub;
 pub mod safetensors_io;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 
 use super::LinearWeight;
+use super::calib::calibration_samples;
 use super::rtn::rtn_quantize;
 use super::spec::{QuantSpec, RtnConfig};
 use crate::model::LlamaWeights;
@@ -24,12 +25,14 @@ pub fn is_skipped(name: &str, skip_modules: &[String]) -> bool {
     })
 }
 
-/// Quantizes `weights` in place as `spec` says.
+/// Quantizes `weights` in place as `spec` says. GPTQ and AWQ calibrate on
+/// windows of their `calib` text tokenized with `ctx.tokenizer`.
 pub fn quantize_model(
     weights: &mut LlamaWeights,
     spec: &QuantSpec,
-    _ctx: &QuantContext,
+    ctx: &QuantContext,
 ) -> Result<()> {
+    spec.validate()?;
     match spec {
         QuantSpec::None { dtype } => {
             if let Some(dtype) = dtype {
@@ -45,11 +48,39 @@ pub fn quantize_model(
         }
         QuantSpec::Int8(c) => super::int8::quantize_model_int8(weights, c),
         QuantSpec::Rtn(c) => quantize_model_rtn(weights, c),
-        other => bail!(
-            "quantization method '{}' is not available in this build",
-            other.method()
-        ),
+        QuantSpec::Gptq(c) => {
+            block_linears_only("gptq", &c.skip_modules, weights)?;
+            let samples = calibration_samples(ctx.tokenizer, &c.calib)?;
+            with_large_stacks(|| super::gptq::quantize_model_gptq(weights, c, &samples))
+        }
+        QuantSpec::Awq(c) => {
+            block_linears_only("awq", &c.skip_modules, weights)?;
+            let samples = calibration_samples(ctx.tokenizer, &c.calib)?;
+            with_large_stacks(|| super::awq::quantize_model_awq(weights, c, &samples))
+        }
     }
+}
+
+/// Stack size of the worker threads that run calibrated quantization.
+pub const CALIB_THREAD_STACK: usize = 256 << 20;
+
+/// Runs `f` in a rayon pool whose threads have [`CALIB_THREAD_STACK`] bytes
+/// of stack: faer's factorizations and products on large matrices (the
+/// Hessians, `[in, in]`) use more stack than rayon's default threads have.
+fn with_large_stacks<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .stack_size(CALIB_THREAD_STACK)
+        .build()
+        .context("cannot start the quantization thread pool")?;
+    pool.install(f)
+}
+
+/// GPTQ and AWQ quantize decoder-block linears; an untied lm_head must be skipped.
+fn block_linears_only(method: &str, skip: &[String], weights: &LlamaWeights) -> Result<()> {
+    if weights.lm_head.is_some() && !is_skipped("lm_head", skip) {
+        bail!("{method} quantizes decoder-block linears only; keep lm_head in skip_modules");
+    }
+    Ok(())
 }
 
 /// Round-to-nearest (GPTQ's grid rule) for every linear not in `skip_modules`,

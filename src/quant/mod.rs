@@ -12,14 +12,17 @@ use std::sync::Arc;
 use crate::tensor::HostTensor;
 
 pub mod apply;
+pub mod awq;
 pub mod bnb4;
 pub mod bnb_codes;
+pub mod calib;
 pub mod gptq;
 pub mod int8;
 pub mod nibbles;
 pub mod packed;
 pub mod rtn;
 pub mod spec;
+pub mod staged;
 pub mod storage;
 
 pub use apply::{QuantContext, cast_dense, is_skipped, quantize_model};
