@@ -150,3 +150,12 @@ pub trait Backend: Send + Sync {
         step(&dev_layout, cache)
     }
 }
+
+/// Fails with `{op}: shapes RxC and RxC differ` unless `a` and `b` (rows,
+/// columns) are equal: the check of the backends' elementwise ops.
+pub fn check_same_shape(op: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
+    if a != b {
+        anyhow::bail!("{op}: shapes {}x{} and {}x{} differ", a.0, a.1, b.0, b.1);
+    }
+    Ok(())
+}

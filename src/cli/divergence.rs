@@ -52,12 +52,7 @@ fn resolve(quant: &str, config: Option<&std::path::Path>) -> Result<(Option<DTyp
     let spec = QuantSpec::parse(quant).with_context(|| {
         format!(
             "--quant '{quant}' is neither a preset ({}) nor a method spec",
-            registry
-                .experiments
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            registry.known()
         )
     })?;
     Ok((None, spec))

@@ -154,12 +154,7 @@ pub fn run(args: Args) -> Result<()> {
         if args.experiments.is_empty() {
             anyhow::bail!(
                 "name experiments to run or pass --all; known: {}",
-                registry
-                    .experiments
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                registry.known()
             );
         }
         pick(&registry, &args.experiments)?

@@ -86,16 +86,18 @@ impl Registry {
 
     /// The experiment called `name`; an unknown name lists the known ones.
     pub fn get(&self, name: &str) -> Result<&Experiment> {
-        self.experiments.get(name).with_context(|| {
-            format!(
-                "unknown experiment '{name}'; known: {}",
-                self.experiments
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
+        self.experiments
+            .get(name)
+            .with_context(|| format!("unknown experiment '{name}'; known: {}", self.known()))
+    }
+
+    /// The experiment names, comma-separated (for error messages).
+    pub fn known(&self) -> String {
+        self.experiments
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

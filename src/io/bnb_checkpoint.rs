@@ -21,7 +21,7 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde_json::{Value, json};
 
-use super::hf_dir::{CONFIG_FILE, TOKENIZER_FILE};
+use super::hf_dir::{CONFIG_FILE, write_dir_metadata};
 use super::safetensors_io::{RawTensor, checkpoint_files, decode, read_safetensors_raw};
 use super::tokenizer::Tokenizer;
 use crate::model::LlamaConfig;
@@ -239,27 +239,16 @@ pub fn write_bnb_dir(
     tokenizer: Option<&Tokenizer>,
     spec: &QuantSpec,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     let mut config = weights.config.to_hf_json();
     config["torch_dtype"] = json!(torch_dtype_name(weights.embed_tokens.dtype));
     config["quantization_config"] = quantization_config(spec)?;
-    let cfg_path = dir.join(CONFIG_FILE);
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("{}: cannot write", cfg_path.display()))?;
     let tensors = checkpoint_tensors(weights)?;
+    write_dir_metadata(dir, &config, tokenizer)?;
     super::safetensors_io::write_safetensors(
         &dir.join("model.safetensors"),
         &tensors,
         Some([("format".to_string(), "pt".to_string())].into()),
-    )?;
-    if let Some(tok) = tokenizer {
-        let path = dir.join(TOKENIZER_FILE);
-        tok.inner()
-            .save(&path, false)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer: {e}", path.display()))?;
-    }
-    Ok(())
+    )
 }
 
 /// Settings read from a `quantization_config` that the tensors do not carry.

@@ -23,7 +23,7 @@ use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde_json::json;
 
-use super::hf_dir::{CONFIG_FILE, TOKENIZER_FILE};
+use super::hf_dir::{CONFIG_FILE, write_dir_metadata};
 use super::safetensors_io::{RawTensor, decode, read_checkpoint_raw, write_safetensors};
 use super::tokenizer::Tokenizer;
 use crate::model::weights::{LINEAR_NAMES, LayerWeights};
@@ -180,16 +180,7 @@ pub(crate) fn write_quantized_dir(
     let mut config = weights.config.to_hf_json();
     config["torch_dtype"] = json!("float16");
     config["quantization_config"] = quantization_config;
-    let path = dir.join(CONFIG_FILE);
-    std::fs::write(&path, serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
-    if let Some(tok) = tokenizer {
-        let path = dir.join(TOKENIZER_FILE);
-        tok.inner()
-            .save(&path, false)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer: {e}", path.display()))?;
-    }
-    Ok(())
+    write_dir_metadata(dir, &config, tokenizer)
 }
 
 /// Assembles weights from a checkpoint's tensors: `linear(prefix, out, in)`

@@ -127,6 +127,28 @@ pub fn load_quantized_dir(
     }
 }
 
+/// Creates `dir` and writes `config` as its config.json and, when given, the
+/// tokenizer as tokenizer.json: what every checkpoint directory quantbench
+/// writes has besides its tensors.
+pub fn write_dir_metadata(
+    dir: &Path,
+    config: &serde_json::Value,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    let cfg_path = dir.join(CONFIG_FILE);
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(config)?)
+        .with_context(|| format!("{}: cannot write", cfg_path.display()))?;
+    if let Some(tok) = tokenizer {
+        let path = dir.join(TOKENIZER_FILE);
+        tok.inner()
+            .save(&path, false)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Writes `weights` (dequantized where quantized) as an HF checkpoint
 /// directory; the tokenizer is saved as tokenizer.json when given.
 pub fn write_hf_dir(
@@ -134,12 +156,7 @@ pub fn write_hf_dir(
     weights: &LlamaWeights,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let config = serde_json::to_string_pretty(&weights.config.to_hf_json())?;
-    let cfg_path = dir.join(CONFIG_FILE);
-    std::fs::write(&cfg_path, config)
-        .with_context(|| format!("{}: cannot write", cfg_path.display()))?;
+    write_dir_metadata(dir, &weights.config.to_hf_json(), tokenizer)?;
     let tensors: Vec<(String, RawTensor)> = weights
         .to_dense_tensors()
         .iter()
@@ -149,12 +166,5 @@ pub fn write_hf_dir(
         &dir.join("model.safetensors"),
         &tensors,
         Some([("format".to_string(), "pt".to_string())].into()),
-    )?;
-    if let Some(tok) = tokenizer {
-        let path = dir.join(TOKENIZER_FILE);
-        tok.inner()
-            .save(&path, false)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write tokenizer: {e}", path.display()))?;
-    }
-    Ok(())
+    )
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
 
 use super::LinearWeight;
 use super::calib::calibration_samples;
@@ -83,10 +84,33 @@ fn block_linears_only(method: &str, skip: &[String], weights: &LlamaWeights) -> 
     Ok(())
 }
 
+/// Runs `convert` on every decoder-block linear (layers in parallel), then
+/// on an untied lm_head, each named as in transformers
+/// (`model.layers.3.mlp.up_proj`, `lm_head`).
+pub fn convert_linears(
+    weights: &mut LlamaWeights,
+    convert: impl Fn(&str, &mut LinearWeight) -> Result<()> + Sync,
+) -> Result<()> {
+    weights
+        .layers
+        .par_iter_mut()
+        .enumerate()
+        .try_for_each(|(l, layer)| {
+            layer
+                .linears_mut()
+                .into_iter()
+                .try_for_each(|(name, w)| convert(&format!("model.layers.{l}.{name}"), w))
+        })?;
+    if let Some(head) = &mut weights.lm_head {
+        convert("lm_head", head)?;
+    }
+    Ok(())
+}
+
 /// Round-to-nearest (GPTQ's grid rule) for every linear not in `skip_modules`,
 /// including an untied lm_head when it is not skipped.
 pub fn quantize_model_rtn(weights: &mut LlamaWeights, c: &RtnConfig) -> Result<()> {
-    let quant = |name: &str, w: &mut LinearWeight| -> Result<()> {
+    convert_linears(weights, |name, w| {
         if is_skipped(name, &c.skip_modules) {
             return Ok(());
         }
@@ -95,16 +119,7 @@ pub fn quantize_model_rtn(weights: &mut LlamaWeights, c: &RtnConfig) -> Result<(
             .with_context(|| format!("RTN of {name}"))?;
         *w = LinearWeight::Quantized(Arc::new(q));
         Ok(())
-    };
-    for (l, layer) in weights.layers.iter_mut().enumerate() {
-        for (name, w) in layer.linears_mut() {
-            quant(&format!("model.layers.{l}.{name}"), w)?;
-        }
-    }
-    if let Some(h) = &mut weights.lm_head {
-        quant("lm_head", h)?;
-    }
-    Ok(())
+    })
 }
 
 /// Rounds every dense weight (embeddings, norms, linears) to `dtype`.

@@ -11,7 +11,6 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
-use rayon::prelude::*;
 
 use super::bnb_codes::{
     FP4_CODE, NF4_CODE, dynamic_map_signed, nf4_thresholds, quantize_dynamic, quantize_fp4,
@@ -19,7 +18,7 @@ use super::bnb_codes::{
 };
 use super::nibbles::{decode_nibbles, pack_nibbles};
 use super::spec::Bnb4Config;
-use super::{LinearWeight, QuantizedMatrix, is_skipped};
+use super::{LinearWeight, QuantizedMatrix, convert_linears, is_skipped};
 use crate::backend::cpu::matmul::matmul_by_row_blocks;
 use crate::model::LlamaWeights;
 use crate::tensor::DType;
@@ -471,20 +470,7 @@ pub fn quantize_model_bnb4(
         *w = LinearWeight::Quantized(Arc::new(q));
         Ok(())
     };
-    weights
-        .layers
-        .par_iter_mut()
-        .enumerate()
-        .try_for_each(|(l, layer)| {
-            layer
-                .linears_mut()
-                .into_iter()
-                .try_for_each(|(name, w)| convert(&format!("model.layers.{l}.{name}"), w))
-        })?;
-    if let Some(head) = &mut weights.lm_head {
-        convert("lm_head", head)?;
-    }
-    Ok(())
+    convert_linears(weights, convert)
 }
 
 #[cfg(test)]

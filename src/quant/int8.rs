@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use rayon::prelude::*;
 
 use super::spec::Int8Config;
-use super::{LinearWeight, QuantizedMatrix, is_skipped};
+use super::{LinearWeight, QuantizedMatrix, convert_linears, is_skipped};
 use crate::model::LlamaWeights;
 use crate::tensor::DType;
 
@@ -262,20 +262,7 @@ pub fn quantize_model_int8(weights: &mut LlamaWeights, cfg: &Int8Config) -> Resu
         *w = LinearWeight::Quantized(Arc::new(q));
         Ok(())
     };
-    weights
-        .layers
-        .par_iter_mut()
-        .enumerate()
-        .try_for_each(|(l, layer)| {
-            layer
-                .linears_mut()
-                .into_iter()
-                .try_for_each(|(name, w)| convert(&format!("model.layers.{l}.{name}"), w))
-        })?;
-    if let Some(head) = &mut weights.lm_head {
-        convert("lm_head", head)?;
-    }
-    Ok(())
+    convert_linears(weights, convert)
 }
 
 #[cfg(test)]

@@ -67,16 +67,7 @@ pub fn rope(
 }
 
 fn check_same_shape(op: &str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
-    if (a.rows, a.cols) != (b.rows, b.cols) {
-        bail!(
-            "{op}: shapes {}x{} and {}x{} differ",
-            a.rows,
-            a.cols,
-            b.rows,
-            b.cols
-        );
-    }
-    Ok(())
+    crate::backend::check_same_shape(op, (a.rows, a.cols), (b.rows, b.cols))
 }
 
 /// `silu(gate) * up`.

@@ -135,16 +135,7 @@ pub fn rope(
 }
 
 fn check_same(op: &str, a: &CudaTensor, b: &CudaTensor) -> Result<()> {
-    if (a.rows, a.cols) != (b.rows, b.cols) {
-        bail!(
-            "{op}: shapes {}x{} and {}x{} differ",
-            a.rows,
-            a.cols,
-            b.rows,
-            b.cols
-        );
-    }
-    Ok(())
+    crate::backend::check_same_shape(op, (a.rows, a.cols), (b.rows, b.cols))
 }
 
 /// `silu(gate) * up`.

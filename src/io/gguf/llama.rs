@@ -214,28 +214,18 @@ fn rope_scaling_from_freqs(
 /// Undoes llama.cpp's q/k permutation for `heads` heads: within each head,
 /// GGUF row `2j + half` holds HF row `half · head_dim/2 + j`.
 pub fn unpermute_rows(t: &HostTensor, heads: usize) -> Result<HostTensor> {
-    let (rows, cols) = t.dims2()?;
-    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
-        bail!("cannot split {rows} rows into {heads} heads of even size");
-    }
-    let hd = rows / heads;
-    let mut data = vec![0f32; t.data.len()];
-    for h in 0..heads {
-        for half in 0..2 {
-            for j in 0..hd / 2 {
-                let src = h * hd + 2 * j + half;
-                let dst = h * hd + half * (hd / 2) + j;
-                data[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    HostTensor::new(t.shape.clone(), t.dtype, data)
+    reorder_head_rows(t, heads, true)
 }
 
 /// The inverse of [`unpermute_rows`]: what llama.cpp's converter does to HF
 /// q/k weights (used to write GGUF files in tests).
 pub fn permute_rows(t: &HostTensor, heads: usize) -> Result<HostTensor> {
+    reorder_head_rows(t, heads, false)
+}
+
+/// Moves each head's rows between the GGUF order (`2j + half`) and the HF
+/// order (`half · head_dim/2 + j`), towards HF when `to_hf`.
+fn reorder_head_rows(t: &HostTensor, heads: usize, to_hf: bool) -> Result<HostTensor> {
     let (rows, cols) = t.dims2()?;
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         bail!("cannot split {rows} rows into {heads} heads of even size");
@@ -245,10 +235,11 @@ pub fn permute_rows(t: &HostTensor, heads: usize) -> Result<HostTensor> {
     for h in 0..heads {
         for half in 0..2 {
             for j in 0..hd / 2 {
+                let gguf = h * hd + 2 * j + half;
                 let hf = h * hd + half * (hd / 2) + j;
-                let gg = h * hd + 2 * j + half;
-                data[gg * cols..(gg + 1) * cols]
-                    .copy_from_slice(&t.data[hf * cols..(hf + 1) * cols]);
+                let (src, dst) = if to_hf { (gguf, hf) } else { (hf, gguf) };
+                data[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
             }
         }
     }
