@@ -8,6 +8,7 @@ use clap::Args as ClapArgs;
 
 use super::run::RunArgs;
 use crate::backend::Device;
+use crate::runner::log_line;
 use crate::runner::worker::work;
 
 /// Arguments of `quantbench worker`.
@@ -24,7 +25,7 @@ pub struct Args {
 /// `quantbench worker`: runs unfinished experiments of the plan until none is left.
 pub fn run(args: Args) -> Result<()> {
     let r = work(&args.run_dir, args.device, None)?;
-    eprintln!(
+    log_line!(
         "[worker pid {} on {}] no experiment left: {} finished, {} failed by this worker",
         std::process::id(),
         args.device,
@@ -53,7 +54,7 @@ pub fn run_task(task: usize, args: &RunArgs) -> Result<()> {
         );
     }
     if r.finished == 0 {
-        eprintln!(
+        log_line!(
             "experiment #{task}: nothing to do (already finished, or another process runs it)"
         );
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::claim::{ClaimDir, ProcessId, SUPERVISOR_ENV};
+use super::log_line;
 use crate::backend::Device;
 
 /// How often the supervisor looks at its workers.
@@ -77,7 +78,7 @@ fn spawn(exe: &Path, run_dir: &Path, device: Device, cpu_workers: usize) -> Resu
         pid: child.id(),
         start_ticks: None,
     });
-    eprintln!("sweep: worker pid {} started on {device}", id.pid);
+    log_line!("sweep: worker pid {} started on {device}", id.pid);
     Ok(Worker { child, id, device })
 }
 
@@ -102,7 +103,7 @@ pub fn run_workers(run_dir: &Path, devices: &[Device]) -> Result<Vec<String>> {
                 continue;
             };
             if status.success() {
-                eprintln!("sweep: worker pid {} on {} finished", w.id.pid, w.device);
+                log_line!("sweep: worker pid {} on {} finished", w.id.pid, w.device);
                 *slot = None;
                 continue;
             }
@@ -114,10 +115,10 @@ pub fn run_workers(run_dir: &Path, devices: &[Device]) -> Result<Vec<String>> {
             );
             let crashed = claims.mark_crashed(&w.id, &how)?;
             if crashed > 0 {
-                eprintln!("sweep: {how}; its experiment will be retried or recorded as failed");
+                log_line!("sweep: {how}; its experiment will be retried or recorded as failed");
                 *slot = Some(spawn(&exe, run_dir, w.device, cpu_workers)?);
             } else {
-                eprintln!("sweep: {how} without holding an experiment; not restarted");
+                log_line!("sweep: {how} without holding an experiment; not restarted");
                 broken.push(how);
                 *slot = None;
             }

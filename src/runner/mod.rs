@@ -61,11 +61,24 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Writes one formatted line to stderr in a single write: worker processes
+/// of a sweep share the stream, and `eprintln!` writes a line in several
+/// pieces that another process's line can land between.
+macro_rules! log_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("{}\n", format_args!($($arg)*));
+        // A log line that cannot be written is not worth failing the run for.
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+pub(crate) use log_line;
+
 /// Prints a progress line above the bar, or to stderr when the bar is hidden
 /// (not a terminal), so logs always show what happened.
 fn say(bar: &ProgressBar, line: String) {
     if bar.is_hidden() {
-        eprintln!("{line}");
+        log_line!("{line}");
     } else {
         bar.println(line);
     }

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::claim::{ClaimDir, EndKind, Held, MAX_RUN_ATTEMPTS, Work, next_work};
+use super::log_line;
 use super::plan::Plan;
 use super::result::Status;
 use super::store::RunStore;
@@ -52,17 +53,17 @@ pub fn work(run_dir: &Path, device: Device, only: Option<usize>) -> Result<Worke
             Work::Run { held, index } => {
                 let exp = &plan.experiments[index];
                 let attempt = held.claim().attempt;
-                eprintln!("{tag} {}: attempt {attempt} started", exp.name);
+                log_line!("{tag} {}: attempt {attempt} started", exp.name);
                 if crash_requested(&crash_spec, &exp.name, attempt) {
-                    eprintln!("{tag} {}: {CRASH_ENV} asks for a crash; aborting", exp.name);
+                    log_line!("{tag} {}: {CRASH_ENV} asks for a crash; aborting", exp.name);
                     std::process::abort();
                 }
                 let result = run_one(exp, device, &store)?;
                 store.save(&result)?;
                 let ok = result.status == Status::Ok;
                 match &result.error {
-                    None => eprintln!("{tag} {}: done in {:.1}s", exp.name, result.timings.total_s),
-                    Some(e) => eprintln!("{tag} {}: FAILED: {e}", exp.name),
+                    None => log_line!("{tag} {}: done in {:.1}s", exp.name, result.timings.total_s),
+                    Some(e) => log_line!("{tag} {}: FAILED: {e}", exp.name),
                 }
                 let end = if ok {
                     EndKind::Finished
@@ -78,7 +79,7 @@ pub fn work(run_dir: &Path, device: Device, only: Option<usize>) -> Result<Worke
                 history,
             } => {
                 record_crashes(&plan, index, held, &history, device, &store)?;
-                eprintln!(
+                log_line!(
                     "{tag} {}: crashed in all {MAX_RUN_ATTEMPTS} attempts; recorded as failed",
                     plan.experiments[index].name
                 );
