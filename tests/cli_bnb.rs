@@ -4,43 +4,11 @@
 //! clear error line.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
+mod common;
+
+use common::{error_line, stdout_ok};
 use quantbench::io::safetensors_io::{RawTensor, read_safetensors_raw, write_safetensors};
-
-fn quantbench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_quantbench"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run quantbench")
-}
-
-fn stdout_ok(args: &[&str]) -> String {
-    let out = quantbench(args);
-    assert!(
-        out.status.success(),
-        "quantbench {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// The single `error: ...` line of a failing command.
-fn error_line(args: &[&str]) -> String {
-    let out = quantbench(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "{args:?}: expected failure");
-    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{args:?}: expected one line, got {stderr:?}"
-    );
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    lines[0].to_string()
-}
 
 fn quantize(out: &Path, extra: &[&str]) -> String {
     let mut args = vec!["quantize", "--model", "synth:tiny", "--out"];

@@ -5,37 +5,9 @@
 //! error line.
 
 use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn quantbench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_quantbench"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run quantbench")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = quantbench(args);
-    assert!(
-        out.status.success(),
-        "quantbench {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The single `error: ...` line of a failing command.
-fn error_line(args: &[&str]) -> String {
-    let out = quantbench(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "{args:?}: expected failure");
-    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line: {stderr:?}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    lines[0].to_string()
-}
+use common::{error_line, ok};
 
 fn export(out: &Path, quant: &str, format: &str) -> String {
     let o = ok(&[

@@ -2,21 +2,15 @@
 //! files → report; an interrupted run resumed; bad input refused clearly.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::ok;
 
 fn quantbench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_quantbench"))
-}
-
-fn run_ok(args: &[&str]) -> Output {
-    let out = quantbench().args(args).output().expect("binary runs");
-    assert!(
-        out.status.success(),
-        "quantbench {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn run_err(args: &[&str]) -> String {
@@ -38,7 +32,7 @@ fn result_json(dir: &Path, name: &str) -> serde_json::Value {
 fn compare_then_report() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let out = run_ok(&[
+    let out = ok(&[
         "compare",
         "--model",
         "synth:tiny",
@@ -86,7 +80,7 @@ fn compare_then_report() {
     }
 
     let report = tmp.path().join("report");
-    run_ok(&[
+    ok(&[
         "report",
         run.to_str().unwrap(),
         "--out",
@@ -161,7 +155,7 @@ fn interrupted_run_resumes_only_missing_experiments() {
     );
     let before = std::fs::read(&first).unwrap();
 
-    let out = run_ok(&args);
+    let out = ok(&args);
     let summary = String::from_utf8_lossy(&out.stdout);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -12,20 +12,18 @@
 //! in the (fp16) norm and producer weights, which are written as they are.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use super::gptq_checkpoint::{
-    assemble_weights, common_format, dense_linear, f16_tensor, f16_values, i32_tensor, i32_words,
+    common_format, f16_tensor, f16_values, i32_tensor, i32_words, load_packed_dir,
     write_quantized_dir,
 };
 use super::hf_dir::CONFIG_FILE;
-use super::safetensors_io::{RawTensor, read_checkpoint_raw};
+use super::safetensors_io::RawTensor;
 use super::tokenizer::Tokenizer;
 use crate::model::{LlamaConfig, LlamaWeights};
-use crate::quant::LinearWeight;
 use crate::quant::packed::PackedIntMatrix;
 
 /// Nibble `i` of a GEMM word holds column `8j + AWQ_ORDER[i]`.
@@ -179,16 +177,9 @@ pub fn load_awq(dir: &Path, config: LlamaConfig, qc: &serde_json::Value) -> Resu
         bail!("{origin}: AWQ without zero points is not supported");
     }
     let group_size = qc.get("group_size").and_then(|g| g.as_i64()).unwrap_or(128);
-    let mut tensors = read_checkpoint_raw(dir)?;
-    assemble_weights(config, &mut tensors, &|t, prefix, o, i| {
-        if t.contains_key(&format!("{prefix}.qweight")) {
-            let m = matrix_from_awq(prefix, t, o, i, group_size)?;
-            Ok(LinearWeight::Quantized(Arc::new(m)))
-        } else {
-            dense_linear(t, prefix, o, i)
-        }
+    load_packed_dir(dir, config, "AWQ", &|t, prefix, o, i| {
+        matrix_from_awq(prefix, t, o, i, group_size)
     })
-    .with_context(|| format!("{}: not a loadable AWQ checkpoint", dir.display()))
 }
 
 #[cfg(test)]

@@ -117,8 +117,12 @@ pub(crate) type LinearExporter<'a> =
     dyn Fn(&str, &PackedIntMatrix) -> Result<Vec<(String, RawTensor)>> + 'a;
 
 /// Builds one block linear `(tensors, prefix, out, in)` from checkpoint tensors.
-pub(crate) type LinearImporter<'a> =
-    dyn Fn(&mut HashMap<String, RawTensor>, &str, usize, usize) -> Result<LinearWeight> + 'a;
+pub(crate) type LinearImporter<'a> = Importer<'a, LinearWeight>;
+
+/// Builds one weight of type `T` from a checkpoint's tensors: `(tensors,
+/// prefix, out features, in features)`.
+pub(crate) type Importer<'a, T> =
+    dyn Fn(&mut HashMap<String, RawTensor>, &str, usize, usize) -> Result<T> + 'a;
 
 /// Writes a model whose linears are packed integer matrices (or dense) as
 /// an HF directory: dense tensors in fp16, each quantized linear through
@@ -469,16 +473,29 @@ pub fn load_gptq(dir: &Path, config: LlamaConfig, qc: &serde_json::Value) -> Res
     {
         bail!("{origin}: GPTQ checkpoint_format '{f}' is not supported; only 'gptq' (v1)");
     }
+    load_packed_dir(dir, config, "GPTQ", &|t, prefix, o, i| {
+        matrix_from_gptq(prefix, t, o, i, bits, group_size, sym)
+    })
+}
+
+/// Reads a packed-integer checkpoint directory (GPTQ or AWQ, named `what`
+/// in errors): linears with `{prefix}.qweight` through `matrix`, the others
+/// dense.
+pub(crate) fn load_packed_dir(
+    dir: &Path,
+    config: LlamaConfig,
+    what: &str,
+    matrix: &Importer<PackedIntMatrix>,
+) -> Result<LlamaWeights> {
     let mut tensors = read_checkpoint_raw(dir)?;
     assemble_weights(config, &mut tensors, &|t, prefix, o, i| {
         if t.contains_key(&format!("{prefix}.qweight")) {
-            let m = matrix_from_gptq(prefix, t, o, i, bits, group_size, sym)?;
-            Ok(LinearWeight::Quantized(Arc::new(m)))
+            Ok(LinearWeight::Quantized(Arc::new(matrix(t, prefix, o, i)?)))
         } else {
             dense_linear(t, prefix, o, i)
         }
     })
-    .with_context(|| format!("{}: not a loadable GPTQ checkpoint", dir.display()))
+    .with_context(|| format!("{}: not a loadable {what} checkpoint", dir.display()))
 }
 
 #[cfg(test)]

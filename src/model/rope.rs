@@ -1,34 +1,38 @@
 //! RoPE inverse frequencies, with llama3 frequency scaling.
 
-use super::config::LlamaConfig;
+use super::config::{Llama3RopeScaling, LlamaConfig};
 
 /// `inv_freq[i] = theta^(-2i/d)` for `i < d/2`, adjusted by llama3 scaling
-/// when configured: long wavelengths are divided by `factor`, short ones kept,
-/// and the band between is interpolated smoothly.
+/// when configured (see [`llama3_scaled`]).
 pub fn inv_freq(config: &LlamaConfig) -> Vec<f32> {
     let d = config.head_dim;
     (0..d / 2)
         .map(|i| {
             let f = 1.0 / config.rope_theta.powf((2 * i) as f64 / d as f64);
-            let Some(s) = &config.rope_scaling else {
-                return f as f32;
-            };
-            let old = s.original_max_position_embeddings as f64;
-            let low_wavelen = old / s.low_freq_factor;
-            let high_wavelen = old / s.high_freq_factor;
-            let wavelen = 2.0 * std::f64::consts::PI / f;
-            let scaled = if wavelen < high_wavelen {
-                f
-            } else if wavelen > low_wavelen {
-                f / s.factor
-            } else {
-                let smooth =
-                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                (1.0 - smooth) * f / s.factor + smooth * f
-            };
-            scaled as f32
+            match &config.rope_scaling {
+                Some(s) => llama3_scaled(f, s) as f32,
+                None => f as f32,
+            }
         })
         .collect()
+}
+
+/// The inverse frequency `f` under llama3 scaling: long wavelengths are
+/// divided by `factor`, short ones kept, and the band between is
+/// interpolated smoothly.
+pub fn llama3_scaled(f: f64, s: &Llama3RopeScaling) -> f64 {
+    let old = s.original_max_position_embeddings as f64;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    let wavelen = 2.0 * std::f64::consts::PI / f;
+    if wavelen < high_wavelen {
+        f
+    } else if wavelen > low_wavelen {
+        f / s.factor
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * f / s.factor + smooth * f
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use super::{GgufFile, GgufHeader, GgufValue};
 use crate::io::LoadedModel;
 use crate::io::tokenizer::{BpeSplit, Tokenizer};
 use crate::model::config::Llama3RopeScaling;
+use crate::model::rope::llama3_scaled;
 use crate::model::{LlamaConfig, LlamaWeights};
 use crate::tensor::HostTensor;
 
@@ -156,20 +157,10 @@ pub fn config_from_gguf(h: &GgufHeader) -> Result<LlamaConfig> {
 /// The per-frequency divisors llama3 rope scaling applies (what llama.cpp's
 /// converter stores as `rope_freqs.weight`).
 fn llama3_rope_factors(theta: f64, head_dim: usize, s: &Llama3RopeScaling) -> Vec<f64> {
-    let old = s.original_max_position_embeddings as f64;
     (0..head_dim / 2)
         .map(|i| {
             let freq = theta.powf(-(2.0 * i as f64) / head_dim as f64);
-            let wavelen = 2.0 * std::f64::consts::PI / freq;
-            if wavelen < old / s.high_freq_factor {
-                1.0
-            } else if wavelen > old / s.low_freq_factor {
-                s.factor
-            } else {
-                let smooth =
-                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                1.0 / ((1.0 - smooth) / s.factor + smooth)
-            }
+            freq / llama3_scaled(freq, s)
         })
         .collect()
 }
