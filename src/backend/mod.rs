@@ -97,16 +97,30 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x += y`, elementwise.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
-    /// `x += y`, then [`Backend::rms_norm`] of the sum; backends may fuse the two.
-    fn add_rms_norm(
+    /// `x += a·Wᵀ`: a projection added to the residual stream; backends may
+    /// fuse the two.
+    fn matmul_add(&self, x: &mut Self::Tensor, a: &Self::Tensor, w: &Self::Weight) -> Result<()> {
+        let y = self.matmul(a, w)?;
+        self.add_assign(x, &y)
+    }
+    /// [`Backend::rope`] on `q` (`q_heads`) and `k` (`kv_heads`), then
+    /// [`Backend::attention`]; backends may fuse them, so `q` and `k` are
+    /// left rotated or not and must not be read afterwards.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
         &self,
-        x: &mut Self::Tensor,
-        y: &Self::Tensor,
-        w: &Self::Vector,
-        eps: f32,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
+        v: &Self::Tensor,
+        inv_freq: &Self::Vector,
+        cache: &mut Self::Cache,
+        layer: usize,
+        heads: HeadShape,
+        layout: &Self::Layout,
     ) -> Result<Self::Tensor> {
-        self.add_assign(x, y)?;
-        self.rms_norm(x, w, eps)
+        self.rope(q, heads.q_heads, heads.head_dim, inv_freq, layout)?;
+        self.rope(k, heads.kv_heads, heads.head_dim, inv_freq, layout)?;
+        self.attention(q, k, v, cache, layer, heads, layout)
     }
     /// `silu(x·Gᵀ) * (x·Uᵀ)`: the MLP's gate and up projections and its
     /// activation; backends may fuse them.

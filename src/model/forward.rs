@@ -169,29 +169,14 @@ impl<B: Backend> Model<B> {
         let mut q = b.matmul(&h, &layer.q_proj)?;
         let mut k = b.matmul(&h, &layer.k_proj)?;
         let v = b.matmul(&h, &layer.v_proj)?;
-        b.rope(
-            &mut q,
-            heads.q_heads,
-            heads.head_dim,
-            &self.inv_freq,
-            layout,
-        )?;
-        b.rope(
-            &mut k,
-            heads.kv_heads,
-            heads.head_dim,
-            &self.inv_freq,
-            layout,
-        )?;
-        let attn = b.attention(&q, &k, &v, cache, l, heads, layout)?;
+        let attn = b.rope_attention(&mut q, &mut k, &v, &self.inv_freq, cache, l, heads, layout)?;
         observe(LinearInput::O, &attn)?;
-        let o = b.matmul(&attn, &layer.o_proj)?;
-        let h = b.add_rms_norm(x, &o, &layer.post_attention_layernorm, eps)?;
+        b.matmul_add(x, &attn, &layer.o_proj)?;
+        let h = b.rms_norm(x, &layer.post_attention_layernorm, eps)?;
         observe(LinearInput::GateUp, &h)?;
         let act = b.gate_up_silu(&h, &layer.gate_proj, &layer.up_proj)?;
         observe(LinearInput::Down, &act)?;
-        let down = b.matmul(&act, &layer.down_proj)?;
-        b.add_assign(x, &down)
+        b.matmul_add(x, &act, &layer.down_proj)
     }
 
     /// Final norm and lm_head: logits `[rows, vocab]`.

@@ -12,12 +12,29 @@ const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 /// Default shared-memory budget of a block.
 const SMEM_DEFAULT: usize = 48 * 1024;
 
-fn decode_smem(group: usize, d: usize, ch: usize) -> usize {
-    4 * (group * d + ch * (d + 1) + ch * d + group * ch + 2 * group)
+/// Keys per tile of the decode kernel (`ATT_TK` in attention.cu).
+const DECODE_TILE: usize = 32;
+/// Most key ranges a decode token's keys are split into (the merge takes
+/// one range per lane of a warp).
+const DECODE_MAX_SPLITS: usize = 16;
+/// Threads per decode block and outputs per thread (`ATT_OUT`).
+const DECODE_THREADS: usize = 128;
+const DECODE_OUTPUTS_PER_THREAD: usize = 16;
+
+fn decode_smem(group: usize, d: usize) -> usize {
+    let tk = DECODE_TILE;
+    4 * (group * d + tk * (d + 1) + tk * d + group * tk + 3 * group)
+}
+
+/// Whether `layout` is a decode step: one new token per sequence.
+pub fn is_decode(layout: &CudaLayout) -> bool {
+    layout.host.seqs.iter().all(|c| c.len == 1)
 }
 
 /// Appends the step's K/V rows to `layer` of the cache, then attends every
-/// query row to positions `0..=pos` of its own slot.
+/// query row to positions `0..=pos` of its own slot. With `inv_freq`, decode
+/// steps apply RoPE to `q` and `k` inside the attention kernel (the caller
+/// rotates them itself for prefill steps).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
@@ -28,6 +45,7 @@ pub fn attention(
     layer: usize,
     heads: HeadShape,
     layout: &CudaLayout,
+    inv_freq: Option<&CudaTensor>,
 ) -> Result<CudaTensor> {
     let HeadShape {
         q_heads,
@@ -65,7 +83,10 @@ pub fn attention(
     let scale = 1.0f32 / (d as f32).sqrt();
     let (qp, op) = (q.ptr(), out.ptr());
     let (qh, kvh) = (q_heads as i32, kv_heads as i32);
-    let prefill = layout.host.seqs.iter().any(|c| c.len > 1);
+    let prefill = !is_decode(layout);
+    if prefill && inv_freq.is_some() {
+        bail!("attention: fused RoPE is for decode steps only");
+    }
     if prefill {
         // Decode steps append inside `attn_decode`.
         gpu.launch(
@@ -107,27 +128,25 @@ pub fn attention(
         )?;
         return Ok(out);
     }
-    // Split-K decode over the whole cache length; chunks past a token's
-    // position finish at once.
+    // Split-K decode: keys 0..=pos of each token in up to 16 ranges (as many
+    // as 32-key tiles of the cache length), merged by the last block.
     let group = q_heads / kv_heads;
-    // 32-key chunks: on an H100 with Llama-3.2-1B shapes they decoded a
-    // 512-token context 7% faster than 64-key chunks (more blocks in flight).
-    let ch = [32usize, 16]
-        .into_iter()
-        .find(|&ch| decode_smem(group, d, ch) <= SMEM_DEFAULT)
-        .unwrap_or(16);
-    let smem = decode_smem(group, d, ch);
+    if group * d > DECODE_OUTPUTS_PER_THREAD * DECODE_THREADS {
+        bail!("attention: {group} query heads of {d} per KV head exceed the decode kernel");
+    }
+    let smem = decode_smem(group, d);
     if smem > SMEM_DEFAULT {
         gpu.set_max_dynamic_smem("attn_decode", smem as u32)?;
     }
-    let splits = s.max_len.div_ceil(ch);
+    let splits = s.max_len.div_ceil(DECODE_TILE).clamp(1, DECODE_MAX_SPLITS);
     let part = gpu.alloc(n * q_heads * splits * (d + 2) * 4)?;
-    let pp = part.ptr();
-    let (di, sp, chi) = (d as i32, splits as i32, ch as i32);
+    let (pp, cp) = (part.ptr(), cache.counters());
+    let fp = inv_freq.map_or(0, |f| f.ptr());
+    let (di, sp) = (d as i32, splits as i32);
     gpu.launch(
         "attn_decode",
         (splits as u32, kv_heads as u32, n as u32),
-        128,
+        DECODE_THREADS as u32,
         smem as u32,
         &mut [
             arg(&qp),
@@ -137,23 +156,17 @@ pub fn attention(
             arg(&vc),
             arg(&slots),
             arg(&pos),
+            arg(&fp),
             arg(&pp),
+            arg(&cp),
+            arg(&op),
             arg(&qh),
             arg(&kvh),
             arg(&di),
             arg(&ml),
             arg(&sp),
-            arg(&chi),
             arg(&scale),
         ],
-    )?;
-    let block = (d.div_ceil(32) * 32).min(256) as u32;
-    gpu.launch(
-        "attn_combine",
-        (q_heads as u32, n as u32, 1),
-        block,
-        0,
-        &mut [arg(&pp), arg(&op), arg(&qh), arg(&di), arg(&sp)],
     )?;
     Ok(out)
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::{CUdevice_attribute, CUdeviceptr};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUdeviceptr};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result};
 use cudarc::nvrtc::Ptx;
 
@@ -41,6 +41,8 @@ pub struct Gpu {
     pub name: String,
     pub sm_count: usize,
     pub total_mem: usize,
+    /// Whether launches allow programmatic dependent launch.
+    pdl: bool,
 }
 
 // SAFETY: every driver handle here is used through the one stream with the
@@ -96,6 +98,7 @@ impl Gpu {
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let pool = Pool::new(stats.clone());
         Ok(Gpu {
+            pdl: pdl_enabled(major),
             name: ctx.name()?,
             total_mem: ctx.total_mem()?,
             sm_count,
@@ -142,7 +145,9 @@ impl Gpu {
         self.pool().alloc(bytes)
     }
 
-    /// Launches kernel `name` on the stream.
+    /// Launches kernel `name` on the stream; with programmatic dependent
+    /// launch (see `pdl_start` in common.cuh) its blocks may be scheduled
+    /// before the previous kernel has finished.
     pub fn launch(
         &self,
         name: &str,
@@ -155,15 +160,27 @@ impl Gpu {
             .funcs
             .get(name)
             .with_context(|| format!("unknown kernel {name}"))?;
+        let mut attrs = [launch_attribute_pdl()];
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: if self.pdl { 1 } else { 0 },
+        };
         unsafe {
-            result::launch_kernel(
+            sys::cuLaunchKernelEx(
+                &config,
                 f.cu_function(),
-                grid,
-                (block, 1, 1),
-                smem,
-                self.stream.cu_stream(),
-                args,
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
             )
+            .result()
         }
         .with_context(|| format!("launching {name} grid {grid:?} block {block} smem {smem}"))
     }
@@ -214,4 +231,21 @@ impl Gpu {
             .synchronize()
             .context("a CUDA kernel failed (reported at synchronization)")
     }
+}
+
+/// The launch attribute that allows programmatic dependent launch.
+fn launch_attribute_pdl() -> sys::CUlaunchAttribute {
+    let mut value = sys::CUlaunchAttributeValue { pad: [0; 64] };
+    value.programmaticStreamSerializationAllowed = 1;
+    sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value,
+    }
+}
+
+/// Whether kernels use programmatic dependent launch: devices of compute
+/// capability 9.0 and later, unless `QUANTBENCH_CUDA_PDL=0`.
+fn pdl_enabled(major: i32) -> bool {
+    major >= 9 && std::env::var("QUANTBENCH_CUDA_PDL").map_or(true, |v| v != "0")
 }

@@ -43,28 +43,100 @@ pub fn matmul(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight) -> Result<CudaTensor> {
         );
     }
     let y = CudaTensor::empty(gpu, x.rows, out_f)?;
-    if x.rows == 0 {
+    if x.rows == 0 || gemv_into(gpu, x, w, &y, false)? {
         return Ok(y);
     }
     match w {
         CudaWeight::Dense { dtype, buf, .. } => {
-            if x.rows <= GEMV_MAX_ROWS && in_f % 8 == 0 {
-                let name = match dtype {
-                    DType::F32 => "gemv_f32",
-                    DType::F16 => "gemv_f16",
-                    DType::BF16 => "gemv_bf16",
-                };
-                let p = buf.ptr();
-                gemv(gpu, name, vec![arg(&p)], &[], x, &y, out_f, in_f, 2)?;
-            } else {
-                gemm_dense(gpu, *dtype, buf.ptr(), x, &y, out_f, in_f)?;
-            }
+            gemm_dense(gpu, *dtype, buf.ptr(), x, &y, out_f, in_f)?
         }
         CudaWeight::Bnb4(q) => matmul_bnb4(gpu, q, x, &y)?,
         CudaWeight::Packed(q) => matmul_packed(gpu, q, x, &y)?,
         CudaWeight::Int8(q) => matmul_int8(gpu, q, x, &y)?,
     }
     Ok(y)
+}
+
+/// `x += a·Wᵀ`: the GEMV adds its results to `x` directly; other paths
+/// compute the product, then add it.
+pub fn matmul_add(gpu: &Gpu, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight) -> Result<()> {
+    let (out_f, in_f) = w.shape();
+    if a.cols != in_f || x.rows != a.rows || x.cols != out_f {
+        bail!(
+            "matmul_add: {}x{} += {}x{} times a {out_f}x{in_f} weight",
+            x.rows,
+            x.cols,
+            a.rows,
+            a.cols
+        );
+    }
+    if a.rows == 0 || gemv_into(gpu, a, w, x, true)? {
+        return Ok(());
+    }
+    let y = matmul(gpu, a, w)?;
+    super::ops::add_assign(gpu, x, &y)
+}
+
+/// Whether NF4/FP4 weights take the 32-weights-per-lane kernel: rows a
+/// multiple of 32 and blocks of at least 32.
+fn q4_bnb_ok(q: &CudaBnb4) -> bool {
+    q.cols.is_multiple_of(32) && q.bs_log2 >= 5
+}
+
+/// Whether packed integers take the 32-weights-per-lane kernel: 4 bits,
+/// groups of whole 32-column chunks, no act-order permutation.
+fn q4_packed_ok(q: &CudaPacked) -> bool {
+    q.bits == 4 && q.cols.is_multiple_of(32) && q.group_size.is_multiple_of(32) && q.g_idx.is_none()
+}
+
+/// The 4-bit kernel instance for a batch of `rows`: one for single rows, one
+/// for up to eight.
+fn q4_name(base: &str, rows: usize, suffix: &str) -> String {
+    let nb = if rows == 1 { 1 } else { GEMV_MAX_ROWS };
+    format!("{base}_b{nb}{suffix}")
+}
+
+/// Small batches: the GEMV of `x` with `w` into `y` (adding to `y` when
+/// `acc`); `false` when the batch or format has no GEMV kernel.
+fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: bool) -> Result<bool> {
+    let (out_f, in_f) = w.shape();
+    if x.rows > GEMV_MAX_ROWS {
+        return Ok(false);
+    }
+    let g = Gemv { out_f, in_f, acc };
+    match w {
+        CudaWeight::Dense { dtype, buf, .. } if in_f % 8 == 0 => {
+            let name = match dtype {
+                DType::F32 => "gemv_f32",
+                DType::F16 => "gemv_f16",
+                DType::BF16 => "gemv_bf16",
+            };
+            let p = buf.ptr();
+            g.launch(gpu, name, vec![arg(&p)], &[], x, y, NARROW)?;
+        }
+        CudaWeight::Bnb4(q) => {
+            let params = bnb4_params(q);
+            let cd = dtype_mode(q.compute_dtype);
+            if q4_bnb_ok(q) {
+                let name = q4_name("gemv_q4bnb", x.rows, "");
+                g.launch(gpu, &name, params.args(), &[arg(&cd)], x, y, WIDE)?;
+            } else {
+                g.launch(gpu, "gemv_bnb4", params.args(), &[arg(&cd)], x, y, NARROW)?;
+            }
+        }
+        CudaWeight::Packed(q) => {
+            let params = packed_params(q);
+            if q4_packed_ok(q) {
+                let name = q4_name("gemv_q4packed", x.rows, "");
+                g.launch(gpu, &name, params.args(), &[], x, y, WIDE)?;
+            } else {
+                let name = format!("gemv_packed{}", q.bits);
+                g.launch(gpu, &name, params.args(), &[], x, y, NARROW)?;
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// `silu(x·Gᵀ) ⊙ (x·Uᵀ)` in one fused GEMV when the batch is small and both
@@ -81,6 +153,11 @@ pub fn gate_up_silu(
         return Ok(None);
     }
     let y = CudaTensor::empty(gpu, x.rows, out_f)?;
+    let g = Gemv {
+        out_f,
+        in_f,
+        acc: false,
+    };
     match (gate, up) {
         (
             CudaWeight::Dense { dtype, buf, .. },
@@ -96,41 +173,31 @@ pub fn gate_up_silu(
                 DType::BF16 => "gemv_bf16_pair",
             };
             let (a, b) = (buf.ptr(), buf2.ptr());
-            gemv(
-                gpu,
-                name,
-                vec![arg(&a), arg(&b)],
-                &[],
-                x,
-                &y,
-                out_f,
-                in_f,
-                1,
-            )?;
+            g.launch(gpu, name, vec![arg(&a), arg(&b)], &[], x, &y, NARROW_PAIR)?;
         }
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let (pa, pb) = (bnb4_params(a), bnb4_params(b));
             let mut pre = pa.args();
             pre.extend(pb.args());
             let cd = dtype_mode(a.compute_dtype);
-            gemv(
-                gpu,
-                "gemv_bnb4_pair",
-                pre,
-                &[arg(&cd)],
-                x,
-                &y,
-                out_f,
-                in_f,
-                1,
-            )?;
+            if q4_bnb_ok(a) && q4_bnb_ok(b) {
+                let name = q4_name("gemv_q4bnb", x.rows, "_pair");
+                g.launch(gpu, &name, pre, &[arg(&cd)], x, &y, WIDE_PAIR)?;
+            } else {
+                g.launch(gpu, "gemv_bnb4_pair", pre, &[arg(&cd)], x, &y, NARROW_PAIR)?;
+            }
         }
         (CudaWeight::Packed(a), CudaWeight::Packed(b)) if a.bits == b.bits => {
             let (pa, pb) = (packed_params(a), packed_params(b));
             let mut pre = pa.args();
             pre.extend(pb.args());
-            let name = format!("gemv_packed{}_pair", a.bits);
-            gemv(gpu, &name, pre, &[], x, &y, out_f, in_f, 1)?;
+            if q4_packed_ok(a) && q4_packed_ok(b) {
+                let name = q4_name("gemv_q4packed", x.rows, "_pair");
+                g.launch(gpu, &name, pre, &[], x, &y, WIDE_PAIR)?;
+            } else {
+                let name = format!("gemv_packed{}_pair", a.bits);
+                g.launch(gpu, &name, pre, &[], x, &y, NARROW_PAIR)?;
+            }
         }
         _ => return Ok(None),
     }
@@ -207,24 +274,11 @@ fn opt_ptr(b: &Option<super::memory::RawAlloc>) -> CUdeviceptr {
     b.as_ref().map_or(0, |b| b.ptr())
 }
 
-/// NF4/FP4: the fused GEMV for small batches; larger ones dequantize the
-/// weight into a scratch matrix (exact in its dtype) and use cuBLAS.
+/// NF4/FP4 beyond the GEMV's batch: the weight is dequantized into a scratch
+/// matrix (exact in its dtype) for cuBLAS.
 fn matmul_bnb4(gpu: &Gpu, q: &CudaBnb4, x: &CudaTensor, y: &CudaTensor) -> Result<()> {
     let params = bnb4_params(q);
     let cd = dtype_mode(q.compute_dtype);
-    if x.rows <= GEMV_MAX_ROWS {
-        return gemv(
-            gpu,
-            "gemv_bnb4",
-            params.args(),
-            &[arg(&cd)],
-            x,
-            y,
-            q.rows,
-            q.cols,
-            2,
-        );
-    }
     // Dequantized values are exact in the compute dtype when it rounds them,
     // else in the weight dtype.
     let scratch_dtype = if q.compute_dtype != DType::F32 && q.compute_dtype != q.dtype {
@@ -264,14 +318,10 @@ fn round_output(gpu: &Gpu, y: &CudaTensor, mode: i32) -> Result<()> {
     )
 }
 
-/// Packed integers: fused GEMV for small batches, else dequantization to an
-/// f16 scratch matrix and cuBLAS.
+/// Packed integers beyond the GEMV's batch: dequantization to an f16 scratch
+/// matrix and cuBLAS.
 fn matmul_packed(gpu: &Gpu, q: &CudaPacked, x: &CudaTensor, y: &CudaTensor) -> Result<()> {
     let params = packed_params(q);
-    if x.rows <= GEMV_MAX_ROWS {
-        let name = format!("gemv_packed{}", q.bits);
-        return gemv(gpu, &name, params.args(), &[], x, y, q.rows, q.cols, 2);
-    }
     let scratch = gpu.alloc(q.rows * q.cols * 2)?;
     let (sp, mode) = (scratch.ptr(), 1i32);
     let (o, i) = (q.rows as i32, q.cols as i32);
@@ -380,36 +430,88 @@ pub fn gemv_ksplit(
     k
 }
 
-/// Launches GEMV kernel `name` whose leading arguments are `pre` (the
-/// weight's buffers and parameters), followed by x, y, n, out, in, ksplit
-/// and then `post`.
-#[allow(clippy::too_many_arguments)]
-pub fn gemv(
-    gpu: &Gpu,
-    name: &str,
-    pre: Vec<Arg>,
-    post: &[Arg],
-    x: &CudaTensor,
-    y: &CudaTensor,
+/// How a GEMV kernel splits its work: rows per warp and weights per lane
+/// per round.
+#[derive(Clone, Copy)]
+struct GemvTiling {
+    rows_per_warp: usize,
+    chunk: usize,
+}
+
+/// `gemv_body` kernels: two rows per warp, 8 weights per lane.
+const NARROW: GemvTiling = GemvTiling {
+    rows_per_warp: 2,
+    chunk: 8,
+};
+/// `gemv_body` pair kernels: one row of each matrix per warp.
+const NARROW_PAIR: GemvTiling = GemvTiling {
+    rows_per_warp: 1,
+    chunk: 8,
+};
+/// 4-bit kernels (gemv_q4.cu): four rows per warp, 32 weights per lane.
+const WIDE: GemvTiling = GemvTiling {
+    rows_per_warp: 4,
+    chunk: 32,
+};
+/// 4-bit pair kernels: one row of each matrix per warp, 32 weights per lane.
+const WIDE_PAIR: GemvTiling = GemvTiling {
+    rows_per_warp: 1,
+    chunk: 32,
+};
+
+/// One GEMV product's shape and whether it adds to its output.
+struct Gemv {
     out_f: usize,
     in_f: usize,
-    rows_per_warp: usize,
-) -> Result<()> {
-    let ksplit = gemv_ksplit(gpu, out_f, in_f / 8, rows_per_warp, GEMV_UNROLL);
-    let groups_per_block = GEMV_WARPS / ksplit;
-    let blocks = out_f.div_ceil(rows_per_warp * groups_per_block);
-    let (xp, yp) = (x.ptr(), y.ptr());
-    let (n, o, i, k) = (x.rows as i32, out_f as i32, in_f as i32, ksplit as i32);
-    let mut args = pre;
-    args.extend([arg(&xp), arg(&yp), arg(&n), arg(&o), arg(&i), arg(&k)]);
-    args.extend_from_slice(post);
-    gpu.launch(
-        name,
-        (blocks as u32, 1, 1),
-        (GEMV_WARPS * 32) as u32,
-        0,
-        &mut args,
-    )
+    acc: bool,
+}
+
+impl Gemv {
+    /// Launches GEMV kernel `name` whose leading arguments are `pre` (the
+    /// weight's buffers and parameters), followed by x, y, n, out, in,
+    /// ksplit, acc and then `post`.
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        gpu: &Gpu,
+        name: &str,
+        pre: Vec<Arg>,
+        post: &[Arg],
+        x: &CudaTensor,
+        y: &CudaTensor,
+        tiling: GemvTiling,
+    ) -> Result<()> {
+        let rpw = tiling.rows_per_warp;
+        let ksplit = gemv_ksplit(gpu, self.out_f, self.in_f / tiling.chunk, rpw, GEMV_UNROLL);
+        let groups_per_block = GEMV_WARPS / ksplit;
+        let blocks = self.out_f.div_ceil(rpw * groups_per_block);
+        let (xp, yp) = (x.ptr(), y.ptr());
+        let (n, o, i, k) = (
+            x.rows as i32,
+            self.out_f as i32,
+            self.in_f as i32,
+            ksplit as i32,
+        );
+        let acc = self.acc as i32;
+        let mut args = pre;
+        args.extend([
+            arg(&xp),
+            arg(&yp),
+            arg(&n),
+            arg(&o),
+            arg(&i),
+            arg(&k),
+            arg(&acc),
+        ]);
+        args.extend_from_slice(post);
+        gpu.launch(
+            name,
+            (blocks as u32, 1, 1),
+            (GEMV_WARPS * 32) as u32,
+            0,
+            &mut args,
+        )
+    }
 }
 
 /// cuBLAS product with the weight `w` (`[out, in]` row-major, stored as

@@ -134,15 +134,53 @@ impl Backend for CudaBackend {
         ops::silu_mul(&self.gpu, &g, &u)
     }
 
-    fn add_rms_norm(
+    fn matmul_add(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight) -> Result<()> {
+        self.gpu.bind()?;
+        matmul::matmul_add(&self.gpu, x, a, w)
+    }
+
+    fn rope_attention(
         &self,
-        x: &mut CudaTensor,
-        y: &CudaTensor,
-        w: &CudaTensor,
-        eps: f32,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
+        v: &CudaTensor,
+        inv_freq: &CudaTensor,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        heads: HeadShape,
+        layout: &CudaLayout,
     ) -> Result<CudaTensor> {
         self.gpu.bind()?;
-        ops::add_rms_norm(&self.gpu, x, y, w, eps)
+        if attention::is_decode(layout) {
+            return attention::attention(
+                &self.gpu,
+                q,
+                k,
+                v,
+                cache,
+                layer,
+                heads,
+                layout,
+                Some(inv_freq),
+            );
+        }
+        ops::rope(
+            &self.gpu,
+            q,
+            heads.q_heads,
+            heads.head_dim,
+            inv_freq,
+            layout,
+        )?;
+        ops::rope(
+            &self.gpu,
+            k,
+            heads.kv_heads,
+            heads.head_dim,
+            inv_freq,
+            layout,
+        )?;
+        attention::attention(&self.gpu, q, k, v, cache, layer, heads, layout, None)
     }
 
     fn rope(
@@ -168,7 +206,7 @@ impl Backend for CudaBackend {
         layout: &CudaLayout,
     ) -> Result<CudaTensor> {
         self.gpu.bind()?;
-        attention::attention(&self.gpu, q, k, v, cache, layer, heads, layout)
+        attention::attention(&self.gpu, q, k, v, cache, layer, heads, layout, None)
     }
 
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {

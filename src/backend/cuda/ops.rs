@@ -66,41 +66,6 @@ pub fn rms_norm(gpu: &Gpu, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<C
     Ok(y)
 }
 
-/// `x += y`, then the RMS norm of the sum, in one kernel (one block per row).
-pub fn add_rms_norm(
-    gpu: &Gpu,
-    x: &mut CudaTensor,
-    y: &CudaTensor,
-    w: &CudaTensor,
-    eps: f32,
-) -> Result<CudaTensor> {
-    check_same("add_rms_norm", x, y)?;
-    if w.len() != x.cols {
-        bail!(
-            "add_rms_norm: weight has {} values, rows have {}",
-            w.len(),
-            x.cols
-        );
-    }
-    let out = CudaTensor::empty(gpu, x.rows, x.cols)?;
-    let (xp, yp, wp, op, cols) = (x.ptr(), y.ptr(), w.ptr(), out.ptr(), x.cols as i32);
-    gpu.launch(
-        "add_rms_norm",
-        (x.rows as u32, 1, 1),
-        norm_block(x.cols),
-        0,
-        &mut [
-            arg(&xp),
-            arg(&yp),
-            arg(&wp),
-            arg(&op),
-            arg(&cols),
-            arg(&eps),
-        ],
-    )?;
-    Ok(out)
-}
-
 /// Threads per block of the row-wise norm kernels.
 fn norm_block(cols: usize) -> u32 {
     if cols >= 1024 { 512 } else { 128 }
@@ -193,14 +158,27 @@ pub fn argmax_rows(gpu: &Gpu, x: &CudaTensor) -> Result<Vec<u32>> {
     if x.rows == 0 {
         return Ok(vec![]);
     }
+    // Segments of at least 1024 columns, at most 128 per row.
+    let parts = x.cols.div_ceil(1024).clamp(1, 128);
+    let seg = x.cols.div_ceil(parts);
+    let pv = gpu.alloc(x.rows * parts * 4)?;
+    let pi = gpu.alloc(x.rows * parts * 4)?;
     let out = gpu.alloc(x.rows * 4)?;
-    let (xp, op, cols) = (x.ptr(), out.ptr(), x.cols as i32);
+    let (xp, vp, ip, op) = (x.ptr(), pv.ptr(), pi.ptr(), out.ptr());
+    let (cols, segi, partsi) = (x.cols as i32, seg as i32, parts as i32);
     gpu.launch(
-        "argmax_rows",
-        (x.rows as u32, 1, 1),
-        1024,
+        "argmax_partial",
+        (parts as u32, x.rows as u32, 1),
+        256,
         0,
-        &mut [arg(&xp), arg(&op), arg(&cols)],
+        &mut [arg(&xp), arg(&vp), arg(&ip), arg(&cols), arg(&segi)],
+    )?;
+    gpu.launch(
+        "argmax_final",
+        (x.rows as u32, 1, 1),
+        128,
+        0,
+        &mut [arg(&vp), arg(&ip), arg(&op), arg(&partsi)],
     )?;
     let mut ids = vec![0u32; x.rows];
     gpu.download(&mut ids, out.ptr())?;

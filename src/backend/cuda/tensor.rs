@@ -73,6 +73,9 @@ pub struct CudaKvCache {
     pub(super) eager: HashSet<GraphKey>,
     stream: Arc<CudaStream>,
     buf: RawAlloc,
+    /// Per (slot, KV head): decode blocks finished in the running attention
+    /// kernel; the last one resets it to zero.
+    counters: RawAlloc,
 }
 
 impl std::fmt::Debug for CudaKvCache {
@@ -94,12 +97,16 @@ impl CudaKvCache {
             .ok_or_else(|| anyhow::anyhow!("KV cache {shape:?} is too large to address"))?;
         let buf = RawAlloc::new(&gpu.stats, bytes)?;
         unsafe { result::memset_d8_async(buf.ptr(), 0, buf.bytes(), gpu.stream.cu_stream()) }?;
+        let counters = RawAlloc::new(&gpu.stats, (shape.slots * shape.kv_heads).max(1) * 4)?;
+        let stream = gpu.stream.cu_stream();
+        unsafe { result::memset_d8_async(counters.ptr(), 0, counters.bytes(), stream) }?;
         Ok(CudaKvCache {
             shape,
             graphs: HashMap::new(),
             eager: HashSet::new(),
             stream: gpu.stream.clone(),
             buf,
+            counters,
         })
     }
 
@@ -111,6 +118,11 @@ impl CudaKvCache {
     /// Keys of `layer`.
     pub fn k(&self, layer: usize) -> CUdeviceptr {
         self.buf.ptr() + 2 * layer as u64 * self.per_layer_bytes()
+    }
+
+    /// The decode attention's completion counters (zero between launches).
+    pub fn counters(&self) -> CUdeviceptr {
+        self.counters.ptr()
     }
 
     /// Values of `layer`.

@@ -1,121 +1,182 @@
 // Causal grouped-query attention over the KV cache.
 //
-// Decode (flash-decoding): the keys of each token are cut into `splits`
-// chunks of `ch` keys; one block per (chunk, kv head, token) computes the
-// partial softmax statistics of the group's query heads, and `attn_combine`
-// merges the chunks. The grid depends only on the cache length, so a
-// captured decode step replays at any position.
+// Decode (flash-decoding): keys 0..=p of each token are cut into `splits`
+// equal ranges; one block per (range, kv head, token) runs an online softmax
+// over its range, ATT_TK keys at a time, for the group's query heads and
+// writes its partial (max, sum, unnormalized output). The last block of a
+// (token, kv head) to finish, counted in `count` (which it resets), merges
+// the partials. With `inv_freq` set the block applies RoPE to the queries
+// and to the new key itself. The grid depends only on the cache length, so
+// a captured decode step replays at any position.
 //
 // Prefill: one block per (32-query tile, head) streams key/value tiles of
 // the sequence through shared memory with an online softmax.
 
-// Partials: for token t, head h, chunk s: [max, sum, o[0..D)] at
-// ((t * q_heads + h) * splits + s) * (D + 2).
+#define ATT_TK 32
+#define ATT_OUT 16  // outputs (head, dim) per thread: G * D <= 16 * blockDim
+
+// Load that bypasses L1: partials written by other blocks of this launch.
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// Element d of head row `x` (D values) rotated by position p (HF "rotate
+// half"), or unchanged without `inv_freq`.
+__device__ __forceinline__ float rope_at(const float* x, int d, int D, float p,
+                                         const float* inv_freq) {
+    if (!inv_freq) return x[d];
+    const int half = D / 2;
+    float s, c;
+    if (d < half) {
+        sincosf(p * inv_freq[d], &s, &c);
+        return x[d] * c - x[d + half] * s;
+    }
+    sincosf(p * inv_freq[d - half], &s, &c);
+    return x[d] * c + x[d - half] * s;
+}
+
+// Partials: per (token t, kv head g, range sp) G rows of [max, sum, o[0..D)].
 extern "C" __global__ void __launch_bounds__(128)
 attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
             const float* __restrict__ vnew, float* __restrict__ kc, float* __restrict__ vc,
-            const u32* __restrict__ slot, const u32* __restrict__ pos, float* __restrict__ part,
-            int q_heads, int kv_heads, int D, int max_len, int splits, int ch, float scale) {
+            const u32* __restrict__ slot, const u32* __restrict__ pos,
+            const float* __restrict__ inv_freq, float* __restrict__ part, u32* __restrict__ count,
+            float* __restrict__ out, int q_heads, int kv_heads, int D, int max_len, int splits,
+            float scale) {
+    pdl_start();
     extern __shared__ float sm[];
+    __shared__ int is_last;
     const int G = q_heads / kv_heads;
-    float* qs = sm;                 // G * D
-    float* ks = qs + G * D;         // ch * (D + 1), padded against bank conflicts
-    float* vs = ks + ch * (D + 1);  // ch * D
-    float* ps = vs + ch * D;        // G * ch
-    float* st = ps + G * ch;        // 2 * G
+    float* qs = sm;                     // G * D
+    float* ks = qs + G * D;             // ATT_TK * (D + 1), padded against bank conflicts
+    float* vs = ks + ATT_TK * (D + 1);  // ATT_TK * D
+    float* ps = vs + ATT_TK * D;        // G * ATT_TK
+    float* st = ps + G * ATT_TK;        // 3 * G: running max, running sum, rescale
     const int sp = blockIdx.x, g = blockIdx.y, t = blockIdx.z;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const int lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
     const int p = (int)pos[t], s = (int)slot[t];
-    const int k0 = sp * ch;
-    const int nk = min(ch, p + 1 - k0);
-    const int stride = D + 2;
-    float* outp = part + ((size_t)(t * q_heads + g * G) * splits + sp) * stride;
-    if (nk <= 0) {
-        for (int i = threadIdx.x; i < G * stride; i += blockDim.x) {
-            const int h = i / stride, c = i - h * stride;
-            outp[(size_t)h * splits * stride + c] = c == 0 ? -QB_INF : 0.f;
-        }
-        return;
-    }
+    const int per = (p + splits) / splits;  // ceil((p + 1) / splits)
+    const int k0 = sp * per, k1 = min(p + 1, k0 + per);
     const int kv_dim = kv_heads * D;
-    float* kb = kc + ((size_t)s * max_len + k0) * kv_dim + g * D;
-    float* vb = vc + ((size_t)s * max_len + k0) * kv_dim + g * D;
+    float* kb = kc + (size_t)s * max_len * kv_dim + g * D;
+    float* vb = vc + (size_t)s * max_len * kv_dim + g * D;
     const float* qb = q + (size_t)t * q_heads * D + (size_t)g * G * D;
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = qb[i] * scale;
-    // The token's own key/value come from this step's k/v rows; the block
-    // whose chunk holds its position also appends them to the cache.
-    const int jn = p - k0;
-    for (int i = threadIdx.x; i < nk * D; i += blockDim.x) {
-        const int j = i / D, d = i - j * D;
-        float kv, vv;
-        if (j == jn) {
-            kv = knew[(size_t)t * kv_dim + g * D + d];
-            vv = vnew[(size_t)t * kv_dim + g * D + d];
-            kb[(size_t)j * kv_dim + d] = kv;
-            vb[(size_t)j * kv_dim + d] = vv;
-        } else {
-            kv = kb[(size_t)j * kv_dim + d];
-            vv = vb[(size_t)j * kv_dim + d];
+    for (int i = tid; i < G * D; i += nt) {
+        const int h = i / D, d = i - h * D;
+        qs[i] = rope_at(qb + h * D, d, D, (float)p, inv_freq) * scale;
+    }
+    // The range holding the token's own position appends its key and value.
+    if (k0 <= p && p < k1)
+        for (int d = tid; d < D; d += nt) {
+            kb[(size_t)p * kv_dim + d] = rope_at(knew + (size_t)t * kv_dim + g * D, d, D, (float)p, inv_freq);
+            vb[(size_t)p * kv_dim + d] = vnew[(size_t)t * kv_dim + g * D + d];
         }
-        ks[j * (D + 1) + d] = kv;
-        vs[j * D + d] = vv;
+    for (int h = tid; h < G; h += nt) {
+        st[h] = -QB_INF;
+        st[G + h] = 0.f;
+    }
+    float o[ATT_OUT];
+#pragma unroll
+    for (int m = 0; m < ATT_OUT; m++) o[m] = 0.f;
+    __syncthreads();
+    for (int kt = k0; kt < k1; kt += ATT_TK) {
+        const int nk = min(ATT_TK, k1 - kt);
+        for (int i = tid; i < nk * D; i += nt) {
+            const int j = i / D, d = i - j * D;
+            ks[j * (D + 1) + d] = kb[(size_t)(kt + j) * kv_dim + d];
+            vs[j * D + d] = vb[(size_t)(kt + j) * kv_dim + d];
+        }
+        __syncthreads();
+        for (int i = tid; i < G * nk; i += nt) {
+            const int h = i / nk, j = i - h * nk;
+            const float* qh = qs + h * D;
+            const float* kj = ks + j * (D + 1);
+            float a = 0.f;
+            for (int d = 0; d < D; d++) a = fmaf(qh[d], kj[d], a);
+            ps[h * ATT_TK + j] = a;
+        }
+        __syncthreads();
+        for (int h = warp; h < G; h += nw) {
+            float mx = -QB_INF;
+            for (int j = lane; j < nk; j += 32) mx = fmaxf(mx, ps[h * ATT_TK + j]);
+            const float m_old = st[h];
+            const float m_new = fmaxf(m_old, warp_max(mx));
+            float sum = 0.f;
+            for (int j = lane; j < nk; j += 32) {
+                const float e = expf(ps[h * ATT_TK + j] - m_new);
+                ps[h * ATT_TK + j] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            __syncwarp();
+            if (lane == 0) {
+                const float alpha = expf(m_old - m_new);
+                st[h] = m_new;
+                st[G + h] = fmaf(st[G + h], alpha, sum);
+                st[2 * G + h] = alpha;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int m = 0; m < ATT_OUT; m++) {
+            const int i = tid + m * nt;
+            if (i < G * D) {
+                const int h = i / D, d = i - h * D;
+                float a = o[m] * st[2 * G + h];
+                for (int j = 0; j < nk; j++) a = fmaf(ps[h * ATT_TK + j], vs[j * D + d], a);
+                o[m] = a;
+            }
+        }
+        __syncthreads();
+    }
+    const int stride = D + 2;
+    float* mine = part + ((size_t)(t * kv_heads + g) * splits + sp) * G * stride;
+#pragma unroll
+    for (int m = 0; m < ATT_OUT; m++) {
+        const int i = tid + m * nt;
+        if (i < G * D) {
+            const int h = i / D, d = i - h * D;
+            mine[h * stride + 2 + d] = o[m];
+            if (d == 0) {
+                mine[h * stride] = st[h];
+                mine[h * stride + 1] = st[G + h];
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        u32* c = count + (size_t)s * kv_heads + g;
+        const u32 ticket = atomicAdd(c, 1u);
+        is_last = ticket == (u32)(splits - 1);
+        if (is_last) *c = 0;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < G * nk; i += blockDim.x) {
-        const int h = i / nk, j = i - h * nk;
-        const float* qh = qs + h * D;
-        const float* kj = ks + j * (D + 1);
-        float a = 0.f;
-        for (int d = 0; d < D; d++) a = fmaf(qh[d], kj[d], a);
-        ps[h * ch + j] = a;
-    }
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (!is_last) return;
+    __threadfence();
+    // Merge: weight of range r for head h is exp(m_r - M) / sum_r' l_r' exp(m_r' - M).
+    const float* all = part + (size_t)(t * kv_heads + g) * splits * G * stride;
     for (int h = warp; h < G; h += nw) {
-        float mx = -QB_INF;
-        for (int j = lane; j < nk; j += 32) mx = fmaxf(mx, ps[h * ch + j]);
-        mx = warp_max(mx);
-        float sum = 0.f;
-        for (int j = lane; j < nk; j += 32) {
-            const float e = expf(ps[h * ch + j] - mx);
-            ps[h * ch + j] = e;
-            sum += e;
+        float mr = -QB_INF, lr = 0.f;
+        if (lane < splits) {
+            mr = ld_cg(all + ((size_t)lane * G + h) * stride);
+            lr = ld_cg(all + ((size_t)lane * G + h) * stride + 1);
         }
-        sum = warp_sum(sum);
-        if (lane == 0) {
-            st[2 * h] = mx;
-            st[2 * h + 1] = sum;
-        }
+        const float M = warp_max(mr);
+        const float e = lane < splits ? expf(mr - M) : 0.f;
+        const float L = warp_sum(lr * e);
+        if (lane < splits) ps[h * ATT_TK + lane] = e / L;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    for (int i = tid; i < G * D; i += nt) {
         const int h = i / D, d = i - h * D;
         float a = 0.f;
-        for (int j = 0; j < nk; j++) a = fmaf(ps[h * ch + j], vs[j * D + d], a);
-        float* oh = outp + (size_t)h * splits * stride;
-        oh[2 + d] = a;
-        if (d == 0) {
-            oh[0] = st[2 * h];
-            oh[1] = st[2 * h + 1];
-        }
-    }
-}
-
-// Merges the chunk partials of each (head, token): grid (q_heads, tokens).
-extern "C" __global__ void attn_combine(const float* __restrict__ part, float* __restrict__ out,
-                                        int q_heads, int D, int splits) {
-    const int h = blockIdx.x, t = blockIdx.y;
-    const int stride = D + 2;
-    const float* p = part + (size_t)(t * q_heads + h) * splits * stride;
-    float M = -QB_INF;
-    for (int s = 0; s < splits; s++) M = fmaxf(M, p[s * stride]);
-    float L = 0.f;
-    for (int s = 0; s < splits; s++) L = fmaf(p[s * stride + 1], expf(p[s * stride] - M), L);
-    const float inv = 1.f / L;
-    float* o = out + ((size_t)t * q_heads + h) * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float a = 0.f;
-        for (int s = 0; s < splits; s++) a = fmaf(p[s * stride + 2 + d], expf(p[s * stride] - M), a);
-        o[d] = a * inv;
+        for (int r = 0; r < splits; r++)
+            a = fmaf(ps[h * ATT_TK + r], ld_cg(all + ((size_t)r * G + h) * stride + 2 + d), a);
+        out[((size_t)t * q_heads + g * G + h) * D + d] = a;
     }
 }
 
@@ -228,7 +289,7 @@ __device__ __forceinline__ void attn_prefill_body(const float* __restrict__ q,
     extern "C" __global__ void __launch_bounds__(128) attn_prefill_d##DIM(                      \
         const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, \
         const u32* __restrict__ tiles, float* __restrict__ out, int q_heads, int kv_heads,      \
-        int max_len, float scale) {                                                             \
+        int max_len, float scale) { pdl_start();                                                             \
         attn_prefill_body<DIM>(q, kc, vc, tiles, out, q_heads, kv_heads, max_len, scale);       \
     }
 

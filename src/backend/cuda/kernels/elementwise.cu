@@ -3,7 +3,7 @@
 
 #define EMBED_KERNEL(NAME, T, CONV)                                                        \
     extern "C" __global__ void NAME(const T* __restrict__ table, const u32* __restrict__ tokens, \
-                                    float* __restrict__ out, int hidden, int vocab) {      \
+                                    float* __restrict__ out, int hidden, int vocab) { pdl_start();      \
         const u32 t = tokens[blockIdx.x];                                                  \
         float* o = out + (size_t)blockIdx.x * hidden;                                      \
         if (t >= (u32)vocab) {                                                             \
@@ -22,6 +22,7 @@ EMBED_KERNEL(embed_bf16, u16, bf2f)
 // y = x / sqrt(mean(x^2) + eps) * w, one block per row.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ y, int cols, float eps) {
+    pdl_start();
     __shared__ float sh[33];
     const float* xr = x + (size_t)blockIdx.x * cols;
     float* yr = y + (size_t)blockIdx.x * cols;
@@ -35,29 +36,10 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int c = threadIdx.x; c < cols; c += blockDim.x) yr[c] = (xr[c] * inv) * w[c];
 }
 
-// x += y, then y_out = rms_norm(x) * w, one block per row; the sum is
-// rounded exactly as `add_assign` then `rms_norm` would see it.
-extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ y,
-                                        const float* __restrict__ w, float* __restrict__ out,
-                                        int cols, float eps) {
-    __shared__ float sh[33];
-    float* xr = x + (size_t)blockIdx.x * cols;
-    const float* yr = y + (size_t)blockIdx.x * cols;
-    float* orow = out + (size_t)blockIdx.x * cols;
-    float s = 0.f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = xr[c] + yr[c];
-        xr[c] = v;
-        s = fmaf(v, v, s);
-    }
-    s = block_sum(s, sh);
-    const float inv = 1.0f / sqrtf(s / (float)cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) orow[c] = (xr[c] * inv) * w[c];
-}
-
 // HF "rotate half" RoPE in place; one block per token row.
 extern "C" __global__ void rope(float* __restrict__ x, const u32* __restrict__ pos,
                                 const float* __restrict__ inv_freq, int heads, int head_dim) {
+    pdl_start();
     const int half = head_dim / 2;
     const float p = (float)pos[blockIdx.x];
     float* xr = x + (size_t)blockIdx.x * heads * head_dim;
@@ -74,6 +56,7 @@ extern "C" __global__ void rope(float* __restrict__ x, const u32* __restrict__ p
 
 extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u,
                                     float* __restrict__ y, size_t n) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         const float a = g[i];
@@ -82,6 +65,7 @@ extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __
 }
 
 extern "C" __global__ void add_assign(float* __restrict__ x, const float* __restrict__ y, size_t n) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
         x[i] += y[i];
@@ -90,52 +74,73 @@ extern "C" __global__ void add_assign(float* __restrict__ x, const float* __rest
 // out[r] = x[rows[r]], one block per output row.
 extern "C" __global__ void gather_rows(const float* __restrict__ x, const u32* __restrict__ rows,
                                        float* __restrict__ out, int cols) {
+    pdl_start();
     const float* src = x + (size_t)rows[blockIdx.x] * cols;
     float* dst = out + (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
 }
 
-// Index of the first largest value of each row; one block per row.
-extern "C" __global__ void argmax_rows(const float* __restrict__ x, u32* __restrict__ out, int cols) {
+// Argmax in two passes, first index on ties (NaN never wins). Pass 1: grid
+// (parts, rows), each block reduces a contiguous segment of `seg` columns of
+// its row to (value, index); pass 2: one block per row reduces the parts.
+__device__ __forceinline__ void argmax_take(float& bv, int& bi, float ov, int oi) {
+    if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+    }
+}
+
+// Reduces every thread's (bv, bi) over the block; thread 0 holds the result.
+__device__ __forceinline__ void block_argmax(float& bv, int& bi) {
     __shared__ float sv[32];
     __shared__ int si[32];
-    const float* r = x + (size_t)blockIdx.x * cols;
-    float bv = -QB_INF;
-    int bi = 0x7fffffff;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = r[c];
-        if (v > bv || (v == bv && c < bi)) {
-            bv = v;
-            bi = c;
-        }
-    }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) {
-            bv = ov;
-            bi = oi;
-        }
-    }
+    for (int o = 16; o > 0; o >>= 1)
+        argmax_take(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
         sv[warp] = bv;
         si[warp] = bi;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
-            if (sv[w] > bv || (sv[w] == bv && si[w] < bi)) {
-                bv = sv[w];
-                bi = si[w];
-            }
+    if (threadIdx.x == 0)
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) argmax_take(bv, bi, sv[w], si[w]);
+}
+
+extern "C" __global__ void argmax_partial(const float* __restrict__ x, float* __restrict__ pv,
+                                          int* __restrict__ pi, int cols, int seg) {
+    pdl_start();
+    const float* r = x + (size_t)blockIdx.y * cols;
+    const int c1 = min(cols, (int)(blockIdx.x + 1) * seg);
+    float bv = -QB_INF;
+    int bi = 0x7fffffff;
+    for (int c = blockIdx.x * seg + threadIdx.x; c < c1; c += blockDim.x) {
+        const float v = r[c];
+        if (v > bv) {
+            bv = v;
+            bi = c;
         }
-        out[blockIdx.x] = bi == 0x7fffffff ? 0u : (u32)bi;
+    }
+    block_argmax(bv, bi);
+    if (threadIdx.x == 0) {
+        pv[blockIdx.y * gridDim.x + blockIdx.x] = bv;
+        pi[blockIdx.y * gridDim.x + blockIdx.x] = bi;
     }
 }
 
+extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int* __restrict__ pi,
+                                        u32* __restrict__ out, int parts) {
+    pdl_start();
+    float bv = -QB_INF;
+    int bi = 0x7fffffff;
+    for (int p = threadIdx.x; p < parts; p += blockDim.x)
+        argmax_take(bv, bi, pv[blockIdx.x * parts + p], pi[blockIdx.x * parts + p]);
+    block_argmax(bv, bi);
+    if (threadIdx.x == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0u : (u32)bi;
+}
+
 extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restrict__ y, size_t n) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
         y[i] = f2h(x[i]);
@@ -144,6 +149,7 @@ extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restri
 // x ≈ hi + lo with both terms in bf16: about 16 significant bits of x.
 extern "C" __global__ void f32_to_bf16_split(const float* __restrict__ x, u16* __restrict__ hi,
                                              u16* __restrict__ lo, size_t n) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         const float v = x[i];
@@ -158,6 +164,7 @@ extern "C" __global__ void kv_append(const float* __restrict__ k, const float* _
                                      float* __restrict__ kc, float* __restrict__ vc,
                                      const u32* __restrict__ slot, const u32* __restrict__ pos,
                                      int kv_dim, int max_len) {
+    pdl_start();
     const int t = blockIdx.x;
     const size_t dst = ((size_t)slot[t] * max_len + pos[t]) * kv_dim;
     const size_t src = (size_t)t * kv_dim;

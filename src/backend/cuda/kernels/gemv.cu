@@ -58,15 +58,56 @@ __device__ __forceinline__ float rnd(float v, int mode) {
     return mode == 1 ? h2f(f2h(v)) : (mode == 2 ? bf2f(f2bf(v)) : v);
 }
 
+// The end of every GEMV: per-warp sums meet in shared memory across the
+// `ksplit` warps of a row group; one lane per (row, batch) writes the result
+// rounded to the compute dtype `cd`, adding it to y when `acc` (the residual
+// stream: y += x·Wᵀ). A PAIR writes silu(gate) * up.
+template <int R, bool PAIR, int NB>
+__device__ __forceinline__ void gemv_finish(const float (&accv)[R][NB], float* __restrict__ y,
+                                            int n, int out, int row0, int ksplit, int cd,
+                                            int acc) {
+    __shared__ float red[GEMV_WARPS][R][NB];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int kp = warp % ksplit;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < NB; b++)
+            if (b < n) {
+                const float v = warp_sum(accv[r][b]);
+                if (lane == 0) red[warp][r][b] = v;
+            }
+    __syncthreads();
+    if (PAIR) {
+        if (kp == 0 && lane < n && row0 < out) {
+            float g = 0.f, u = 0.f;
+            for (int k = 0; k < ksplit; k++) {
+                g += red[warp + k][0][lane];
+                u += red[warp + k][1][lane];
+            }
+            g = rnd(g, cd);
+            u = rnd(u, cd);
+            y[(size_t)lane * out + row0] = g / (1.0f + expf(-g)) * u;
+        }
+    } else if (kp == 0 && lane < R * n) {
+        const int r = lane / n, b = lane - (lane / n) * n;
+        float s = 0.f;
+        for (int k = 0; k < ksplit; k++) s += red[warp + k][r][b];
+        if (row0 + r < out) {
+            float* yp = y + (size_t)b * out + row0 + r;
+            *yp = acc ? *yp + rnd(s, cd) : rnd(s, cd);
+        }
+    }
+}
+
 // With PAIR (and R = 2) a warp group owns one output row o and multiplies by
 // row o of two matrices, `ld` (gate) and `ld2` (up), writing
 // silu(gate) * up: the MLP's gate/up projections and activation in one pass.
 template <class L, int R, bool PAIR>
 __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* __restrict__ x,
                                           float* __restrict__ y, int n, int out, int in,
-                                          int ksplit, int cd) {
+                                          int ksplit, int cd, int acc) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
-    __shared__ float red[GEMV_WARPS][R][GEMV_MAXB];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int groups = GEMV_WARPS / ksplit;
     const int row0 = (blockIdx.x * groups + warp / ksplit) * (PAIR ? 1 : R);
@@ -75,11 +116,11 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
     int rows[R];
 #pragma unroll
     for (int r = 0; r < R; r++) rows[r] = min(row0 + (PAIR ? 0 : r), out - 1);
-    float acc[R][GEMV_MAXB];
+    float accv[R][GEMV_MAXB];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int b = 0; b < GEMV_MAXB; b++) acc[r][b] = 0.f;
+        for (int b = 0; b < GEMV_MAXB; b++) accv[r][b] = 0.f;
     for (int c0 = kp * 32 * GEMV_UNROLL + lane; c0 < chunks; c0 += 32 * GEMV_UNROLL * ksplit) {
         float w[GEMV_UNROLL][R][8];
 #pragma unroll
@@ -108,7 +149,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
 #pragma unroll
                     for (int r = 0; r < R; r++) {
                         const float* wr = w[u][r];
-                        float a = acc[r][b];
+                        float a = accv[r][b];
                         a = fmaf(wr[0], x0.x, a);
                         a = fmaf(wr[1], x0.y, a);
                         a = fmaf(wr[2], x0.z, a);
@@ -117,51 +158,26 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
                         a = fmaf(wr[5], x1.y, a);
                         a = fmaf(wr[6], x1.z, a);
                         a = fmaf(wr[7], x1.w, a);
-                        acc[r][b] = a;
+                        accv[r][b] = a;
                     }
                 }
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int b = 0; b < GEMV_MAXB; b++)
-            if (b < n) {
-                const float v = warp_sum(acc[r][b]);
-                if (lane == 0) red[warp][r][b] = v;
-            }
-    __syncthreads();
-    if (PAIR) {
-        if (kp == 0 && lane < n && row0 < out) {
-            float g = 0.f, u = 0.f;
-            for (int k = 0; k < ksplit; k++) {
-                g += red[warp + k][0][lane];
-                u += red[warp + k][1][lane];
-            }
-            g = rnd(g, cd);
-            u = rnd(u, cd);
-            y[(size_t)lane * out + row0] = g / (1.0f + expf(-g)) * u;
-        }
-    } else if (kp == 0 && lane < R * n) {
-        const int r = lane / n, b = lane - (lane / n) * n;
-        float s = 0.f;
-        for (int k = 0; k < ksplit; k++) s += red[warp + k][r][b];
-        if (row0 + r < out) y[(size_t)b * out + row0 + r] = rnd(s, cd);
-    }
+    gemv_finish<R, PAIR, GEMV_MAXB>(accv, y, n, out, row0, ksplit, cd, acc);
 }
 
 #define GEMV_DENSE(NAME, LOADER, T, R)                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME(const T* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,     \
-             int n, int out, int in, int ksplit) {                                            \
-        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, n, out, in, ksplit, 0); \
+             int n, int out, int in, int ksplit, int acc) { pdl_start();                                   \
+        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, n, out, in, ksplit, 0, acc); \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME##_pair(const T* __restrict__ w, const T* __restrict__ w2,                        \
                     const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, \
-                    int ksplit) {                                                             \
-        gemv_body<LOADER, 2, true>(LOADER{w, in}, LOADER{w2, in}, x, y, n, out, in, ksplit, 0); \
+                    int ksplit, int acc) { pdl_start();                                                    \
+        gemv_body<LOADER, 2, true>(LOADER{w, in}, LOADER{w2, in}, x, y, n, out, in, ksplit, 0, 0); \
     }
 
 GEMV_DENSE(gemv_f32, LoadF32, float, 2)
@@ -209,12 +225,13 @@ gemv_bnb4(const u32* __restrict__ packed, const float* __restrict__ absmax,
           const u8* __restrict__ codes, const float* __restrict__ code2,
           const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,
           const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,
-          int cd) {
+          int acc, int cd) {
+    pdl_start();
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
     __syncthreads();
     const LoadBnb4 ld{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
-    gemv_body<LoadBnb4, 2, false>(ld, ld, x, y, n, out, in, ksplit, cd);
+    gemv_body<LoadBnb4, 2, false>(ld, ld, x, y, n, out, in, ksplit, cd, acc);
 }
 
 // silu(x·Gᵀ) * (x·Uᵀ) for 4-bit G and U of the same compute dtype.
@@ -226,7 +243,8 @@ gemv_bnb4_pair(const u32* __restrict__ packed, const float* __restrict__ absmax,
                const u8* __restrict__ codes2, const float* __restrict__ code2b,
                const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b,
                int wdt2, const float* __restrict__ x, float* __restrict__ y, int n, int out, int in,
-               int ksplit, int cd) {
+               int ksplit, int acc, int cd) {
+    pdl_start();
     __shared__ float lut[32];
     if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
     else if (threadIdx.x < 32) lut[threadIdx.x] = code16b[threadIdx.x - 16];
@@ -234,7 +252,7 @@ gemv_bnb4_pair(const u32* __restrict__ packed, const float* __restrict__ absmax,
     const LoadBnb4 a{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
     const LoadBnb4 b{packed2, absmax2, codes2, code2b, lut + 16, offset2, in, bs_log2b, nbs_log2b,
                      wdt2, cd};
-    gemv_body<LoadBnb4, 2, true>(a, b, x, y, n, out, in, ksplit, cd);
+    gemv_body<LoadBnb4, 2, true>(a, b, x, y, n, out, in, ksplit, cd, 0);
 }
 
 // Group-wise packed integers (RTN/GPTQ/AWQ): row r is an LSB-first bitstream
@@ -284,19 +302,19 @@ struct LoadPacked {
     extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,         \
-        float* __restrict__ y, int n, int out, int in, int ksplit) {                            \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                   \
         const LoadPacked<BITS> ld{qw, scales, zeros, g_idx, in, out, wpr, gsize};               \
-        gemv_body<LoadPacked<BITS>, 2, false>(ld, ld, x, y, n, out, in, ksplit, 0);             \
+        gemv_body<LoadPacked<BITS>, 2, false>(ld, ld, x, y, n, out, in, ksplit, 0, acc);        \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS##_pair(                \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,         \
         const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                        \
         const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,      \
-        float* __restrict__ y, int n, int out, int in, int ksplit) {                            \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                   \
         const LoadPacked<BITS> a{qw, scales, zeros, g_idx, in, out, wpr, gsize};                \
         const LoadPacked<BITS> b{qw2, scales2, zeros2, g_idx2, in, out, wpr2, gsize2};          \
-        gemv_body<LoadPacked<BITS>, 2, true>(a, b, x, y, n, out, in, ksplit, 0);                \
+        gemv_body<LoadPacked<BITS>, 2, true>(a, b, x, y, n, out, in, ksplit, 0, 0);             \
     }
 
 GEMV_PACKED(2)
@@ -340,6 +358,7 @@ extern "C" __global__ void dequant_bnb4(const u32* __restrict__ packed,
                                         const float* __restrict__ code16, float offset,
                                         int bs_log2, int nbs_log2, int wdt, int cd, void* dst,
                                         int out, int in, int mode) {
+    pdl_start();
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
     __syncthreads();
@@ -350,7 +369,7 @@ extern "C" __global__ void dequant_bnb4(const u32* __restrict__ packed,
 #define DEQUANT_PACKED(BITS)                                                                   \
     extern "C" __global__ void dequant_packed##BITS(                                           \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
-        const u32* __restrict__ g_idx, int wpr, int gsize, void* dst, int out, int in, int mode) { \
+        const u32* __restrict__ g_idx, int wpr, int gsize, void* dst, int out, int in, int mode) { pdl_start(); \
         const LoadPacked<BITS> ld{qw, scales, zeros, g_idx, in, out, wpr, gsize};               \
         dequant_body(ld, dst, out, in, mode);                                                   \
     }
@@ -362,6 +381,7 @@ DEQUANT_PACKED(8)
 
 // Rounds values in place to the compute dtype.
 extern "C" __global__ void round_inplace(float* __restrict__ x, size_t n, int mode) {
+    pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x)
         x[i] = rnd(x[i], mode);
@@ -371,6 +391,7 @@ extern "C" __global__ void round_inplace(float* __restrict__ x, size_t n, int mo
 // rounded) activations has |x| >= threshold.
 extern "C" __global__ void int8_outlier_cols(const float* __restrict__ x, u8* __restrict__ flag,
                                              int n, int k, float threshold, int cd) {
+    pdl_start();
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= k) return;
     u8 f = 0;
@@ -385,6 +406,7 @@ extern "C" __global__ void int8_outlier_cols(const float* __restrict__ x, u8* __
 extern "C" __global__ void int8_quant_rows(const float* __restrict__ x, const u8* __restrict__ flag,
                                            signed char* __restrict__ xq, float* __restrict__ xo,
                                            float* __restrict__ sca, int k, float threshold, int cd) {
+    pdl_start();
     __shared__ float sh[32];
     const float* xr = x + (size_t)blockIdx.x * k;
     float m = 0.f;
@@ -421,9 +443,10 @@ gemv_int8(const signed char* __restrict__ cb, const float* __restrict__ scb,
           const signed char* __restrict__ xq, const float* __restrict__ xo,
           const float* __restrict__ sca, const u8* __restrict__ flag, int any_outlier,
           float* __restrict__ y, int n, int out, int in, int ksplit, int cd) {
+    pdl_start();
     constexpr int R = 2;
     const float INV_127 = 7.874015718698502e-3f;
-    const float INV_127_SQ = 6.200124e-05f;
+    const float INV_127_SQ = 6.200012e-05f;  // as bitsandbytes writes it (MM_DEQUANT_CONST)
     __shared__ int redi[GEMV_WARPS][R][GEMV_MAXB];
     __shared__ float redf[GEMV_WARPS][R][GEMV_MAXB];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

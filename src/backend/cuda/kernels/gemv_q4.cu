@@ -1,0 +1,204 @@
+// 4-bit GEMV for decode: each lane takes 32 consecutive weights of a row
+// (one 16-byte load) per round, so a warp streams 512 contiguous bytes per
+// row and round. The 32 weights share one scale s and zero z (bitsandbytes
+// blocks and packed groups of at least 32 columns), so the lane sums
+// x·code over them and adds s * (sum - z * sum(x)) once. The 16 code values
+// (the NF4/FP4 table, or 0..15 for packed integers) sit in shared memory,
+// where 32 lanes read them without bank conflicts. Weight values are not
+// rounded to the weight dtype one by one as `gemv_bnb4` does: the products
+// stay in f32, a rounding difference within the dtype's bound.
+
+// bitsandbytes NF4/FP4: high nibble first; absmax per block of 2^bs_log2 >= 32
+// flattened weights, double-quantized when `codes` is set.
+struct Q4Bnb {
+    const uint4* __restrict__ w;
+    const float* __restrict__ absmax;
+    const u8* __restrict__ codes;
+    const float* __restrict__ code2;
+    float offset;
+    int in, bs_log2, nbs_log2;
+    static constexpr bool HI_FIRST = true;
+    static constexpr bool HAS_ZERO = false;
+    __device__ __forceinline__ uint4 load(int row, int c) const {
+        return w[(size_t)row * (in >> 5) + c];
+    }
+    __device__ __forceinline__ void scale(int row, int c, float& s, float& z) const {
+        const size_t b = ((size_t)row * in + (size_t)c * 32) >> bs_log2;
+        s = codes ? __fadd_rn(__fmul_rn(code2[codes[b]], absmax[b >> nbs_log2]), offset)
+                  : absmax[b];
+        z = 0.f;
+    }
+};
+
+// Group-wise packed 4-bit integers without g_idx: LSB first, `wpr` words per
+// row, f16 scale and integer zero per (group, row) stored [groups, out].
+struct Q4Packed {
+    const u32* __restrict__ w;
+    const u16* __restrict__ scales;
+    const u16* __restrict__ zeros;
+    int in, out, wpr, gsize;
+    static constexpr bool HI_FIRST = false;
+    static constexpr bool HAS_ZERO = true;
+    __device__ __forceinline__ uint4 load(int row, int c) const {
+        return ((const uint4*)(w + (size_t)row * wpr))[c];
+    }
+    __device__ __forceinline__ void scale(int row, int c, float& s, float& z) const {
+        const size_t at = (size_t)((c * 32) / gsize) * out + row;
+        s = h2f(scales[at]);
+        z = (float)zeros[at];
+    }
+};
+
+// Code of weight k (0..7) of a 32-bit word.
+template <bool HI_FIRST>
+__device__ __forceinline__ int nibble(u32 word, int k) {
+    return HI_FIRST ? (word >> (8 * (k >> 1) + ((k & 1) ? 0 : 4))) & 15 : (word >> (4 * k)) & 15;
+}
+
+// Warps own R rows (PAIR: row o of `qa` and of `qb`), `ksplit` warps share a
+// row group along the input dimension as in `gemv_body`; NB is the largest
+// batch the instance handles.
+template <class Q, int R, bool PAIR, int NB>
+__device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float* lut_a,
+                                             const float* lut_b, const float* __restrict__ x,
+                                             float* __restrict__ y, int n, int out, int in,
+                                             int ksplit, int cd, int acc) {
+    static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int groups = GEMV_WARPS / ksplit;
+    const int row0 = (blockIdx.x * groups + warp / ksplit) * (PAIR ? 1 : R);
+    const int kp = warp % ksplit;
+    const int chunks = in >> 5;
+    int rows[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) rows[r] = min(row0 + (PAIR ? 0 : r), out - 1);
+    float accv[R][NB];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int b = 0; b < NB; b++) accv[r][b] = 0.f;
+    for (int c = kp * 32 + lane; c < chunks; c += 32 * ksplit) {
+        uint4 wv[R];
+        float s[R], z[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const Q& q = (PAIR && r == 1) ? qb : qa;
+            wv[r] = q.load(rows[r], c);
+            q.scale(rows[r], c, s[r], z[r]);
+        }
+        float dot[R][NB], xs[NB];
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            xs[b] = 0.f;
+#pragma unroll
+            for (int r = 0; r < R; r++) dot[r][b] = 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float wf[R][8];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+                const float* lut = (PAIR && r == 1) ? lut_b : lut_a;
+#pragma unroll
+                for (int k = 0; k < 8; k++) wf[r][k] = lut[nibble<Q::HI_FIRST>(word, k)];
+            }
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                if (b < n) {
+                    const float4* xp = (const float4*)(x + (size_t)b * in + (size_t)c * 32 + 8 * j);
+                    float4 x0 = xp[0], x1 = xp[1];
+                    if (cd) {
+                        x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
+                        x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
+                    }
+                    if (Q::HAS_ZERO) xs[b] += ((x0.x + x0.y) + (x0.z + x0.w)) + ((x1.x + x1.y) + (x1.z + x1.w));
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        float a = dot[r][b];
+                        a = fmaf(wf[r][0], x0.x, a);
+                        a = fmaf(wf[r][1], x0.y, a);
+                        a = fmaf(wf[r][2], x0.z, a);
+                        a = fmaf(wf[r][3], x0.w, a);
+                        a = fmaf(wf[r][4], x1.x, a);
+                        a = fmaf(wf[r][5], x1.y, a);
+                        a = fmaf(wf[r][6], x1.z, a);
+                        a = fmaf(wf[r][7], x1.w, a);
+                        dot[r][b] = a;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int b = 0; b < NB; b++)
+                if (b < n) {
+                    const float d = Q::HAS_ZERO ? fmaf(-z[r], xs[b], dot[r][b]) : dot[r][b];
+                    accv[r][b] = fmaf(s[r], d, accv[r][b]);
+                }
+    }
+    gemv_finish<R, PAIR, NB>(accv, y, n, out, row0, ksplit, cd, acc);
+}
+
+// Loads the two 16-entry code tables of a launch into shared memory.
+__device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const float* code_b) {
+    if (threadIdx.x < 16) lut[threadIdx.x] = code_a ? code_a[threadIdx.x] : (float)threadIdx.x;
+    else if (threadIdx.x < 32)
+        lut[threadIdx.x] = code_b ? code_b[threadIdx.x - 16] : (float)(threadIdx.x - 16);
+    __syncthreads();
+}
+
+// Same leading arguments as gemv_bnb4 / gemv_packed4 (wdt is not needed).
+#define GEMV_Q4(NB)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB(                          \
+        const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
+        const u8* __restrict__ codes, const float* __restrict__ code2,                            \
+        const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,       \
+        const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
+        int acc, int cd) { pdl_start();                                                                        \
+        __shared__ float lut[32];                                                                 \
+        q4_tables(lut, code16, code16);                                                           \
+        const Q4Bnb q{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
+        gemv_q4_body<Q4Bnb, 4, false, NB>(q, q, lut, lut, x, y, n, out, in, ksplit, cd, acc);     \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB##_pair(                   \
+        const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
+        const u8* __restrict__ codes, const float* __restrict__ code2,                            \
+        const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,       \
+        const u32* __restrict__ packed2, const float* __restrict__ absmax2,                       \
+        const u8* __restrict__ codes2, const float* __restrict__ code2b,                          \
+        const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b, int wdt2,  \
+        const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
+        int acc, int cd) { pdl_start();                                                                        \
+        __shared__ float lut[32];                                                                 \
+        q4_tables(lut, code16, code16b);                                                          \
+        const Q4Bnb a{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
+        const Q4Bnb b{(const uint4*)packed2, absmax2, codes2, code2b, offset2, in, bs_log2b,      \
+                      nbs_log2b};                                                                 \
+        gemv_q4_body<Q4Bnb, 2, true, NB>(a, b, lut, lut + 16, x, y, n, out, in, ksplit, cd, 0);   \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                       \
+        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
+        const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,           \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                     \
+        __shared__ float lut[32];                                                                 \
+        q4_tables(lut, nullptr, nullptr);                                                         \
+        const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                 \
+        gemv_q4_body<Q4Packed, 4, false, NB>(q, q, lut, lut, x, y, n, out, in, ksplit, 0, acc);   \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB##_pair(                \
+        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
+        const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,           \
+        const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                          \
+        const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,        \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                     \
+        __shared__ float lut[32];                                                                 \
+        q4_tables(lut, nullptr, nullptr);                                                         \
+        const Q4Packed a{qw, scales, zeros, in, out, wpr, gsize};                                 \
+        const Q4Packed b{qw2, scales2, zeros2, in, out, wpr2, gsize2};                            \
+        gemv_q4_body<Q4Packed, 2, true, NB>(a, b, lut, lut + 16, x, y, n, out, in, ksplit, 0, 0); \
+    }
+
+GEMV_Q4(1)
+GEMV_Q4(8)
