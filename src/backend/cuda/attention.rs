@@ -14,8 +14,8 @@ const SMEM_DEFAULT: usize = 48 * 1024;
 
 /// Keys per tile of the decode kernel (`ATT_TK` in attention.cu).
 const DECODE_TILE: usize = 32;
-/// Most key ranges a decode token's keys are split into (the merge takes
-/// one range per lane of a warp).
+/// Most key ranges a decode token's keys are split into (`ATT_MAX_SPLITS`
+/// in attention.cu; the merge holds one value per range in registers).
 const DECODE_MAX_SPLITS: usize = 16;
 /// Threads per decode block and outputs per thread (`ATT_OUT`).
 const DECODE_THREADS: usize = 128;

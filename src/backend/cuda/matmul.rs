@@ -89,11 +89,25 @@ fn q4_packed_ok(q: &CudaPacked) -> bool {
     q.bits == 4 && q.cols.is_multiple_of(32) && q.group_size.is_multiple_of(32) && q.g_idx.is_none()
 }
 
-/// The 4-bit kernel instance for a batch of `rows`: one for single rows, one
-/// for up to eight.
-fn q4_name(base: &str, rows: usize, suffix: &str) -> String {
-    let nb = if rows == 1 { 1 } else { GEMV_MAX_ROWS };
-    format!("{base}_b{nb}{suffix}")
+/// The 4-bit kernel instance for a batch of `rows` (one for single rows,
+/// one for up to eight) and its dynamic shared memory: single rows stage x
+/// with one pad word per 32 values.
+fn q4_kernel(
+    gpu: &Gpu,
+    base: &str,
+    rows: usize,
+    in_f: usize,
+    suffix: &str,
+) -> Result<(String, u32)> {
+    if rows > 1 {
+        return Ok((format!("{base}_b{GEMV_MAX_ROWS}{suffix}"), 0));
+    }
+    let name = format!("{base}_b1{suffix}");
+    let smem = ((in_f + in_f / 32) * 4) as u32;
+    if smem > 48 * 1024 {
+        gpu.set_max_dynamic_smem(&name, smem)?;
+    }
+    Ok((name, smem))
 }
 
 /// Small batches: the GEMV of `x` with `w` into `y` (adding to `y` when
@@ -118,8 +132,16 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
             let params = bnb4_params(q);
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
-                let name = q4_name("gemv_q4bnb", x.rows, "");
-                g.launch(gpu, &name, params.args(), &[arg(&cd)], x, y, WIDE)?;
+                let (name, smem) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "")?;
+                g.launch(
+                    gpu,
+                    &name,
+                    params.args(),
+                    &[arg(&cd)],
+                    x,
+                    y,
+                    WIDE.with_smem(smem),
+                )?;
             } else {
                 g.launch(gpu, "gemv_bnb4", params.args(), &[arg(&cd)], x, y, NARROW)?;
             }
@@ -127,8 +149,8 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Packed(q) => {
             let params = packed_params(q);
             if q4_packed_ok(q) {
-                let name = q4_name("gemv_q4packed", x.rows, "");
-                g.launch(gpu, &name, params.args(), &[], x, y, WIDE)?;
+                let (name, smem) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "")?;
+                g.launch(gpu, &name, params.args(), &[], x, y, WIDE.with_smem(smem))?;
             } else {
                 let name = format!("gemv_packed{}", q.bits);
                 g.launch(gpu, &name, params.args(), &[], x, y, NARROW)?;
@@ -181,8 +203,9 @@ pub fn gate_up_silu(
             pre.extend(pb.args());
             let cd = dtype_mode(a.compute_dtype);
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
-                let name = q4_name("gemv_q4bnb", x.rows, "_pair");
-                g.launch(gpu, &name, pre, &[arg(&cd)], x, &y, WIDE_PAIR)?;
+                let (name, smem) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair")?;
+                let tiling = WIDE_PAIR.with_smem(smem);
+                g.launch(gpu, &name, pre, &[arg(&cd)], x, &y, tiling)?;
             } else {
                 g.launch(gpu, "gemv_bnb4_pair", pre, &[arg(&cd)], x, &y, NARROW_PAIR)?;
             }
@@ -192,8 +215,8 @@ pub fn gate_up_silu(
             let mut pre = pa.args();
             pre.extend(pb.args());
             if q4_packed_ok(a) && q4_packed_ok(b) {
-                let name = q4_name("gemv_q4packed", x.rows, "_pair");
-                g.launch(gpu, &name, pre, &[], x, &y, WIDE_PAIR)?;
+                let (name, smem) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair")?;
+                g.launch(gpu, &name, pre, &[], x, &y, WIDE_PAIR.with_smem(smem))?;
             } else {
                 let name = format!("gemv_packed{}_pair", a.bits);
                 g.launch(gpu, &name, pre, &[], x, &y, NARROW_PAIR)?;
@@ -436,27 +459,39 @@ pub fn gemv_ksplit(
 struct GemvTiling {
     rows_per_warp: usize,
     chunk: usize,
+    /// Dynamic shared memory of a block, in bytes.
+    smem: u32,
+}
+
+impl GemvTiling {
+    fn with_smem(self, smem: u32) -> Self {
+        GemvTiling { smem, ..self }
+    }
 }
 
 /// `gemv_body` kernels: two rows per warp, 8 weights per lane.
 const NARROW: GemvTiling = GemvTiling {
     rows_per_warp: 2,
     chunk: 8,
+    smem: 0,
 };
 /// `gemv_body` pair kernels: one row of each matrix per warp.
 const NARROW_PAIR: GemvTiling = GemvTiling {
     rows_per_warp: 1,
     chunk: 8,
+    smem: 0,
 };
 /// 4-bit kernels (gemv_q4.cu): four rows per warp, 32 weights per lane.
 const WIDE: GemvTiling = GemvTiling {
     rows_per_warp: 4,
     chunk: 32,
+    smem: 0,
 };
 /// 4-bit pair kernels: one row of each matrix per warp, 32 weights per lane.
 const WIDE_PAIR: GemvTiling = GemvTiling {
     rows_per_warp: 1,
     chunk: 32,
+    smem: 0,
 };
 
 /// One GEMV product's shape and whether it adds to its output.
@@ -508,7 +543,7 @@ impl Gemv {
             name,
             (blocks as u32, 1, 1),
             (GEMV_WARPS * 32) as u32,
-            0,
+            tiling.smem,
             &mut args,
         )
     }

@@ -14,6 +14,7 @@
 
 #define ATT_TK 32
 #define ATT_OUT 16  // outputs (head, dim) per thread: G * D <= 16 * blockDim
+#define ATT_MAX_SPLITS 16
 
 // Load that bypasses L1: partials written by other blocks of this launch.
 __device__ __forceinline__ float ld_cg(const float* p) {
@@ -84,10 +85,30 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
     __syncthreads();
     for (int kt = k0; kt < k1; kt += ATT_TK) {
         const int nk = min(ATT_TK, k1 - kt);
-        for (int i = tid; i < nk * D; i += nt) {
-            const int j = i / D, d = i - j * D;
-            ks[j * (D + 1) + d] = kb[(size_t)(kt + j) * kv_dim + d];
-            vs[j * D + d] = vb[(size_t)(kt + j) * kv_dim + d];
+        // Four float4 loads of K and of V in flight per thread (D % 4 == 0).
+        const int n4 = nk * D / 4;
+        for (int i0 = tid; i0 < n4; i0 += 4 * nt) {
+            float4 kr[4], vr[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = 4 * (i0 + u * nt), j = i / D, d = i - j * D;
+                if (i0 + u * nt < n4) {
+                    kr[u] = *(const float4*)(kb + (size_t)(kt + j) * kv_dim + d);
+                    vr[u] = *(const float4*)(vb + (size_t)(kt + j) * kv_dim + d);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = 4 * (i0 + u * nt), j = i / D, d = i - j * D;
+                if (i0 + u * nt < n4) {
+                    float* kd = ks + j * (D + 1) + d;
+                    kd[0] = kr[u].x;
+                    kd[1] = kr[u].y;
+                    kd[2] = kr[u].z;
+                    kd[3] = kr[u].w;
+                    *(float4*)(vs + j * D + d) = vr[u];
+                }
+            }
         }
         __syncthreads();
         for (int i = tid; i < G * nk; i += nt) {
@@ -95,6 +116,7 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
             const float* qh = qs + h * D;
             const float* kj = ks + j * (D + 1);
             float a = 0.f;
+#pragma unroll 8
             for (int d = 0; d < D; d++) a = fmaf(qh[d], kj[d], a);
             ps[h * ATT_TK + j] = a;
         }
@@ -126,6 +148,7 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
             if (i < G * D) {
                 const int h = i / D, d = i - h * D;
                 float a = o[m] * st[2 * G + h];
+#pragma unroll 8
                 for (int j = 0; j < nk; j++) a = fmaf(ps[h * ATT_TK + j], vs[j * D + d], a);
                 o[m] = a;
             }
@@ -173,9 +196,15 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
     __syncthreads();
     for (int i = tid; i < G * D; i += nt) {
         const int h = i / D, d = i - h * D;
+        // All loads first, so that they are in flight together.
+        float pv[ATT_MAX_SPLITS];
+#pragma unroll
+        for (int r = 0; r < ATT_MAX_SPLITS; r++)
+            pv[r] = r < splits ? ld_cg(all + ((size_t)r * G + h) * stride + 2 + d) : 0.f;
         float a = 0.f;
-        for (int r = 0; r < splits; r++)
-            a = fmaf(ps[h * ATT_TK + r], ld_cg(all + ((size_t)r * G + h) * stride + 2 + d), a);
+#pragma unroll
+        for (int r = 0; r < ATT_MAX_SPLITS; r++)
+            if (r < splits) a = fmaf(ps[h * ATT_TK + r], pv[r], a);
         out[((size_t)t * q_heads + g * G + h) * D + d] = a;
     }
 }

@@ -6,7 +6,8 @@
 // (the NF4/FP4 table, or 0..15 for packed integers) sit in shared memory,
 // where 32 lanes read them without bank conflicts. Weight values are not
 // rounded to the weight dtype one by one as `gemv_bnb4` does: the products
-// stay in f32, a rounding difference within the dtype's bound.
+// stay in f32, a rounding difference within the dtype's bound. Single-row
+// launches need (in + in / 32) floats of dynamic shared memory.
 
 // bitsandbytes NF4/FP4: high nibble first; absmax per block of 2^bs_log2 >= 32
 // flattened weights, double-quantized when `codes` is set.
@@ -77,6 +78,30 @@ __device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int b = 0; b < NB; b++) accv[r][b] = 0.f;
+    // Single rows: the block stages x (rounded to `cd`) in shared memory with
+    // one pad word per 32, so that lane L's 32 values start in bank L.
+    extern __shared__ float xsm[];
+    if (NB == 1) {
+        const float4* x4 = (const float4*)x;
+        for (int i0 = threadIdx.x; i0 < in / 4; i0 += 4 * blockDim.x) {
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (i0 + u * (int)blockDim.x < in / 4) v[u] = x4[i0 + u * blockDim.x];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = 4 * (i0 + u * blockDim.x);
+                if (i < in) {
+                    float* d = xsm + i + (i >> 5);
+                    d[0] = rnd(v[u].x, cd);
+                    d[1] = rnd(v[u].y, cd);
+                    d[2] = rnd(v[u].z, cd);
+                    d[3] = rnd(v[u].w, cd);
+                }
+            }
+        }
+        __syncthreads();
+    }
     for (int c = kp * 32 + lane; c < chunks; c += 32 * ksplit) {
         uint4 wv[R];
         float s[R], z[R];
@@ -106,9 +131,17 @@ __device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float
 #pragma unroll
             for (int b = 0; b < NB; b++) {
                 if (b < n) {
-                    const float4* xp = (const float4*)(x + (size_t)b * in + (size_t)c * 32 + 8 * j);
-                    float4 x0 = xp[0], x1 = xp[1];
-                    if (cd) {
+                    float4 x0, x1;
+                    if (NB == 1) {
+                        const float* xp = xsm + c * 33 + 8 * j;
+                        x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
+                        x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
+                    } else {
+                        const float4* xp = (const float4*)(x + (size_t)b * in + (size_t)c * 32 + 8 * j);
+                        x0 = xp[0];
+                        x1 = xp[1];
+                    }
+                    if (cd && NB != 1) {
                         x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
                         x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
                     }
