@@ -2,6 +2,7 @@
 
 use anyhow::{Result, bail};
 
+use super::attention_tc;
 use super::gpu::{Gpu, arg};
 use super::layout::CudaLayout;
 use super::tensor::{CudaKvCache, CudaTensor};
@@ -84,6 +85,17 @@ pub fn attention(
                 arg(&ml),
             ],
         )?;
+    }
+    if prefill && attention_tc::supported(gpu, d) {
+        let args = attention_tc::PrefillArgs {
+            q: qp,
+            k_cache: kc,
+            v_cache: vc,
+            out: op,
+            max_len: s.max_len,
+        };
+        attention_tc::prefill(gpu, &args, heads, layout)?;
+        return Ok(out);
     }
     if prefill && PREFILL_HEAD_DIMS.contains(&d) {
         let name = format!("attn_prefill_d{d}");

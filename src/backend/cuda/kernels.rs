@@ -11,6 +11,10 @@ pub const SOURCE: &str = concat!(
     "\n",
     include_str!("kernels/gemv.cu"),
     "\n",
+    include_str!("kernels/attention_prefill_tc.cu"),
+    "\n",
+    include_str!("kernels/int8_gemm.cu"),
+    "\n",
 );
 
 /// Every `extern "C"` entry point of [`SOURCE`], loaded once per context.
@@ -34,6 +38,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attn_prefill_d32",
     "attn_prefill_d64",
     "attn_prefill_d128",
+    "attn_prefill_tc_d64",
+    "attn_prefill_tc_d128",
     "gemv_f32",
     "gemv_f16",
     "gemv_bf16",
@@ -59,4 +65,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "int8_outlier_cols",
     "int8_quant_rows",
     "gemv_int8",
+    "int8_gemm_quant",
+    "int8_gemm_outliers",
+    "int8_gemm_dequant",
 ];
