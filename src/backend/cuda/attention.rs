@@ -86,7 +86,7 @@ pub fn attention(
             ],
         )?;
     }
-    if prefill && attention_tc::supported(gpu, d) {
+    if prefill && attention_tc::supported(gpu, d)? {
         let args = attention_tc::PrefillArgs {
             q: qp,
             k_cache: kc,

@@ -19,8 +19,8 @@ const THREADS: u32 = 128;
 const HEADS_PER_BLOCK: usize = 2;
 
 /// Whether [`prefill`] handles head size `head_dim` on `gpu`.
-pub fn supported(gpu: &Gpu, head_dim: usize) -> bool {
-    gpu.compute_capability.0 >= 8 && HEAD_DIMS.contains(&head_dim)
+pub fn supported(gpu: &Gpu, head_dim: usize) -> Result<bool> {
+    Ok(HEAD_DIMS.contains(&head_dim) && gpu.ctx.compute_capability()?.0 >= 8)
 }
 
 /// Device buffers of one prefill attention launch.

@@ -39,8 +39,6 @@ pub struct Gpu {
     /// decode step is being captured.
     pools: Mutex<Vec<Arc<Pool>>>,
     pub name: String,
-    /// Compute capability `(major, minor)`.
-    pub compute_capability: (i32, i32),
     pub sm_count: usize,
     pub total_mem: usize,
 }
@@ -99,7 +97,6 @@ impl Gpu {
         let pool = Pool::new(stats.clone());
         Ok(Gpu {
             name: ctx.name()?,
-            compute_capability: (major, minor),
             total_mem: ctx.total_mem()?,
             sm_count,
             ctx,
@@ -207,14 +204,6 @@ impl Gpu {
     pub fn copy(&self, dst: CUdeviceptr, src: CUdeviceptr, bytes: usize) -> Result<()> {
         if bytes > 0 {
             unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }?;
-        }
-        Ok(())
-    }
-
-    /// Sets `bytes` bytes at `dst` to zero (queued).
-    pub fn zero(&self, dst: CUdeviceptr, bytes: usize) -> Result<()> {
-        if bytes > 0 {
-            unsafe { result::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }?;
         }
         Ok(())
     }

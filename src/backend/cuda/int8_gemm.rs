@@ -10,6 +10,7 @@ use std::ffi::c_void;
 use anyhow::Result;
 use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::result;
 
 use super::gpu::{Gpu, arg};
 use super::matmul::dtype_mode;
@@ -25,7 +26,7 @@ const DEQUANT_TILE: (usize, usize) = (32, 64);
 /// Whether [`matmul`] takes `q`: cuBLAS's int8 GEMM wants leading
 /// dimensions that are multiples of 4 (both the weight's and the output's).
 pub fn supported(q: &CudaInt8) -> bool {
-    q.rows % 4 == 0 && q.cols % 4 == 0
+    q.rows.is_multiple_of(4) && q.cols.is_multiple_of(4)
 }
 
 /// `y = x · Wᵀ` for the LLM.int8() weight `q` (see [`supported`]).
@@ -51,7 +52,7 @@ pub fn matmul(gpu: &Gpu, q: &CudaInt8, x: &CudaTensor, y: &CudaTensor) -> Result
     );
     let (ni, ki, oi, thr) = (n as i32, k as i32, out as i32, q.threshold);
     let cd = dtype_mode(q.compute_dtype);
-    gpu.zero(fp, k)?;
+    unsafe { result::memset_d8_async(fp, 0, k, gpu.stream.cu_stream()) }?;
     gpu.launch(
         "int8_gemm_quant",
         (n4 as u32, 1, 1),

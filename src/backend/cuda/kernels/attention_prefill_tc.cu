@@ -240,6 +240,7 @@ __device__ __forceinline__ void attn_prefill_tc_body(const float* __restrict__ q
         const float* __restrict__ q, const float* __restrict__ kc, const float* __restrict__ vc, \
         const u32* __restrict__ tiles, float* __restrict__ out, int q_heads, int kv_heads,      \
         int max_len, float scale) {                                                             \
+        pdl_start();                                                                            \
         attn_prefill_tc_body<DIM, KT>(q, kc, vc, tiles, out, q_heads, kv_heads, max_len, scale); \
     }
 

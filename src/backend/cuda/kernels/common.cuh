@@ -57,3 +57,14 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     __syncthreads();
     return sh[32];
 }
+
+// Programmatic dependent launch (sm_90+), the first statement of every
+// kernel: waits until the kernels this one depends on have finished and
+// their writes are visible, then lets the next kernel's blocks be scheduled
+// while this one runs. Kernels launched without the attribute pass through.
+__device__ __forceinline__ void pdl_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

@@ -25,6 +25,7 @@ extern "C" __global__ void __launch_bounds__(256)
 int8_gemm_quant(const float* __restrict__ x, signed char* __restrict__ xq,
                 float* __restrict__ sca, u8* __restrict__ flag, int n, int k, float threshold,
                 int cd) {
+    pdl_start();
     __shared__ float sh[33];
     const int t = blockIdx.x;
     const int k4 = k >> 2;
@@ -80,6 +81,7 @@ extern "C" __global__ void __launch_bounds__(256)
 int8_gemm_outliers(const float* __restrict__ x, const u8* __restrict__ flag,
                      signed char* __restrict__ xq, float* __restrict__ xo, u32* __restrict__ list,
                      int k, int cd) {
+    pdl_start();
     __shared__ int counts[8];
     const int t = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -111,6 +113,7 @@ int8_gemm_dequant(const int* __restrict__ acc, const float* __restrict__ sca,
              const float* __restrict__ scb, const signed char* __restrict__ cb,
              const float* __restrict__ xo, const u32* __restrict__ list, float* __restrict__ y,
              int n, int out, int k, int cd) {
+    pdl_start();
     __shared__ float xs[32][33];
     __shared__ float ws[64][33];
     const int tx = threadIdx.x & 63, ty = threadIdx.x >> 6;
