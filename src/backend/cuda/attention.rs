@@ -2,6 +2,7 @@
 
 use anyhow::{Result, bail};
 
+use super::attention_tc;
 use super::gpu::{Gpu, arg};
 use super::layout::CudaLayout;
 use super::tensor::{CudaKvCache, CudaTensor};
@@ -13,7 +14,7 @@ const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 const SMEM_DEFAULT: usize = 48 * 1024;
 
 /// Keys per tile of the decode kernel (`ATT_TK` in attention.cu).
-const DECODE_TILE: usize = 32;
+const DECODE_TILE: usize = 64;
 /// Most key ranges a decode token's keys are split into (`ATT_MAX_SPLITS`
 /// in attention.cu; the merge holds one value per range in registers).
 const DECODE_MAX_SPLITS: usize = 16;
@@ -106,6 +107,17 @@ pub fn attention(
             ],
         )?;
     }
+    if prefill && attention_tc::supported(gpu, d)? {
+        let args = attention_tc::PrefillArgs {
+            q: qp,
+            k_cache: kc,
+            v_cache: vc,
+            out: op,
+            max_len: s.max_len,
+        };
+        attention_tc::prefill(gpu, &args, heads, layout)?;
+        return Ok(out);
+    }
     if prefill && PREFILL_HEAD_DIMS.contains(&d) {
         let name = format!("attn_prefill_d{d}");
         let tiles = layout.tile_table();
@@ -129,7 +141,7 @@ pub fn attention(
         return Ok(out);
     }
     // Split-K decode: keys 0..=pos of each token in up to 16 ranges (as many
-    // as 32-key tiles of the cache length), merged by the last block.
+    // as 64-key tiles of the cache length), merged by the last block.
     let group = q_heads / kv_heads;
     if group * d > DECODE_OUTPUTS_PER_THREAD * DECODE_THREADS {
         bail!("attention: {group} query heads of {d} per KV head exceed the decode kernel");

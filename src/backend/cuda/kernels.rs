@@ -13,6 +13,10 @@ pub const SOURCE: &str = concat!(
     "\n",
     include_str!("kernels/gemv_q4.cu"),
     "\n",
+    include_str!("kernels/attention_prefill_tc.cu"),
+    "\n",
+    include_str!("kernels/int8_gemm.cu"),
+    "\n",
 );
 
 /// Every `extern "C"` entry point of [`SOURCE`], loaded once per context.
@@ -35,6 +39,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attn_prefill_d32",
     "attn_prefill_d64",
     "attn_prefill_d128",
+    "attn_prefill_tc_d64",
+    "attn_prefill_tc_d128",
     "gemv_f32",
     "gemv_f16",
     "gemv_bf16",
@@ -68,4 +74,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv_q4packed_b8",
     "gemv_q4packed_b1_pair",
     "gemv_q4packed_b8_pair",
+    "int8_gemm_quant",
+    "int8_gemm_outliers",
+    "int8_gemm_dequant",
 ];

@@ -10,12 +10,13 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::gpu::{Arg, Gpu, arg};
+use super::int8_gemm;
 use super::tensor::CudaTensor;
 use super::weights::{CudaBnb4, CudaInt8, CudaPacked, CudaWeight};
 use crate::tensor::DType;
 
 /// The kernels' code for a compute dtype: 0 f32, 1 f16, 2 bf16.
-fn dtype_mode(d: DType) -> i32 {
+pub fn dtype_mode(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
         DType::F16 => 1,
@@ -362,8 +363,12 @@ fn matmul_packed(gpu: &Gpu, q: &CudaPacked, x: &CudaTensor, y: &CudaTensor) -> R
 
 /// LLM.int8(): outlier columns, per-token int8 activations, then the int8
 /// GEMV with the outlier columns added in the compute dtype, eight tokens
-/// at a time (the exact algorithm at every batch size).
+/// at a time (the exact algorithm at every batch size); larger batches take
+/// the cuBLAS int8 GEMM where its shape rules allow.
 fn matmul_int8(gpu: &Gpu, q: &CudaInt8, x: &CudaTensor, y: &CudaTensor) -> Result<()> {
+    if x.rows > GEMV_MAX_ROWS && int8_gemm::supported(q) {
+        return int8_gemm::matmul(gpu, q, x, y);
+    }
     let (n, k) = (x.rows, q.cols);
     let flag = gpu.alloc(k)?;
     let xq = gpu.alloc(n * k)?;

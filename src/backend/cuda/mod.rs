@@ -9,9 +9,11 @@
 //! format. All work goes through one stream.
 
 mod attention;
+mod attention_tc;
 pub mod compile;
 mod gpu;
 mod graph;
+mod int8_gemm;
 mod kernels;
 mod layout;
 mod matmul;

@@ -12,7 +12,7 @@
 // Prefill: one block per (32-query tile, head) streams key/value tiles of
 // the sequence through shared memory with an online softmax.
 
-#define ATT_TK 32
+#define ATT_TK 64
 #define ATT_OUT 16  // outputs (head, dim) per thread: G * D <= 16 * blockDim
 #define ATT_MAX_SPLITS 16
 
@@ -115,10 +115,15 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
             const int h = i / nk, j = i - h * nk;
             const float* qh = qs + h * D;
             const float* kj = ks + j * (D + 1);
-            float a = 0.f;
-#pragma unroll 8
-            for (int d = 0; d < D; d++) a = fmaf(qh[d], kj[d], a);
-            ps[h * ATT_TK + j] = a;
+            // Four partial sums: a shorter dependency chain.
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+            for (int d = 0; d < D; d += 4) {
+                a0 = fmaf(qh[d], kj[d], a0);
+                a1 = fmaf(qh[d + 1], kj[d + 1], a1);
+                a2 = fmaf(qh[d + 2], kj[d + 2], a2);
+                a3 = fmaf(qh[d + 3], kj[d + 3], a3);
+            }
+            ps[h * ATT_TK + j] = (a0 + a1) + (a2 + a3);
         }
         __syncthreads();
         for (int h = warp; h < G; h += nw) {
@@ -147,10 +152,14 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
             const int i = tid + m * nt;
             if (i < G * D) {
                 const int h = i / D, d = i - h * D;
-                float a = o[m] * st[2 * G + h];
-#pragma unroll 8
-                for (int j = 0; j < nk; j++) a = fmaf(ps[h * ATT_TK + j], vs[j * D + d], a);
-                o[m] = a;
+                float a0 = o[m] * st[2 * G + h], a1 = 0.f;
+                int j = 0;
+                for (; j + 1 < nk; j += 2) {
+                    a0 = fmaf(ps[h * ATT_TK + j], vs[j * D + d], a0);
+                    a1 = fmaf(ps[h * ATT_TK + j + 1], vs[(j + 1) * D + d], a1);
+                }
+                if (j < nk) a0 = fmaf(ps[h * ATT_TK + j], vs[j * D + d], a0);
+                o[m] = a0 + a1;
             }
         }
         __syncthreads();
