@@ -14,10 +14,10 @@ const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 const SMEM_DEFAULT: usize = 48 * 1024;
 
 /// Keys per tile of the decode kernel (`ATT_TK` in attention.cu).
-const DECODE_TILE: usize = 64;
+const DECODE_TILE: usize = 32;
 /// Most key ranges a decode token's keys are split into (`ATT_MAX_SPLITS`
 /// in attention.cu; the merge holds one value per range in registers).
-const DECODE_MAX_SPLITS: usize = 16;
+const DECODE_MAX_SPLITS: usize = 32;
 /// Threads per decode block and outputs per thread (`ATT_OUT`).
 const DECODE_THREADS: usize = 128;
 const DECODE_OUTPUTS_PER_THREAD: usize = 16;
@@ -140,8 +140,8 @@ pub fn attention(
         )?;
         return Ok(out);
     }
-    // Split-K decode: keys 0..=pos of each token in up to 16 ranges (as many
-    // as 64-key tiles of the cache length), merged by the last block.
+    // Split-K decode: keys 0..=pos of each token in up to 32 ranges (as many
+    // as 32-key tiles of the cache length), merged by the last block.
     let group = q_heads / kv_heads;
     if group * d > DECODE_OUTPUTS_PER_THREAD * DECODE_THREADS {
         bail!("attention: {group} query heads of {d} per KV head exceed the decode kernel");

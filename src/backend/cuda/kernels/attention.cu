@@ -12,9 +12,9 @@
 // Prefill: one block per (32-query tile, head) streams key/value tiles of
 // the sequence through shared memory with an online softmax.
 
-#define ATT_TK 64
+#define ATT_TK 32
 #define ATT_OUT 16  // outputs (head, dim) per thread: G * D <= 16 * blockDim
-#define ATT_MAX_SPLITS 16
+#define ATT_MAX_SPLITS 32
 
 // Load that bypasses L1: partials written by other blocks of this launch.
 __device__ __forceinline__ float ld_cg(const float* p) {
