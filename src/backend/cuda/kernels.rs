@@ -11,6 +11,8 @@ pub const SOURCE: &str = concat!(
     "\n",
     include_str!("kernels/gemv.cu"),
     "\n",
+    include_str!("kernels/gptq.cu"),
+    "\n",
 );
 
 /// Every `extern "C"` entry point of [`SOURCE`], loaded once per context.
@@ -59,4 +61,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "int8_outlier_cols",
     "int8_quant_rows",
     "gemv_int8",
+    "gptq_acc_upper",
+    "gptq_hessian_finish",
+    "gptq_diag",
+    "gptq_prepare_h",
+    "gptq_prepare_w",
+    "gptq_upper_f32",
+    "gptq_static_grids",
+    "gptq_block",
 ];

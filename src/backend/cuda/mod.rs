@@ -10,6 +10,7 @@
 
 mod attention;
 pub mod compile;
+pub mod gptq;
 mod gpu;
 mod graph;
 mod kernels;
@@ -17,6 +18,7 @@ mod layout;
 mod matmul;
 pub mod memory;
 mod ops;
+mod solver;
 mod tensor;
 mod weights;
 
