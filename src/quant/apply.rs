@@ -72,7 +72,6 @@ pub fn quantize_model_on(
                 #[cfg(feature = "cuda")]
                 Device::Cuda(ordinal) => with_large_stacks(|| {
                     crate::backend::cuda::gptq::quantize_model_gptq(weights, c, &samples, ordinal)
-                        .map(|_| ())
                 }),
                 #[cfg(not(feature = "cuda"))]
                 Device::Cuda(_) => bail!(

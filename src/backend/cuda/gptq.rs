@@ -602,12 +602,12 @@ pub fn quantize_model_gptq(
     cfg: &GptqConfig,
     samples: &[Vec<u32>],
     ordinal: usize,
-) -> Result<StageTimes> {
+) -> Result<()> {
     let backend = CudaBackend::new(ordinal)?;
     let gptq = CudaGptq::new(&backend)?;
     run_gptq(&gptq, weights, cfg, samples)
         .with_context(|| format!("GPTQ on {}", backend.describe()))?;
     let times = gptq.timings()?;
     eprintln!("gptq on {}: {times}", backend.describe());
-    Ok(times)
+    Ok(())
 }
