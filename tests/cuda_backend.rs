@@ -609,7 +609,12 @@ fn quantized_models_match_the_cpu() {
         ("synth:smollm2-135m", "none", 2e-3),
     ] {
         let spec = QuantSpec::parse(quant).unwrap();
-        let loaded = quantbench::cli::common::load_quantized(model, Some(&spec)).unwrap();
+        let loaded = quantbench::cli::common::load_quantized(
+            model,
+            Some(&spec),
+            quantbench::backend::Device::Cpu,
+        )
+        .unwrap();
         let cpu = Model::new(CpuBackend::new(), &loaded.weights).unwrap();
         let cuda = Model::new(gpu(), &loaded.weights).unwrap();
         let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 250).collect();

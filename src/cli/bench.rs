@@ -100,7 +100,7 @@ pub fn print_result(r: &BenchResult) {
 
 /// Loads, quantizes, measures and prints.
 pub fn run_cmd(args: Args) -> Result<()> {
-    let loaded = load_quantized(&args.model, args.quant.as_ref())?;
+    let loaded = load_quantized(&args.model, args.quant.as_ref(), args.device)?;
     let total = total_usage(&usage_by_format(&loaded.weights));
     let (bytes, params) = (total.bytes, total.parameters);
     println!(

@@ -11,7 +11,7 @@ use crate::config::Registry;
 use crate::eval::divergence::{DEFAULT_TEXT, Reference, text_windows};
 use crate::io::load_model;
 use crate::model::Model;
-use crate::quant::{QuantContext, QuantSpec, cast_dense, quantize_model};
+use crate::quant::{QuantContext, QuantSpec, cast_dense, quantize_model_on};
 use crate::tensor::DType;
 use crate::with_backend;
 
@@ -81,7 +81,7 @@ pub fn run(args: Args) -> Result<()> {
         let ctx = QuantContext {
             tokenizer: &loaded.tokenizer,
         };
-        quantize_model(&mut loaded.weights, &spec, &ctx)?;
+        quantize_model_on(&mut loaded.weights, &spec, &ctx, args.device)?;
         let quant = Model::new(backend, &loaded.weights)?;
         let d = reference.compare(&quant)?;
         (reference, d)

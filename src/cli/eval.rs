@@ -65,7 +65,7 @@ pub struct Args {
 
 /// Runs `quantbench eval` and prints the result as JSON.
 pub fn run(args: Args) -> Result<()> {
-    let loaded = load_quantized(&args.model, args.quant.as_ref())?;
+    let loaded = load_quantized(&args.model, args.quant.as_ref(), args.device)?;
     let quant = match &args.quant {
         Some(q) => serde_json::to_string(q)?,
         None => "none".to_string(),

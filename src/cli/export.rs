@@ -7,8 +7,9 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::{Args as ClapArgs, ValueEnum};
 
+use crate::backend::Device;
 use crate::io::{awq_checkpoint, gptq_checkpoint, load_model};
-use crate::quant::{QuantContext, QuantSpec, quantize_model};
+use crate::quant::{QuantContext, QuantSpec, quantize_model_on};
 
 /// Checkpoint layouts `export` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -46,6 +47,9 @@ pub struct Args {
     /// Seed of the calibration windows (default 0).
     #[arg(long)]
     pub calib_seed: Option<u64>,
+    /// Where GPTQ computes: cpu, cuda or cuda:N (RTN and AWQ run on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 /// Refuses, before any quantization work, settings `format` cannot hold.
@@ -93,7 +97,7 @@ pub fn run(args: Args) -> Result<()> {
     let ctx = QuantContext {
         tokenizer: &loaded.tokenizer,
     };
-    quantize_model(&mut loaded.weights, &spec, &ctx)?;
+    quantize_model_on(&mut loaded.weights, &spec, &ctx, args.device)?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "quantized {} with {} in {secs:.1} s",

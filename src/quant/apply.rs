@@ -9,6 +9,7 @@ use super::LinearWeight;
 use super::calib::calibration_samples;
 use super::rtn::rtn_quantize;
 use super::spec::{QuantSpec, RtnConfig};
+use crate::backend::Device;
 use crate::model::LlamaWeights;
 
 /// Everything a quantization method may need beyond the weights.
@@ -26,12 +27,24 @@ pub fn is_skipped(name: &str, skip_modules: &[String]) -> bool {
     })
 }
 
-/// Quantizes `weights` in place as `spec` says. GPTQ and AWQ calibrate on
-/// windows of their `calib` text tokenized with `ctx.tokenizer`.
+/// Quantizes `weights` in place as `spec` says, on the CPU. GPTQ and AWQ
+/// calibrate on windows of their `calib` text tokenized with `ctx.tokenizer`.
 pub fn quantize_model(
     weights: &mut LlamaWeights,
     spec: &QuantSpec,
     ctx: &QuantContext,
+) -> Result<()> {
+    quantize_model_on(weights, spec, ctx, Device::Cpu)
+}
+
+/// [`quantize_model`] with GPTQ computed on `device` (a CUDA device runs the
+/// calibration forward, Hessians and column loops on the GPU, with the same
+/// results up to rounding); every other method runs on the CPU.
+pub fn quantize_model_on(
+    weights: &mut LlamaWeights,
+    spec: &QuantSpec,
+    ctx: &QuantContext,
+    device: Device,
 ) -> Result<()> {
     spec.validate()?;
     match spec {
@@ -52,7 +65,19 @@ pub fn quantize_model(
         QuantSpec::Gptq(c) => {
             block_linears_only("gptq", &c.skip_modules, weights)?;
             let samples = calibration_samples(ctx.tokenizer, &c.calib)?;
-            with_large_stacks(|| super::gptq::quantize_model_gptq(weights, c, &samples))
+            match device {
+                Device::Cpu => {
+                    with_large_stacks(|| super::gptq::quantize_model_gptq(weights, c, &samples))
+                }
+                #[cfg(feature = "cuda")]
+                Device::Cuda(ordinal) => with_large_stacks(|| {
+                    crate::backend::cuda::gptq::quantize_model_gptq(weights, c, &samples, ordinal)
+                }),
+                #[cfg(not(feature = "cuda"))]
+                Device::Cuda(_) => bail!(
+                    "GPTQ on {device}: this quantbench was built without CUDA; rebuild with `cargo build --release --features cuda`"
+                ),
+            }
         }
         QuantSpec::Awq(c) => {
             block_linears_only("awq", &c.skip_modules, weights)?;

@@ -573,7 +573,8 @@ pub fn quantize_model_awq(
                 *linear_mut(layer, n) = LinearWeight::Quantized(Arc::new(q));
             }
         }
-        cal.update_block(&weights.layers[l], None)?;
+        // Scales were folded into norms and linears: take the whole block again.
+        cal.begin_block(&weights.layers[l])?;
         cal.advance()?;
         progress.block_done();
     }

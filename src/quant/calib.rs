@@ -11,7 +11,8 @@
 //! (running the block as it currently is: earlier sub-layers may already be
 //! quantized), and [`Calibrator::advance`] then runs the block, with its
 //! quantized weights, to produce the inputs of block `l + 1`. Windows are run
-//! in batches of at most [`BATCH_TOKENS`] tokens through the CPU backend.
+//! in batches of at most [`BATCH_TOKENS`] tokens through a backend (the CPU
+//! unless a GPU path hands its own).
 
 use std::path::Path;
 use std::time::Instant;
@@ -23,8 +24,8 @@ use rand::{Rng, SeedableRng};
 
 use super::LinearWeight;
 use super::spec::CalibConfig;
-use super::staged::{BlockContext, BlockWeights, StagedRun};
-use crate::backend::cpu::CpuTensor;
+use super::staged::{BlockContext, BlockWeights, StagedRun, step_of};
+use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, StepLayout};
 use crate::io::tokenizer::Tokenizer;
 use crate::model::LlamaWeights;
@@ -183,31 +184,44 @@ impl BlockProgress {
     }
 }
 
-/// Most bytes of intermediate block values [`Calibrator`] keeps between
-/// observations; beyond this they are recomputed for every observation.
+/// Most bytes of intermediate block values [`Calibrator`] keeps on the CPU
+/// between observations; beyond this they are recomputed for every observation.
 pub const KEEP_BYTES: usize = 2 << 30;
 
 /// Hidden states of the calibration windows, advanced block by block.
-pub struct Calibrator {
-    ctx: BlockContext,
-    runs: Vec<StagedRun>,
-    block: Option<BlockWeights>,
+pub struct Calibrator<'a, B: Backend> {
+    ctx: BlockContext<'a, B>,
+    runs: Vec<StagedRun<B>>,
+    block: Option<BlockWeights<B>>,
     keep: bool,
     tokens: usize,
 }
 
-impl Calibrator {
-    /// Embeds `samples` with `weights`' embedding table (on the CPU backend),
-    /// in batches of at most [`BATCH_TOKENS`] tokens.
+impl Calibrator<'static, CpuBackend> {
+    /// Embeds `samples` on the CPU backend, keeping intermediate values up
+    /// to [`KEEP_BYTES`] (see [`Calibrator::on`]).
     pub fn new(weights: &LlamaWeights, samples: &[Vec<u32>]) -> Result<Self> {
+        Calibrator::on(&CpuBackend, weights, samples, KEEP_BYTES)
+    }
+}
+
+impl<'a, B: Backend> Calibrator<'a, B> {
+    /// Embeds `samples` with `weights`' embedding table on `backend`, in
+    /// batches of at most [`BATCH_TOKENS`] tokens. A block's intermediate
+    /// values are kept between observations when all batches' values take at
+    /// most `keep_bytes`, else recomputed for each observation.
+    pub fn on(
+        backend: &'a B,
+        weights: &LlamaWeights,
+        samples: &[Vec<u32>],
+        keep_bytes: usize,
+    ) -> Result<Self> {
         if samples.is_empty() || samples.iter().any(|s| s.is_empty()) {
             bail!("calibration needs at least one non-empty sample");
         }
         let c = &weights.config;
-        let ctx = BlockContext::new(c);
-        let table = ctx
-            .backend()
-            .upload_weight(&LinearWeight::Dense(weights.embed_tokens.clone()))?;
+        let ctx = BlockContext::new(backend, c)?;
+        let table = backend.upload_weight(&LinearWeight::Dense(weights.embed_tokens.clone()))?;
         let mut runs = Vec::new();
         let mut start = 0;
         while start < samples.len() {
@@ -223,8 +237,9 @@ impl Calibrator {
                     .enumerate()
                     .map(|(slot, s)| (slot, 0, s.as_slice())),
             )?;
-            let hidden = ctx.backend().embedding(&table, &layout)?;
-            runs.push(StagedRun::new(layout, hidden));
+            let device_layout = backend.upload_layout(&layout)?;
+            let hidden = backend.embedding(&table, &device_layout)?;
+            runs.push(StagedRun::new(&layout, device_layout, hidden, &ctx));
             start = end;
         }
         let tokens: usize = samples.iter().map(Vec::len).sum();
@@ -233,7 +248,7 @@ impl Calibrator {
             ctx,
             runs,
             block: None,
-            keep: tokens * per_token <= KEEP_BYTES,
+            keep: tokens * per_token <= keep_bytes,
             tokens,
         })
     }
@@ -250,18 +265,27 @@ impl Calibrator {
         Ok(())
     }
 
-    /// Replaces the current block's weights with `layer`, whose changes
-    /// affect only what comes after the input `unchanged_through` (e.g.
-    /// `Some(Qkv)` after quantizing q/k/v); `None` when anything may have changed.
-    pub fn update_block(
-        &mut self,
-        layer: &LayerWeights,
-        unchanged_through: Option<LinearInput>,
-    ) -> Result<()> {
-        self.block = Some(BlockWeights::upload(self.ctx.backend(), layer)?);
-        self.runs
-            .iter_mut()
-            .for_each(|r| r.invalidate_after(unchanged_through));
+    /// Takes the linears named in `changed` (e.g. q/k/v after quantizing
+    /// them) from `layer` into the current block; the values that depend on
+    /// them are recomputed at the next observation. Norms and the other
+    /// linears are kept: after any other change, begin the block again.
+    pub fn update_block(&mut self, layer: &LayerWeights, changed: &[&str]) -> Result<()> {
+        let block = self.block.as_mut().context("calibration: no block begun")?;
+        let mut first: Option<LinearInput> = None;
+        for &name in changed {
+            block.replace(self.ctx.backend(), layer, name)?;
+            let input =
+                LinearInput::of(name).with_context(|| format!("{name} is not a block linear"))?;
+            if first.is_none_or(|f| step_of(input) < step_of(f)) {
+                first = Some(input);
+            }
+        }
+        // Values up to and including the earliest changed linear's input stay.
+        if let Some(first) = first {
+            self.runs
+                .iter_mut()
+                .for_each(|r| r.invalidate_after(Some(first)));
+        }
         Ok(())
     }
 
@@ -270,7 +294,7 @@ impl Calibrator {
     pub fn observe(
         &mut self,
         which: &[LinearInput],
-        f: &mut dyn FnMut(LinearInput, &CpuTensor) -> Result<()>,
+        f: &mut dyn FnMut(LinearInput, &B::Tensor) -> Result<()>,
     ) -> Result<()> {
         let w = self.block.as_ref().context("calibration: no block begun")?;
         for run in &mut self.runs {
@@ -296,7 +320,7 @@ impl Calibrator {
     }
 
     /// The hidden states of every batch (`[tokens, hidden]` each).
-    pub fn hidden_states(&self) -> impl Iterator<Item = &CpuTensor> {
+    pub fn hidden_states(&self) -> impl Iterator<Item = &B::Tensor> {
         self.runs.iter().map(|r| r.input())
     }
 }
@@ -444,8 +468,11 @@ mod tests {
             let q = crate::quant::rtn::rtn_quantize(&lw.dequantize(), o, i, 2, 16, false).unwrap();
             *lw = LinearWeight::Quantized(std::sync::Arc::new(q));
         }
-        cal.update_block(&w.layers[0], Some(LinearInput::Qkv))
-            .unwrap();
+        cal.update_block(
+            &w.layers[0],
+            &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        )
+        .unwrap();
         let mut after = Vec::new();
         cal.observe(&[LinearInput::O, LinearInput::Down], &mut |_, t| {
             after.push(t.data.clone());

@@ -25,11 +25,13 @@ use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, MatRef, Par, Side};
 use rayon::prelude::*;
 
-use super::calib::{BlockProgress, Calibrator, linear_mut};
+use super::calib::{BlockProgress, Calibrator, KEEP_BYTES, linear_mut};
 use super::packed::{PackedIntMatrix, check_bits};
 use super::rtn::{GridRule, GroupGrid, IntFormat, assemble, resolve_group_size};
 use super::spec::GptqConfig;
 use super::{LinearWeight, is_skipped};
+use crate::backend::Backend;
+use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::model::LlamaWeights;
 use crate::model::forward::LinearInput;
 use crate::model::weights::LINEAR_NAMES;
@@ -173,12 +175,23 @@ impl GptqParams {
     }
 }
 
+/// Times GPTQ retries a Hessian that is not positive definite, each time
+/// with ten times more dampening.
+pub const DAMP_RETRIES: usize = 3;
+
+/// Mean of the Hessian diagonal `diag`, summed in order (the dampening unit).
+pub fn mean_diagonal(diag: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = diag.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    sum / n as f64
+}
+
 /// Upper Cholesky factor of `(H + damp·I)⁻¹`, row-major f32, retrying with
-/// ten times more dampening (up to three times) when `H` is not positive definite.
-fn inverse_cholesky_upper(h: &[f64], n: usize, damp_percent: f64) -> Result<Vec<f32>> {
-    let mean_diag = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
+/// ten times more dampening (up to [`DAMP_RETRIES`] times) when `H` is not
+/// positive definite.
+pub fn inverse_cholesky_upper(h: &[f64], n: usize, damp_percent: f64) -> Result<Vec<f32>> {
+    let mean_diag = mean_diagonal((0..n).map(|i| h[i * n + i]));
     let mut damp = damp_percent;
-    for attempt in 0..4 {
+    for attempt in 0..=DAMP_RETRIES {
         let hm = Mat::<f64>::from_fn(n, n, |i, j| {
             h[i * n + j] + if i == j { damp * mean_diag } else { 0.0 }
         });
@@ -247,13 +260,8 @@ pub fn gptq_quantize(
             })
             .collect()
     });
-    let perm: Vec<usize> = if p.desc_act {
-        let mut idx: Vec<usize> = (0..n).collect();
-        idx.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]));
-        idx
-    } else {
-        (0..n).collect()
-    };
+    let diag: Vec<f64> = (0..n).map(|i| h[i * n + i]).collect();
+    let perm = column_order(&diag, p.desc_act);
     if p.desc_act {
         w = w
             .chunks(n)
@@ -278,17 +286,53 @@ pub fn gptq_quantize(
         })
         .collect();
 
-    let mut rows = Vec::with_capacity(out_features);
-    for (codes, grids) in results {
-        for (r, g) in grids.into_iter().enumerate() {
-            let permuted = &codes[r * n..(r + 1) * n];
+    let mut codes = Vec::with_capacity(out_features * n);
+    let mut grids = Vec::with_capacity(out_features);
+    for (c, g) in results {
+        codes.extend(c);
+        grids.extend(g);
+    }
+    assemble_gptq(out_features, n, p, &perm, &codes, grids)
+}
+
+/// The order GPTQ quantizes columns in: by decreasing Hessian diagonal
+/// `diag` with act-order (a stable sort: ties keep column order), else left
+/// to right.
+pub fn column_order(diag: &[f64], desc_act: bool) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..diag.len()).collect();
+    if desc_act {
+        idx.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]));
+    }
+    idx
+}
+
+/// Packs GPTQ's result: `codes` (`[out, in]`, row-major, columns in the
+/// quantization order `perm`) and each row's group grids (in quantization
+/// order, or the original column groups with static groups).
+pub fn assemble_gptq(
+    out_features: usize,
+    n: usize,
+    p: &GptqParams,
+    perm: &[usize],
+    codes: &[u8],
+    grids: Vec<Vec<GroupGrid>>,
+) -> Result<PackedIntMatrix> {
+    let gs = resolve_group_size(p.group_size, n);
+    let groups = n.div_ceil(gs).max(1);
+    if codes.len() != out_features * n || grids.len() != out_features || perm.len() != n {
+        bail!("GPTQ: codes, grids or column order do not fit a {out_features}x{n} layer");
+    }
+    let rows: Vec<(Vec<u8>, Vec<GroupGrid>)> = codes
+        .par_chunks(n.max(1))
+        .zip(grids)
+        .map(|(permuted, g)| {
             let mut row = vec![0u8; n];
             for (j, &c) in perm.iter().enumerate() {
                 row[c] = permuted[j];
             }
-            rows.push((row, g));
-        }
-    }
+            (row, g)
+        })
+        .collect();
     // Act-order without static groups: column `c` belongs to the group of
     // its position in the quantization order. Left out when that is `c / gs`.
     let g_idx = (p.desc_act && !p.static_groups && groups > 1)
@@ -303,7 +347,7 @@ pub fn gptq_quantize(
     let fmt = IntFormat {
         bits: p.bits,
         group_size: gs,
-        rule,
+        rule: GridRule::MinMaxWithZero { sym: p.sym },
     };
     assemble(out_features, n, fmt, &rows, g_idx, "gptq")
 }
@@ -386,21 +430,108 @@ pub const SEQUENTIAL_STAGES: [&[&str]; 4] = [
     &["mlp.down_proj"],
 ];
 
-/// Quantizes every decoder-block linear of `weights` with GPTQ, block by
-/// block, on the calibration windows `samples`: each block's inputs come from
-/// the already-quantized earlier blocks; within a block, with
+/// Where GPTQ runs: the backend of the calibration forward, where Hessians
+/// are accumulated, and where the column loop runs. The model-level loop
+/// ([`run_gptq`]) is the same on every device.
+pub trait GptqDevice {
+    /// The backend the calibration windows run through.
+    type Backend: Backend;
+    /// A running `Σ x xᵀ` over one linear input.
+    type Accumulator;
+    /// A finished Hessian, `2/n · Σ x xᵀ`.
+    type Hessian;
+
+    /// The backend.
+    fn backend(&self) -> &Self::Backend;
+    /// Most bytes of intermediate block values the calibration may keep.
+    fn keep_bytes(&self) -> usize;
+    /// An empty accumulator for inputs of `dim` features.
+    fn accumulator(&self, dim: usize) -> Result<Self::Accumulator>;
+    /// Adds the rows of `x` (`[tokens, dim]`).
+    fn add_batch(
+        &self,
+        acc: &mut Self::Accumulator,
+        x: &<Self::Backend as Backend>::Tensor,
+    ) -> Result<()>;
+    /// The Hessian of what `acc` summed.
+    fn hessian(&self, acc: Self::Accumulator) -> Result<Self::Hessian>;
+    /// GPTQ of `w` (`[out, in]`, row-major) with the Hessian `h`.
+    fn quantize(
+        &self,
+        w: &[f32],
+        out_features: usize,
+        in_features: usize,
+        h: &Self::Hessian,
+        p: &GptqParams,
+    ) -> Result<PackedIntMatrix>;
+}
+
+/// GPTQ on the CPU: f64 Hessians on the host, faer and rayon.
+pub struct CpuGptq;
+
+impl GptqDevice for CpuGptq {
+    type Backend = CpuBackend;
+    type Accumulator = Hessian;
+    type Hessian = Vec<f64>;
+
+    fn backend(&self) -> &CpuBackend {
+        &CpuBackend
+    }
+
+    fn keep_bytes(&self) -> usize {
+        KEEP_BYTES
+    }
+
+    fn accumulator(&self, dim: usize) -> Result<Hessian> {
+        Ok(Hessian::new(dim))
+    }
+
+    fn add_batch(&self, acc: &mut Hessian, x: &CpuTensor) -> Result<()> {
+        acc.add_batch(&x.data, x.rows)
+    }
+
+    fn hessian(&self, acc: Hessian) -> Result<Vec<f64>> {
+        acc.matrix()
+    }
+
+    fn quantize(
+        &self,
+        w: &[f32],
+        out_features: usize,
+        in_features: usize,
+        h: &Vec<f64>,
+        p: &GptqParams,
+    ) -> Result<PackedIntMatrix> {
+        gptq_quantize(w, out_features, in_features, h, p)
+    }
+}
+
+/// Quantizes every decoder-block linear of `weights` with GPTQ on the CPU
+/// (see [`run_gptq`]).
+pub fn quantize_model_gptq(
+    weights: &mut LlamaWeights,
+    cfg: &GptqConfig,
+    samples: &[Vec<u32>],
+) -> Result<()> {
+    run_gptq(&CpuGptq, weights, cfg, samples)
+}
+
+/// Quantizes every decoder-block linear of `weights` with GPTQ on `device`,
+/// block by block, on the calibration windows `samples`: each block's inputs
+/// come from the already-quantized earlier blocks; within a block, with
 /// `true_sequential`, q/k/v, then o, then gate/up, then down are quantized,
 /// each on inputs recomputed after the earlier stages were quantized (else all
 /// seven on the inputs of the unquantized block). Layers sharing an input
 /// share its Hessian. Linears named in `skip_modules` stay dense.
-pub fn quantize_model_gptq(
+pub fn run_gptq<D: GptqDevice>(
+    device: &D,
     weights: &mut LlamaWeights,
     cfg: &GptqConfig,
     samples: &[Vec<u32>],
 ) -> Result<()> {
     let p = GptqParams::from(cfg);
     p.validate()?;
-    let mut cal = Calibrator::new(weights, samples)?;
+    let mut cal = Calibrator::on(device.backend(), weights, samples, device.keep_bytes())?;
     let layers = weights.layers.len();
     let all: Vec<&str> = LINEAR_NAMES.to_vec();
     let stages: Vec<Vec<&str>> = if cfg.true_sequential {
@@ -421,34 +552,35 @@ pub fn quantize_model_gptq(
                 continue;
             }
             let mut inputs: Vec<LinearInput> = Vec::new();
-            for n in &names {
+            let mut sums: HashMap<LinearInput, D::Accumulator> = HashMap::new();
+            for &n in &names {
                 let i = LinearInput::of(n).expect("block linear name");
                 if !inputs.contains(&i) {
                     inputs.push(i);
+                    let (_, dim) = linear_mut(&mut weights.layers[l], n).shape();
+                    sums.insert(i, device.accumulator(dim)?);
                 }
             }
-            let mut hessians: HashMap<LinearInput, Hessian> = HashMap::new();
             cal.observe(&inputs, &mut |which, x| {
-                hessians
-                    .entry(which)
-                    .or_insert_with(|| Hessian::new(x.cols))
-                    .add_batch(&x.data, x.rows)
+                let acc = sums.get_mut(&which).expect("an observed input");
+                device.add_batch(acc, x)
             })?;
-            let hmats: HashMap<LinearInput, Vec<f64>> = hessians
-                .iter()
-                .map(|(k, h)| Ok((*k, h.matrix()?)))
+            let hessians: HashMap<LinearInput, D::Hessian> = sums
+                .into_iter()
+                .map(|(k, acc)| Ok((k, device.hessian(acc)?)))
                 .collect::<Result<_>>()?;
-            for name in names {
+            for &name in &names {
                 let w = linear_mut(&mut weights.layers[l], name);
                 let (o, i) = w.shape();
-                let h = &hmats[&LinearInput::of(name).expect("block linear name")];
-                let q = gptq_quantize(&w.dequantize(), o, i, h, &p)
+                let h = hessians
+                    .get(&LinearInput::of(name).expect("block linear name"))
+                    .with_context(|| format!("no calibration input reached {name}"))?;
+                let q = device
+                    .quantize(&w.dequantize(), o, i, h, &p)
                     .with_context(|| format!("GPTQ of model.layers.{l}.{name}"))?;
                 *w = LinearWeight::Quantized(Arc::new(q));
             }
-            // Only values after the stage's first input (block order, as
-            // LINEAR_NAMES lists the linears) depend on the quantized weights.
-            cal.update_block(&weights.layers[l], inputs.first().copied())?;
+            cal.update_block(&weights.layers[l], &names)?;
         }
         cal.advance()?;
         progress.block_done();

@@ -25,7 +25,9 @@ pub mod spec;
 pub mod staged;
 pub mod storage;
 
-pub use apply::{QuantContext, cast_dense, convert_linears, is_skipped, quantize_model};
+pub use apply::{
+    QuantContext, cast_dense, convert_linears, is_skipped, quantize_model, quantize_model_on,
+};
 pub use spec::QuantSpec;
 
 /// A quantized weight matrix of shape `[out_features, in_features]`.

@@ -1,4 +1,4 @@
-//! One decoder block on the CPU backend, run step by step for calibration.
+//! One decoder block on any backend, run step by step for calibration.
 //!
 //! The block's intermediate values are computed in a fixed order: the normed
 //! stream (input of q/k/v), the attention output (input of o), the residual
@@ -10,75 +10,95 @@
 //! once per stage. The arithmetic is the same sequence of backend calls as
 //! `Model::block`, so results are identical.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
-use crate::backend::cpu::{CpuBackend, CpuTensor, CpuWeight};
 use crate::backend::{Backend, CacheShape, HeadShape, StepLayout};
 use crate::model::LlamaConfig;
 use crate::model::forward::LinearInput;
 use crate::model::weights::LayerWeights;
 
-/// One decoder block's weights uploaded to the CPU backend.
-pub struct BlockWeights {
-    input_layernorm: Vec<f32>,
-    q_proj: CpuWeight,
-    k_proj: CpuWeight,
-    v_proj: CpuWeight,
-    o_proj: CpuWeight,
-    post_attention_layernorm: Vec<f32>,
-    gate_proj: CpuWeight,
-    up_proj: CpuWeight,
-    down_proj: CpuWeight,
+/// One decoder block's weights uploaded to a backend.
+pub struct BlockWeights<B: Backend> {
+    input_layernorm: B::Vector,
+    q_proj: B::Weight,
+    k_proj: B::Weight,
+    v_proj: B::Weight,
+    o_proj: B::Weight,
+    post_attention_layernorm: B::Vector,
+    gate_proj: B::Weight,
+    up_proj: B::Weight,
+    down_proj: B::Weight,
 }
 
-impl BlockWeights {
+impl<B: Backend> BlockWeights<B> {
     /// Uploads `layer` (quantized linears stay quantized).
-    pub fn upload(backend: &CpuBackend, layer: &LayerWeights) -> Result<Self> {
+    pub fn upload(backend: &B, layer: &LayerWeights) -> Result<Self> {
         Ok(BlockWeights {
-            input_layernorm: layer.input_layernorm.clone(),
+            input_layernorm: backend.upload_vector(&layer.input_layernorm)?,
             q_proj: backend.upload_weight(&layer.q_proj)?,
             k_proj: backend.upload_weight(&layer.k_proj)?,
             v_proj: backend.upload_weight(&layer.v_proj)?,
             o_proj: backend.upload_weight(&layer.o_proj)?,
-            post_attention_layernorm: layer.post_attention_layernorm.clone(),
+            post_attention_layernorm: backend.upload_vector(&layer.post_attention_layernorm)?,
             gate_proj: backend.upload_weight(&layer.gate_proj)?,
             up_proj: backend.upload_weight(&layer.up_proj)?,
             down_proj: backend.upload_weight(&layer.down_proj)?,
         })
     }
+
+    /// Uploads `layer`'s linear called `name` (one of `LINEAR_NAMES`) in
+    /// place of the one held.
+    pub fn replace(&mut self, backend: &B, layer: &LayerWeights, name: &str) -> Result<()> {
+        let (_, w) = layer
+            .linears()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .with_context(|| format!("no linear layer named {name}"))?;
+        let slot = match name {
+            "self_attn.q_proj" => &mut self.q_proj,
+            "self_attn.k_proj" => &mut self.k_proj,
+            "self_attn.v_proj" => &mut self.v_proj,
+            "self_attn.o_proj" => &mut self.o_proj,
+            "mlp.gate_proj" => &mut self.gate_proj,
+            "mlp.up_proj" => &mut self.up_proj,
+            _ => &mut self.down_proj,
+        };
+        *slot = backend.upload_weight(w)?;
+        Ok(())
+    }
 }
 
 /// What every block shares: the backend, head shapes, RoPE frequencies, norm epsilon.
-pub struct BlockContext {
-    backend: CpuBackend,
+pub struct BlockContext<'a, B: Backend> {
+    backend: &'a B,
     heads: HeadShape,
-    inv_freq: Vec<f32>,
+    inv_freq: B::Vector,
     eps: f32,
 }
 
-impl BlockContext {
-    /// The context of `config`'s blocks.
-    pub fn new(config: &LlamaConfig) -> Self {
-        BlockContext {
-            backend: CpuBackend::new(),
+impl<'a, B: Backend> BlockContext<'a, B> {
+    /// The context of `config`'s blocks on `backend`.
+    pub fn new(backend: &'a B, config: &LlamaConfig) -> Result<Self> {
+        Ok(BlockContext {
+            backend,
             heads: HeadShape {
                 q_heads: config.num_attention_heads,
                 kv_heads: config.num_key_value_heads,
                 head_dim: config.head_dim,
             },
-            inv_freq: crate::model::rope::inv_freq(config),
+            inv_freq: backend.upload_vector(&crate::model::rope::inv_freq(config))?,
             eps: config.rms_norm_eps as f32,
-        }
+        })
     }
 
     /// The backend blocks run on.
-    pub fn backend(&self) -> &CpuBackend {
-        &self.backend
+    pub fn backend(&self) -> &'a B {
+        self.backend
     }
 }
 
 /// Index in the step order of the value that `input` is.
-fn step_of(input: LinearInput) -> usize {
+pub fn step_of(input: LinearInput) -> usize {
     match input {
         LinearInput::Qkv => 0,
         LinearInput::O => 1,
@@ -92,24 +112,39 @@ const STEPS: usize = 5;
 
 /// A batch of sequences at one block: its input and the valid prefix of the
 /// block's intermediate values.
-pub struct StagedRun {
-    layout: StepLayout,
-    input: CpuTensor,
-    values: Vec<CpuTensor>,
+pub struct StagedRun<B: Backend> {
+    /// Slots and lengths of the batch's sequences (sizes its attention cache).
+    cache: CacheShape,
+    layout: B::Layout,
+    input: B::Tensor,
+    values: Vec<B::Tensor>,
 }
 
-impl StagedRun {
-    /// A run of the block whose input (residual stream) is `input`.
-    pub fn new(layout: StepLayout, input: CpuTensor) -> Self {
+impl<B: Backend> StagedRun<B> {
+    /// A run of the block whose input (residual stream) is `input`, for the
+    /// sequences of `layout` (`device_layout` is its upload).
+    pub fn new(
+        layout: &StepLayout,
+        device_layout: B::Layout,
+        input: B::Tensor,
+        ctx: &BlockContext<'_, B>,
+    ) -> Self {
         StagedRun {
-            layout,
+            cache: CacheShape {
+                layers: 1,
+                slots: layout.seqs.len(),
+                max_len: layout.max_end(),
+                kv_heads: ctx.heads.kv_heads,
+                head_dim: ctx.heads.head_dim,
+            },
+            layout: device_layout,
             input,
             values: Vec::with_capacity(STEPS),
         }
     }
 
     /// The block input (`[tokens, hidden]`).
-    pub fn input(&self) -> &CpuTensor {
+    pub fn input(&self) -> &B::Tensor {
         &self.input
     }
 
@@ -117,9 +152,9 @@ impl StagedRun {
     pub fn value(
         &mut self,
         input: LinearInput,
-        w: &BlockWeights,
-        ctx: &BlockContext,
-    ) -> Result<&CpuTensor> {
+        w: &BlockWeights<B>,
+        ctx: &BlockContext<'_, B>,
+    ) -> Result<&B::Tensor> {
         let step = step_of(input);
         self.fill(step + 1, w, ctx)?;
         Ok(&self.values[step])
@@ -133,7 +168,7 @@ impl StagedRun {
 
     /// Computes the block output with `w` and makes it the new input; the
     /// kept values are dropped.
-    pub fn advance(&mut self, w: &BlockWeights, ctx: &BlockContext) -> Result<()> {
+    pub fn advance(&mut self, w: &BlockWeights<B>, ctx: &BlockContext<'_, B>) -> Result<()> {
         self.fill(STEPS, w, ctx)?;
         let down = ctx.backend.matmul(&self.values[4], &w.down_proj)?;
         let mut out = self.values.swap_remove(2);
@@ -143,7 +178,7 @@ impl StagedRun {
         Ok(())
     }
 
-    fn fill(&mut self, upto: usize, w: &BlockWeights, ctx: &BlockContext) -> Result<()> {
+    fn fill(&mut self, upto: usize, w: &BlockWeights<B>, ctx: &BlockContext<'_, B>) -> Result<()> {
         let b = &ctx.backend;
         while self.values.len() < upto {
             let v = &self.values;
@@ -151,9 +186,9 @@ impl StagedRun {
                 0 => b.rms_norm(&self.input, &w.input_layernorm, ctx.eps)?,
                 1 => self.attention(w, ctx)?,
                 2 => {
-                    let o = b.matmul(&v[1], &w.o_proj)?;
-                    let mut x = self.input.clone();
-                    b.add_assign(&mut x, &o)?;
+                    // o + input: the residual sum (addition commutes exactly).
+                    let mut x = b.matmul(&v[1], &w.o_proj)?;
+                    b.add_assign(&mut x, &self.input)?;
                     x
                 }
                 3 => b.rms_norm(&v[2], &w.post_attention_layernorm, ctx.eps)?,
@@ -169,7 +204,7 @@ impl StagedRun {
     }
 
     /// q/k/v of the normed stream, RoPE, causal attention over a fresh cache.
-    fn attention(&self, w: &BlockWeights, ctx: &BlockContext) -> Result<CpuTensor> {
+    fn attention(&self, w: &BlockWeights<B>, ctx: &BlockContext<'_, B>) -> Result<B::Tensor> {
         let (b, heads) = (&ctx.backend, ctx.heads);
         let h = &self.values[0];
         let mut q = b.matmul(h, &w.q_proj)?;
@@ -189,13 +224,7 @@ impl StagedRun {
             &ctx.inv_freq,
             &self.layout,
         )?;
-        let mut cache = b.new_cache(CacheShape {
-            layers: 1,
-            slots: self.layout.seqs.len(),
-            max_len: self.layout.max_end(),
-            kv_heads: heads.kv_heads,
-            head_dim: heads.head_dim,
-        })?;
+        let mut cache = b.new_cache(self.cache)?;
         b.attention(&q, &k, &v, &mut cache, 0, heads, &self.layout)
     }
 }

@@ -10,14 +10,14 @@ use super::result::{
     AccuracyMetrics, ExperimentResult, FormatBytes, SCHEMA_VERSION, Status, StorageMetrics, Timings,
 };
 use super::store::RunStore;
-use crate::backend::Backend;
+use crate::backend::{Backend, Device};
 use crate::config::Experiment;
 use crate::eval::divergence::{DEFAULT_TEXT, Reference, text_windows};
 use crate::io::load_model;
 use crate::io::tokenizer::Tokenizer;
 use crate::model::{LlamaWeights, Model};
 use crate::quant::storage::{quantized_usage, total_usage, usage_by_format};
-use crate::quant::{QuantContext, cast_dense, quantize_model};
+use crate::quant::{QuantContext, cast_dense, quantize_model_on};
 
 /// Exact storage of `w`.
 pub fn storage_metrics(w: &LlamaWeights) -> StorageMetrics {
@@ -86,10 +86,12 @@ pub fn new_result(exp: &Experiment, model: &str, device: &str) -> Result<Experim
     })
 }
 
-/// Runs every stage of `exp` on `backend`, filling `result` as it goes (so a
-/// failure still records what finished).
+/// Runs every stage of `exp` on `backend` (the backend of `device`, where
+/// GPTQ also runs), filling `result` as it goes (so a failure still records
+/// what finished).
 pub fn execute<B: Backend>(
     backend: B,
+    device: Device,
     exp: &Experiment,
     model_spec: &str,
     store: &RunStore,
@@ -118,7 +120,7 @@ pub fn execute<B: Backend>(
     let ctx = QuantContext {
         tokenizer: &loaded.tokenizer,
     };
-    quantize_model(&mut loaded.weights, &exp.quant, &ctx)?;
+    quantize_model_on(&mut loaded.weights, &exp.quant, &ctx, device)?;
     result.storage = Some(storage_metrics(&loaded.weights));
     result.timings.quantize_s = t.elapsed().as_secs_f64();
 

@@ -95,7 +95,7 @@ pub fn run_one(exp: &Experiment, device: Device, store: &RunStore) -> Result<Exp
     let mut result = execute::new_result(exp, &model, &device.to_string())?;
     let run = with_backend!(device, |backend| {
         result.provenance.device = crate::backend::Backend::describe(&backend);
-        execute::execute(backend, exp, &model, store, &mut result)
+        execute::execute(backend, device, exp, &model, store, &mut result)
     });
     result.finished_at = chrono::Utc::now().to_rfc3339();
     match run {

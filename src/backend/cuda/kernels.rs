@@ -17,6 +17,8 @@ pub const SOURCE: &str = concat!(
     "\n",
     include_str!("kernels/int8_gemm.cu"),
     "\n",
+    include_str!("kernels/gptq.cu"),
+    "\n",
 );
 
 /// Every `extern "C"` entry point of [`SOURCE`], loaded once per context.
@@ -77,4 +79,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "int8_gemm_quant",
     "int8_gemm_outliers",
     "int8_gemm_dequant",
+    "gptq_acc_upper",
+    "gptq_hessian_finish",
+    "gptq_diag",
+    "gptq_prepare_h",
+    "gptq_prepare_w",
+    "gptq_upper_f32",
+    "gptq_static_grids",
+    "gptq_block",
 ];

@@ -11,6 +11,7 @@
 mod attention;
 mod attention_tc;
 pub mod compile;
+pub mod gptq;
 mod gpu;
 mod graph;
 mod int8_gemm;
@@ -19,6 +20,7 @@ mod layout;
 mod matmul;
 pub mod memory;
 mod ops;
+mod solver;
 mod tensor;
 mod weights;
 
