@@ -554,17 +554,19 @@ fn packed_int_matmul_matches_every_bit_width_and_act_order() {
     }
 }
 
-#[test]
-fn full_model_logits_and_greedy_generations_match() {
-    let loaded = load_model("synth:tiny").unwrap();
+/// `model`'s logits on the GPU against the CPU (bound `tol`): a 150-token
+/// sequence, then 30 decode steps of a two-sequence batch (replayed CUDA
+/// graphs), then identical greedy generations for fixed prompts.
+fn model_logits_and_generations_match(model: &str, tol: f64) {
+    let loaded = load_model(model).unwrap();
     let cpu = Model::new(CpuBackend::new(), &loaded.weights).unwrap();
     let cuda = Model::new(gpu(), &loaded.weights).unwrap();
     let tokens: Vec<u32> = (0..150).map(|i| (i * 37 + 11) % 300).collect();
     let want = cpu.sequence_logits(&tokens).unwrap();
     let got = cuda.sequence_logits(&tokens).unwrap();
     let e = rel_err(&got, &want);
-    println!("synth:tiny logits (150 positions): relative error {e:.2e}");
-    assert!(e < 1e-4, "synth:tiny logits: relative error {e}");
+    println!("{model} logits (150 positions): relative error {e:.2e}");
+    assert!(e < tol, "{model} logits: relative error {e}");
     // Decode steps (replayed CUDA graphs) against the CPU, step by step.
     let vocab = loaded.weights.config.vocab_size;
     let mut cc = cpu.new_cache(2, 200).unwrap();
@@ -572,6 +574,7 @@ fn full_model_logits_and_greedy_generations_match() {
     let first = step(&[(0, 0, tokens[..20].to_vec()), (1, 0, tokens[..7].to_vec())]);
     cpu.forward(&first, &mut cc, false).unwrap();
     cuda.forward(&first, &mut gc, false).unwrap();
+    let mut worst = 0f64;
     for i in 0..30 {
         let layout = step(&[
             (0, 20 + i, vec![tokens[20 + i]]),
@@ -582,8 +585,10 @@ fn full_model_logits_and_greedy_generations_match() {
         let (_, cols, g) = cuda.backend().to_host(&gt).unwrap();
         assert_eq!(cols, vocab);
         let e = rel_err(&g, &w.data);
-        assert!(e < 1e-4, "decode step {i}: relative error {e}");
+        worst = worst.max(e);
+        assert!(e < tol, "{model} decode step {i}: relative error {e}");
     }
+    println!("{model} 30 decode steps: largest relative error {worst:.2e}");
     let tok = &loaded.tokenizer;
     let prompts: Vec<Vec<u32>> = ["a", "The quick brown fox", "Q: where?\n\nA:"]
         .iter()
@@ -596,8 +601,21 @@ fn full_model_logits_and_greedy_generations_match() {
     };
     let a = generate(&cpu, tok, &prompts, &cfg).unwrap();
     let b = generate(&cuda, tok, &prompts, &cfg).unwrap();
-    assert_eq!(a, b, "greedy generations differ");
+    assert_eq!(a, b, "{model}: greedy generations differ");
     assert_eq!(a[1].as_ref().unwrap().tokens.len(), 32);
+}
+
+#[test]
+fn full_model_logits_and_greedy_generations_match() {
+    model_logits_and_generations_match("synth:tiny", 1e-4);
+}
+
+/// The real SmolLM2-135M (GGUF Q4_1 dequantized to f32; fetched on first use
+/// into the model cache). Its head size 64 takes the tensor-core prefill
+/// attention with f16 inputs, hence the looser bound.
+#[test]
+fn smollm2_logits_and_greedy_generations_match() {
+    model_logits_and_generations_match("smollm2-135m", 2e-3);
 }
 
 #[test]
