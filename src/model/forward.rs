@@ -1,6 +1,6 @@
 //! The Llama forward pass, generic over the compute [`Backend`].
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use super::config::LlamaConfig;
 use super::rope::inv_freq;
@@ -36,29 +36,53 @@ impl LinearInput {
 
 /// One decoder block's weights on the device.
 pub struct DeviceLayer<B: Backend> {
-    input_layernorm: B::Vector,
-    q_proj: B::Weight,
-    k_proj: B::Weight,
-    v_proj: B::Weight,
-    o_proj: B::Weight,
-    post_attention_layernorm: B::Vector,
-    gate_proj: B::Weight,
-    up_proj: B::Weight,
-    down_proj: B::Weight,
+    pub(crate) input_layernorm: B::Vector,
+    pub(crate) q_proj: B::Weight,
+    pub(crate) k_proj: B::Weight,
+    pub(crate) v_proj: B::Weight,
+    pub(crate) o_proj: B::Weight,
+    pub(crate) post_attention_layernorm: B::Vector,
+    pub(crate) gate_proj: B::Weight,
+    pub(crate) up_proj: B::Weight,
+    pub(crate) down_proj: B::Weight,
 }
 
-fn upload_layer<B: Backend>(backend: &B, l: &LayerWeights) -> Result<DeviceLayer<B>> {
-    Ok(DeviceLayer {
-        input_layernorm: backend.upload_vector(&l.input_layernorm)?,
-        q_proj: backend.upload_weight(&l.q_proj)?,
-        k_proj: backend.upload_weight(&l.k_proj)?,
-        v_proj: backend.upload_weight(&l.v_proj)?,
-        o_proj: backend.upload_weight(&l.o_proj)?,
-        post_attention_layernorm: backend.upload_vector(&l.post_attention_layernorm)?,
-        gate_proj: backend.upload_weight(&l.gate_proj)?,
-        up_proj: backend.upload_weight(&l.up_proj)?,
-        down_proj: backend.upload_weight(&l.down_proj)?,
-    })
+impl<B: Backend> DeviceLayer<B> {
+    /// Uploads `l` (quantized linears stay quantized).
+    pub fn upload(backend: &B, l: &LayerWeights) -> Result<Self> {
+        Ok(DeviceLayer {
+            input_layernorm: backend.upload_vector(&l.input_layernorm)?,
+            q_proj: backend.upload_weight(&l.q_proj)?,
+            k_proj: backend.upload_weight(&l.k_proj)?,
+            v_proj: backend.upload_weight(&l.v_proj)?,
+            o_proj: backend.upload_weight(&l.o_proj)?,
+            post_attention_layernorm: backend.upload_vector(&l.post_attention_layernorm)?,
+            gate_proj: backend.upload_weight(&l.gate_proj)?,
+            up_proj: backend.upload_weight(&l.up_proj)?,
+            down_proj: backend.upload_weight(&l.down_proj)?,
+        })
+    }
+
+    /// Uploads `layer`'s linear called `name` (one of `LINEAR_NAMES`) in
+    /// place of the one held.
+    pub fn replace(&mut self, backend: &B, layer: &LayerWeights, name: &str) -> Result<()> {
+        let (_, w) = layer
+            .linears()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .with_context(|| format!("no linear layer named {name}"))?;
+        let slot = match name {
+            "self_attn.q_proj" => &mut self.q_proj,
+            "self_attn.k_proj" => &mut self.k_proj,
+            "self_attn.v_proj" => &mut self.v_proj,
+            "self_attn.o_proj" => &mut self.o_proj,
+            "mlp.gate_proj" => &mut self.gate_proj,
+            "mlp.up_proj" => &mut self.up_proj,
+            _ => &mut self.down_proj,
+        };
+        *slot = backend.upload_weight(w)?;
+        Ok(())
+    }
 }
 
 /// A Llama model resident on a backend.
@@ -78,7 +102,7 @@ impl<B: Backend> Model<B> {
         let layers = weights
             .layers
             .iter()
-            .map(|l| upload_layer(&backend, l))
+            .map(|l| DeviceLayer::upload(&backend, l))
             .collect::<Result<Vec<_>>>()?;
         Ok(Model {
             config: weights.config.clone(),
@@ -101,7 +125,7 @@ impl<B: Backend> Model<B> {
         if l >= self.layers.len() {
             bail!("model has {} layers, no layer {l}", self.layers.len());
         }
-        self.layers[l] = upload_layer(&self.backend, weights)?;
+        self.layers[l] = DeviceLayer::upload(&self.backend, weights)?;
         Ok(())
     }
 

@@ -24,11 +24,12 @@ use rand::{Rng, SeedableRng};
 
 use super::LinearWeight;
 use super::spec::CalibConfig;
-use super::staged::{BlockContext, BlockWeights, StagedRun, step_of};
+use super::staged::{BlockContext, StagedRun, step_of};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, StepLayout};
 use crate::io::tokenizer::Tokenizer;
 use crate::model::LlamaWeights;
+use crate::model::forward::DeviceLayer;
 use crate::model::forward::LinearInput;
 use crate::model::weights::LayerWeights;
 
@@ -192,7 +193,7 @@ pub const KEEP_BYTES: usize = 2 << 30;
 pub struct Calibrator<'a, B: Backend> {
     ctx: BlockContext<'a, B>,
     runs: Vec<StagedRun<B>>,
-    block: Option<BlockWeights<B>>,
+    block: Option<DeviceLayer<B>>,
     keep: bool,
     tokens: usize,
 }
@@ -260,7 +261,7 @@ impl<'a, B: Backend> Calibrator<'a, B> {
 
     /// Makes `layer` the block that observations and [`Calibrator::advance`] run.
     pub fn begin_block(&mut self, layer: &LayerWeights) -> Result<()> {
-        self.block = Some(BlockWeights::upload(self.ctx.backend(), layer)?);
+        self.block = Some(DeviceLayer::upload(self.ctx.backend(), layer)?);
         self.runs.iter_mut().for_each(|r| r.invalidate_after(None));
         Ok(())
     }

@@ -10,63 +10,11 @@
 //! once per stage. The arithmetic is the same sequence of backend calls as
 //! `Model::block`, so results are identical.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::backend::{Backend, CacheShape, HeadShape, StepLayout};
 use crate::model::LlamaConfig;
-use crate::model::forward::LinearInput;
-use crate::model::weights::LayerWeights;
-
-/// One decoder block's weights uploaded to a backend.
-pub struct BlockWeights<B: Backend> {
-    input_layernorm: B::Vector,
-    q_proj: B::Weight,
-    k_proj: B::Weight,
-    v_proj: B::Weight,
-    o_proj: B::Weight,
-    post_attention_layernorm: B::Vector,
-    gate_proj: B::Weight,
-    up_proj: B::Weight,
-    down_proj: B::Weight,
-}
-
-impl<B: Backend> BlockWeights<B> {
-    /// Uploads `layer` (quantized linears stay quantized).
-    pub fn upload(backend: &B, layer: &LayerWeights) -> Result<Self> {
-        Ok(BlockWeights {
-            input_layernorm: backend.upload_vector(&layer.input_layernorm)?,
-            q_proj: backend.upload_weight(&layer.q_proj)?,
-            k_proj: backend.upload_weight(&layer.k_proj)?,
-            v_proj: backend.upload_weight(&layer.v_proj)?,
-            o_proj: backend.upload_weight(&layer.o_proj)?,
-            post_attention_layernorm: backend.upload_vector(&layer.post_attention_layernorm)?,
-            gate_proj: backend.upload_weight(&layer.gate_proj)?,
-            up_proj: backend.upload_weight(&layer.up_proj)?,
-            down_proj: backend.upload_weight(&layer.down_proj)?,
-        })
-    }
-
-    /// Uploads `layer`'s linear called `name` (one of `LINEAR_NAMES`) in
-    /// place of the one held.
-    pub fn replace(&mut self, backend: &B, layer: &LayerWeights, name: &str) -> Result<()> {
-        let (_, w) = layer
-            .linears()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .with_context(|| format!("no linear layer named {name}"))?;
-        let slot = match name {
-            "self_attn.q_proj" => &mut self.q_proj,
-            "self_attn.k_proj" => &mut self.k_proj,
-            "self_attn.v_proj" => &mut self.v_proj,
-            "self_attn.o_proj" => &mut self.o_proj,
-            "mlp.gate_proj" => &mut self.gate_proj,
-            "mlp.up_proj" => &mut self.up_proj,
-            _ => &mut self.down_proj,
-        };
-        *slot = backend.upload_weight(w)?;
-        Ok(())
-    }
-}
+use crate::model::forward::{DeviceLayer, LinearInput};
 
 /// What every block shares: the backend, head shapes, RoPE frequencies, norm epsilon.
 pub struct BlockContext<'a, B: Backend> {
@@ -152,7 +100,7 @@ impl<B: Backend> StagedRun<B> {
     pub fn value(
         &mut self,
         input: LinearInput,
-        w: &BlockWeights<B>,
+        w: &DeviceLayer<B>,
         ctx: &BlockContext<'_, B>,
     ) -> Result<&B::Tensor> {
         let step = step_of(input);
@@ -168,7 +116,7 @@ impl<B: Backend> StagedRun<B> {
 
     /// Computes the block output with `w` and makes it the new input; the
     /// kept values are dropped.
-    pub fn advance(&mut self, w: &BlockWeights<B>, ctx: &BlockContext<'_, B>) -> Result<()> {
+    pub fn advance(&mut self, w: &DeviceLayer<B>, ctx: &BlockContext<'_, B>) -> Result<()> {
         self.fill(STEPS, w, ctx)?;
         let down = ctx.backend.matmul(&self.values[4], &w.down_proj)?;
         let mut out = self.values.swap_remove(2);
@@ -178,7 +126,7 @@ impl<B: Backend> StagedRun<B> {
         Ok(())
     }
 
-    fn fill(&mut self, upto: usize, w: &BlockWeights<B>, ctx: &BlockContext<'_, B>) -> Result<()> {
+    fn fill(&mut self, upto: usize, w: &DeviceLayer<B>, ctx: &BlockContext<'_, B>) -> Result<()> {
         let b = &ctx.backend;
         while self.values.len() < upto {
             let v = &self.values;
@@ -204,7 +152,7 @@ impl<B: Backend> StagedRun<B> {
     }
 
     /// q/k/v of the normed stream, RoPE, causal attention over a fresh cache.
-    fn attention(&self, w: &BlockWeights<B>, ctx: &BlockContext<'_, B>) -> Result<B::Tensor> {
+    fn attention(&self, w: &DeviceLayer<B>, ctx: &BlockContext<'_, B>) -> Result<B::Tensor> {
         let (b, heads) = (&ctx.backend, ctx.heads);
         let h = &self.values[0];
         let mut q = b.matmul(h, &w.q_proj)?;

@@ -469,35 +469,27 @@ struct GemvTiling {
 }
 
 impl GemvTiling {
+    const fn new(rows_per_warp: usize, chunk: usize) -> Self {
+        GemvTiling {
+            rows_per_warp,
+            chunk,
+            smem: 0,
+        }
+    }
+
     fn with_smem(self, smem: u32) -> Self {
         GemvTiling { smem, ..self }
     }
 }
 
 /// `gemv_body` kernels: two rows per warp, 8 weights per lane.
-const NARROW: GemvTiling = GemvTiling {
-    rows_per_warp: 2,
-    chunk: 8,
-    smem: 0,
-};
+const NARROW: GemvTiling = GemvTiling::new(2, 8);
 /// `gemv_body` pair kernels: one row of each matrix per warp.
-const NARROW_PAIR: GemvTiling = GemvTiling {
-    rows_per_warp: 1,
-    chunk: 8,
-    smem: 0,
-};
+const NARROW_PAIR: GemvTiling = GemvTiling::new(1, 8);
 /// 4-bit kernels (gemv_q4.cu): four rows per warp, 32 weights per lane.
-const WIDE: GemvTiling = GemvTiling {
-    rows_per_warp: 4,
-    chunk: 32,
-    smem: 0,
-};
+const WIDE: GemvTiling = GemvTiling::new(4, 32);
 /// 4-bit pair kernels: one row of each matrix per warp, 32 weights per lane.
-const WIDE_PAIR: GemvTiling = GemvTiling {
-    rows_per_warp: 1,
-    chunk: 32,
-    smem: 0,
-};
+const WIDE_PAIR: GemvTiling = GemvTiling::new(1, 32);
 
 /// One GEMV product's shape and whether it adds to its output.
 struct Gemv {

@@ -100,6 +100,23 @@ __device__ __forceinline__ void gemv_finish(const float (&accv)[R][NB], float* _
     }
 }
 
+// Where a warp works in a GEMV launch: `ksplit` warps of a block share a row
+// group along the input dimension (part `kp`); a group holds R rows, or with
+// PAIR row `row0` of two matrices. Rows past the end repeat the last one.
+template <int R, bool PAIR>
+struct GemvRows {
+    int lane, warp, row0, kp;
+    int rows[R];
+    __device__ __forceinline__ GemvRows(int out, int ksplit) {
+        lane = threadIdx.x & 31;
+        warp = threadIdx.x >> 5;
+        row0 = (blockIdx.x * (GEMV_WARPS / ksplit) + warp / ksplit) * (PAIR ? 1 : R);
+        kp = warp % ksplit;
+#pragma unroll
+        for (int r = 0; r < R; r++) rows[r] = min(row0 + (PAIR ? 0 : r), out - 1);
+    }
+};
+
 // With PAIR (and R = 2) a warp group owns one output row o and multiplies by
 // row o of two matrices, `ld` (gate) and `ld2` (up), writing
 // silu(gate) * up: the MLP's gate/up projections and activation in one pass.
@@ -108,14 +125,10 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
                                           float* __restrict__ y, int n, int out, int in,
                                           int ksplit, int cd, int acc) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int groups = GEMV_WARPS / ksplit;
-    const int row0 = (blockIdx.x * groups + warp / ksplit) * (PAIR ? 1 : R);
-    const int kp = warp % ksplit;
+    const GemvRows<R, PAIR> g(out, ksplit);
+    const int lane = g.lane, row0 = g.row0, kp = g.kp;
+    const int* rows = g.rows;
     const int chunks = in >> 3;
-    int rows[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) rows[r] = min(row0 + (PAIR ? 0 : r), out - 1);
     float accv[R][GEMV_MAXB];
 #pragma unroll
     for (int r = 0; r < R; r++)

@@ -65,14 +65,10 @@ __device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float
                                              float* __restrict__ y, int n, int out, int in,
                                              int ksplit, int cd, int acc) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int groups = GEMV_WARPS / ksplit;
-    const int row0 = (blockIdx.x * groups + warp / ksplit) * (PAIR ? 1 : R);
-    const int kp = warp % ksplit;
+    const GemvRows<R, PAIR> g(out, ksplit);
+    const int lane = g.lane, row0 = g.row0, kp = g.kp;
+    const int* rows = g.rows;
     const int chunks = in >> 5;
-    int rows[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) rows[r] = min(row0 + (PAIR ? 0 : r), out - 1);
     float accv[R][NB];
 #pragma unroll
     for (int r = 0; r < R; r++)
