@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::gptq_checkpoint::{
     common_format, f16_tensor, f16_values, i32_tensor, i32_words, load_packed_dir,
-    write_quantized_dir,
+    take_packed_parts, write_quantized_dir,
 };
 use super::hf_dir::CONFIG_FILE;
 use super::safetensors_io::RawTensor;
@@ -109,12 +109,7 @@ pub fn matrix_from_awq(
     }
     let gs = crate::quant::rtn::resolve_group_size(group_size, inp);
     let groups = inp.div_ceil(gs).max(1);
-    let mut get = |s: &str| {
-        tensors
-            .remove(&format!("{name}.{s}"))
-            .with_context(|| format!("checkpoint has no tensor '{name}.{s}'"))
-    };
-    let (qw, qz, sc) = (get("qweight")?, get("qzeros")?, get("scales")?);
+    let (qw, qz, sc) = take_packed_parts(tensors, name)?;
     let qweight = i32_words(&format!("{name}.qweight"), &qw, &[inp, out / 8])?;
     let qzeros = i32_words(&format!("{name}.qzeros"), &qz, &[groups, out / 8])?;
     let scales = f16_values(&format!("{name}.scales"), &sc, &[groups, out])?;

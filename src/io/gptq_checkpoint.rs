@@ -325,6 +325,20 @@ pub fn gptq_tensors(m: &PackedIntMatrix) -> Result<Vec<(&'static str, RawTensor)
     ])
 }
 
+/// Removes a packed layer's `{name}.qweight`, `.qzeros` and `.scales` from
+/// `tensors` (GPTQ and AWQ name them alike), naming the first one missing.
+pub fn take_packed_parts(
+    tensors: &mut HashMap<String, RawTensor>,
+    name: &str,
+) -> Result<(RawTensor, RawTensor, RawTensor)> {
+    let mut take = |part: &str| {
+        tensors
+            .remove(&format!("{name}.{part}"))
+            .with_context(|| format!("checkpoint has no tensor '{name}.{part}'"))
+    };
+    Ok((take("qweight")?, take("qzeros")?, take("scales")?))
+}
+
 /// Rebuilds a matrix from its GPTQ tensors (`zero = stored + 1`); `group_size`
 /// as in `quantize_config` (-1 = whole rows). A `g_idx` equal to `c / group_size`
 /// is dropped.
@@ -341,13 +355,8 @@ pub fn matrix_from_gptq(
     let b = bits as usize;
     let gs = crate::quant::rtn::resolve_group_size(group_size, inp);
     let groups = inp.div_ceil(gs).max(1);
-    let mut get = |s: &str| {
-        tensors
-            .remove(&format!("{name}.{s}"))
-            .with_context(|| format!("checkpoint has no tensor '{name}.{s}'"))
-    };
-    let (qw, qz, sc) = (get("qweight")?, get("qzeros")?, get("scales")?);
-    let g_idx_raw = get("g_idx").ok();
+    let (qw, qz, sc) = take_packed_parts(tensors, name)?;
+    let g_idx_raw = tensors.remove(&format!("{name}.g_idx"));
     let qweight = i32_words(&format!("{name}.qweight"), &qw, &[inp * b / 32, out])?;
     let qzeros = i32_words(&format!("{name}.qzeros"), &qz, &[groups, out * b / 32])?;
     let scales = f16_values(&format!("{name}.scales"), &sc, &[groups, out])?;
