@@ -462,6 +462,124 @@ fn fused_gate_up_silu_matches_for_each_format() {
     }
 }
 
+/// RMS norm folded into the projections that follow it (`norm_matmuls` for
+/// Q/K/V-shaped weights, `norm_gate_up_silu`) against the CPU's separate
+/// norm and products: single rows take the fused kernels, larger batches the
+/// separate path.
+fn norm_fused_case(
+    what: &str,
+    ws: &[LinearWeight],
+    gate_up: (&LinearWeight, &LinearWeight),
+    tol: f64,
+) {
+    let (c, g) = (CpuBackend::new(), gpu());
+    let mut rng = StdRng::seed_from_u64(31);
+    let in_f = ws[0].shape().1;
+    let cws: Vec<_> = ws.iter().map(|w| c.upload_weight(w).unwrap()).collect();
+    let gws: Vec<_> = ws.iter().map(|w| g.upload_weight(w).unwrap()).collect();
+    let (cg, cu) = (
+        c.upload_weight(gate_up.0).unwrap(),
+        c.upload_weight(gate_up.1).unwrap(),
+    );
+    let (gg, gu) = (
+        g.upload_weight(gate_up.0).unwrap(),
+        g.upload_weight(gate_up.1).unwrap(),
+    );
+    let nw: Vec<f32> = (0..in_f).map(|_| rng.random_range(0.5f32..1.5)).collect();
+    let (cn, gn) = (c.upload_vector(&nw).unwrap(), g.upload_vector(&nw).unwrap());
+    let eps = 1e-5;
+    for n in [1, 3] {
+        let x = randn(&mut rng, n * in_f, 2.0);
+        let (cx, gx) = pair(&g, n, in_f, &x);
+        for k in 1..=ws.len() {
+            let cr: Vec<_> = cws[..k].iter().collect();
+            let gr: Vec<_> = gws[..k].iter().collect();
+            let want = c.norm_matmuls(&cx, &cn, eps, &cr).unwrap();
+            let got = g.norm_matmuls(&gx, &gn, eps, &gr).unwrap();
+            assert_eq!(got.len(), k, "{what}: one output per weight");
+            for (i, (gy, cy)) in got.iter().zip(&want).enumerate() {
+                check(
+                    &format!("norm_matmuls {what} n={n} {i}/{k}"),
+                    &g,
+                    gy,
+                    cy,
+                    tol,
+                );
+            }
+        }
+        let want = c.norm_gate_up_silu(&cx, &cn, eps, &cg, &cu).unwrap();
+        let got = g.norm_gate_up_silu(&gx, &gn, eps, &gg, &gu).unwrap();
+        check(
+            &format!("norm_gate_up_silu {what} n={n}"),
+            &g,
+            &got,
+            &want,
+            tol,
+        );
+    }
+}
+
+#[test]
+fn norm_fused_projections_match_for_each_format() {
+    let mut rng = StdRng::seed_from_u64(30);
+    let in_f = 576;
+    let shapes = [256, 64, 96];
+    let mut w = |o: usize| randn(&mut rng, o * in_f, 1.0 / (in_f as f32).sqrt());
+    let raw: Vec<Vec<f32>> = shapes.iter().map(|&o| w(o)).collect();
+    let (wg, wu) = (w(384), w(384));
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let ws: Vec<_> = shapes
+            .iter()
+            .zip(&raw)
+            .map(|(&o, r)| dense(o, in_f, dtype, r))
+            .collect();
+        let gu = (dense(384, in_f, dtype, &wg), dense(384, in_f, dtype, &wu));
+        norm_fused_case(&format!("{dtype:?}"), &ws, (&gu.0, &gu.1), 1e-5);
+    }
+    for (t, dq, cd) in [
+        (Bnb4Type::Nf4, true, DType::F32),
+        (Bnb4Type::Nf4, true, DType::F16),
+        (Bnb4Type::Fp4, false, DType::BF16),
+    ] {
+        let ws: Vec<_> = shapes
+            .iter()
+            .zip(&raw)
+            .map(|(&o, r)| bnb4(r, o, in_f, t, dq, cd))
+            .collect();
+        let gu = (
+            bnb4(&wg, 384, in_f, t, dq, cd),
+            bnb4(&wu, 384, in_f, t, dq, cd),
+        );
+        let tol = if cd == DType::BF16 {
+            2e-2
+        } else {
+            Q4_BF16_WEIGHT_BOUND
+        };
+        norm_fused_case(&ws[0].format_name(), &ws, (&gu.0, &gu.1), tol);
+    }
+    for (bits, gs) in [(4, 64), (4, 576), (3, 64)] {
+        let ws: Vec<_> = shapes
+            .iter()
+            .map(|&o| packed(&mut rng, o, in_f, bits, gs, false))
+            .collect();
+        let gu = (
+            packed(&mut rng, 384, in_f, bits, gs, false),
+            packed(&mut rng, 384, in_f, bits, gs, false),
+        );
+        norm_fused_case(&format!("packed{bits} g{gs}"), &ws, (&gu.0, &gu.1), 1e-5);
+    }
+    // Mixed formats take the separate path.
+    let ws = vec![
+        dense(256, in_f, DType::F16, &raw[0]),
+        bnb4(&raw[1], 64, in_f, Bnb4Type::Nf4, true, DType::F32),
+    ];
+    let gu = (
+        dense(384, in_f, DType::F16, &wg),
+        dense(384, in_f, DType::F32, &wu),
+    );
+    norm_fused_case("mixed", &ws, (&gu.0, &gu.1), Q4_BF16_WEIGHT_BOUND);
+}
+
 #[test]
 fn int8_matmul_matches_with_outliers() {
     let mut rng = StdRng::seed_from_u64(10);

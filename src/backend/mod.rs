@@ -122,6 +122,31 @@ pub trait Backend: Send + Sync {
         self.rope(k, heads.kv_heads, heads.head_dim, inv_freq, layout)?;
         self.attention(q, k, v, cache, layer, heads, layout)
     }
+    /// `rms_norm(x, norm)·Wᵀ` for each weight of `ws` (a block's Q, K and V
+    /// projections); backends may fuse the norm and the products.
+    fn norm_matmuls(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Vector,
+        eps: f32,
+        ws: &[&Self::Weight],
+    ) -> Result<Vec<Self::Tensor>> {
+        let h = self.rms_norm(x, norm, eps)?;
+        ws.iter().map(|w| self.matmul(&h, w)).collect()
+    }
+    /// [`Backend::gate_up_silu`] of `rms_norm(x, norm)`; backends may fuse
+    /// the norm into the products.
+    fn norm_gate_up_silu(
+        &self,
+        x: &Self::Tensor,
+        norm: &Self::Vector,
+        eps: f32,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+    ) -> Result<Self::Tensor> {
+        let h = self.rms_norm(x, norm, eps)?;
+        self.gate_up_silu(&h, gate, up)
+    }
     /// `silu(x·Gᵀ) * (x·Uᵀ)`: the MLP's gate and up projections and its
     /// activation; backends may fuse them.
     fn gate_up_silu(

@@ -8,6 +8,10 @@ use super::weights::{LayerWeights, LlamaWeights};
 use crate::backend::{Backend, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
 
+/// A callback handed the input of each group of a block's linear layers as
+/// the block computes it.
+pub type Observer<'a, T> = &'a mut dyn FnMut(LinearInput, &T) -> Result<()>;
+
 /// The four distinct inputs of a block's linear layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LinearInput {
@@ -171,7 +175,7 @@ impl<B: Backend> Model<B> {
         cache: &mut B::Cache,
         layout: &B::Layout,
     ) -> Result<()> {
-        self.block_observed(l, x, cache, layout, &mut |_, _| Ok(()))
+        self.block_with(l, x, cache, layout, None)
     }
 
     /// [`Model::block`], handing the input of each group of linear layers to
@@ -182,24 +186,56 @@ impl<B: Backend> Model<B> {
         x: &mut B::Tensor,
         cache: &mut B::Cache,
         layout: &B::Layout,
-        observe: &mut dyn FnMut(LinearInput, &B::Tensor) -> Result<()>,
+        observe: Observer<'_, B::Tensor>,
+    ) -> Result<()> {
+        self.block_with(l, x, cache, layout, Some(observe))
+    }
+
+    /// One block; without an observer the norms may fuse into the
+    /// projections that follow them.
+    fn block_with(
+        &self,
+        l: usize,
+        x: &mut B::Tensor,
+        cache: &mut B::Cache,
+        layout: &B::Layout,
+        mut observe: Option<Observer<'_, B::Tensor>>,
     ) -> Result<()> {
         let b = &self.backend;
         let layer = &self.layers[l];
         let heads = self.heads();
         let eps = self.config.rms_norm_eps as f32;
-        let h = b.rms_norm(x, &layer.input_layernorm, eps)?;
-        observe(LinearInput::Qkv, &h)?;
-        let mut q = b.matmul(&h, &layer.q_proj)?;
-        let mut k = b.matmul(&h, &layer.k_proj)?;
-        let v = b.matmul(&h, &layer.v_proj)?;
+        let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
+        let qkv = match observe.as_mut() {
+            Some(obs) => {
+                let h = b.rms_norm(x, &layer.input_layernorm, eps)?;
+                obs(LinearInput::Qkv, &h)?;
+                qkv.iter()
+                    .map(|w| b.matmul(&h, w))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => b.norm_matmuls(x, &layer.input_layernorm, eps, &qkv)?,
+        };
+        let Ok::<[B::Tensor; 3], _>([mut q, mut k, v]) = qkv.try_into() else {
+            bail!("block {l}: the backend did not return three Q/K/V projections");
+        };
         let attn = b.rope_attention(&mut q, &mut k, &v, &self.inv_freq, cache, l, heads, layout)?;
-        observe(LinearInput::O, &attn)?;
-        b.matmul_add(x, &attn, &layer.o_proj)?;
-        let h = b.rms_norm(x, &layer.post_attention_layernorm, eps)?;
-        observe(LinearInput::GateUp, &h)?;
-        let act = b.gate_up_silu(&h, &layer.gate_proj, &layer.up_proj)?;
-        observe(LinearInput::Down, &act)?;
+        let act = match observe.as_mut() {
+            Some(obs) => {
+                obs(LinearInput::O, &attn)?;
+                b.matmul_add(x, &attn, &layer.o_proj)?;
+                let h = b.rms_norm(x, &layer.post_attention_layernorm, eps)?;
+                obs(LinearInput::GateUp, &h)?;
+                let act = b.gate_up_silu(&h, &layer.gate_proj, &layer.up_proj)?;
+                obs(LinearInput::Down, &act)?;
+                act
+            }
+            None => {
+                b.matmul_add(x, &attn, &layer.o_proj)?;
+                let norm = &layer.post_attention_layernorm;
+                b.norm_gate_up_silu(x, norm, eps, &layer.gate_proj, &layer.up_proj)?
+            }
+        };
         b.matmul_add(x, &act, &layer.down_proj)
     }
 

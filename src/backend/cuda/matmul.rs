@@ -162,17 +162,49 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
     Ok(true)
 }
 
+/// An RMS norm folded into a single-row GEMV: the norm's weight and epsilon.
+#[derive(Clone, Copy)]
+pub struct FusedNorm<'a> {
+    pub weight: &'a CudaTensor,
+    pub eps: f32,
+}
+
+/// The norm arguments of a kernel that takes an optional norm (a null
+/// pointer without one), kept alive for a launch.
+struct NormArgs {
+    ptr: CUdeviceptr,
+    eps: f32,
+}
+
+impl NormArgs {
+    fn of(norm: Option<FusedNorm>) -> Self {
+        NormArgs {
+            ptr: norm.map_or(0, |n| n.weight.ptr()),
+            eps: norm.map_or(0.0, |n| n.eps),
+        }
+    }
+
+    fn args(&self) -> [Arg; 2] {
+        [arg(&self.ptr), arg(&self.eps)]
+    }
+}
+
 /// `silu(x·Gᵀ) ⊙ (x·Uᵀ)` in one fused GEMV when the batch is small and both
-/// weights share a format that has a pair kernel; `None` otherwise (the
-/// caller then runs the two products and the activation separately).
+/// weights share a format that has a pair kernel; with `norm`, of
+/// `rms_norm(x)` for a single row. `None` when no kernel fits (the caller
+/// then runs the products, the activation and the norm separately).
 pub fn gate_up_silu(
     gpu: &Gpu,
     x: &CudaTensor,
     gate: &CudaWeight,
     up: &CudaWeight,
+    norm: Option<FusedNorm>,
 ) -> Result<Option<CudaTensor>> {
     let (out_f, in_f) = gate.shape();
     if up.shape() != (out_f, in_f) || x.cols != in_f || x.rows == 0 || x.rows > GEMV_MAX_ROWS {
+        return Ok(None);
+    }
+    if norm.is_some_and(|n| x.rows != 1 || n.weight.len() != in_f) {
         return Ok(None);
     }
     let y = CudaTensor::empty(gpu, x.rows, out_f)?;
@@ -181,6 +213,8 @@ pub fn gate_up_silu(
         in_f,
         acc: false,
     };
+    let na = NormArgs::of(norm);
+    let nargs = na.args();
     match (gate, up) {
         (
             CudaWeight::Dense { dtype, buf, .. },
@@ -195,8 +229,14 @@ pub fn gate_up_silu(
                 DType::F16 => "gemv_f16_pair",
                 DType::BF16 => "gemv_bf16_pair",
             };
+            let smem = if norm.is_some() {
+                dense_stage_smem(gpu, name, in_f)?
+            } else {
+                0
+            };
             let (a, b) = (buf.ptr(), buf2.ptr());
-            g.launch(gpu, name, vec![arg(&a), arg(&b)], &[], x, &y, NARROW_PAIR)?;
+            let tiling = NARROW_PAIR.with_smem(smem);
+            g.launch(gpu, name, vec![arg(&a), arg(&b)], &nargs, x, &y, tiling)?;
         }
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let (pa, pb) = (bnb4_params(a), bnb4_params(b));
@@ -206,9 +246,12 @@ pub fn gate_up_silu(
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
                 let (name, smem) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair")?;
                 let tiling = WIDE_PAIR.with_smem(smem);
-                g.launch(gpu, &name, pre, &[arg(&cd)], x, &y, tiling)?;
-            } else {
+                let post = [arg(&cd), nargs[0], nargs[1]];
+                g.launch(gpu, &name, pre, &post, x, &y, tiling)?;
+            } else if norm.is_none() {
                 g.launch(gpu, "gemv_bnb4_pair", pre, &[arg(&cd)], x, &y, NARROW_PAIR)?;
+            } else {
+                return Ok(None);
             }
         }
         (CudaWeight::Packed(a), CudaWeight::Packed(b)) if a.bits == b.bits => {
@@ -217,15 +260,204 @@ pub fn gate_up_silu(
             pre.extend(pb.args());
             if q4_packed_ok(a) && q4_packed_ok(b) {
                 let (name, smem) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair")?;
-                g.launch(gpu, &name, pre, &[], x, &y, WIDE_PAIR.with_smem(smem))?;
-            } else {
+                g.launch(gpu, &name, pre, &nargs, x, &y, WIDE_PAIR.with_smem(smem))?;
+            } else if norm.is_none() {
                 let name = format!("gemv_packed{}_pair", a.bits);
                 g.launch(gpu, &name, pre, &[], x, &y, NARROW_PAIR)?;
+            } else {
+                return Ok(None);
             }
         }
         _ => return Ok(None),
     }
     Ok(Some(y))
+}
+
+/// Dynamic shared memory of a dense kernel that stages an `in_f`-wide input
+/// row, raising the kernel's limit when it exceeds the default.
+fn dense_stage_smem(gpu: &Gpu, name: &str, in_f: usize) -> Result<u32> {
+    let smem = (in_f * 4) as u32;
+    if smem > 48 * 1024 {
+        gpu.set_max_dynamic_smem(name, smem)?;
+    }
+    Ok(smem)
+}
+
+/// One matrix of a `gemv_q4bnb_norm3` launch (`Q4BnbArgs` in gemv_q4.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Q4BnbArgs {
+    w: CUdeviceptr,
+    absmax: CUdeviceptr,
+    codes: CUdeviceptr,
+    code2: CUdeviceptr,
+    code16: CUdeviceptr,
+    offset: f32,
+    bs_log2: i32,
+    nested_bs_log2: i32,
+}
+
+/// One matrix of a `gemv_q4packed_norm3` launch (`Q4PackedArgs`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Q4PackedArgs {
+    w: CUdeviceptr,
+    scales: CUdeviceptr,
+    zeros: CUdeviceptr,
+    words_per_row: i32,
+    group_size: i32,
+}
+
+/// Outputs of a three-matrix launch (`GemvMulti` in gemv.cu): matrix i
+/// takes the next `blocks[i]` blocks and writes `out[i]` values to `y[i]`.
+#[repr(C)]
+struct GemvMulti {
+    y: [CUdeviceptr; 3],
+    out: [i32; 3],
+    blocks: [i32; 3],
+}
+
+/// The per-matrix arguments of a three-matrix kernel: the matrices' weight
+/// structs (or pointers), padded to three by repeating the first.
+enum Norm3Weights {
+    Dense([CUdeviceptr; 3]),
+    Bnb4([Q4BnbArgs; 3], i32),
+    Packed([Q4PackedArgs; 3]),
+}
+
+/// Which `*_norm3` kernel takes `ws` (all of one format that has one), its
+/// name, tiling and per-matrix arguments; `None` when there is none.
+fn norm3_kernel(
+    ws: &[&CudaWeight],
+    in_f: usize,
+) -> Option<(&'static str, GemvTiling, Norm3Weights)> {
+    fn pad<T: Copy>(v: Vec<T>) -> [T; 3] {
+        [v[0], *v.get(1).unwrap_or(&v[0]), *v.get(2).unwrap_or(&v[0])]
+    }
+    match ws[0] {
+        CudaWeight::Dense { dtype, .. } if in_f.is_multiple_of(8) => {
+            let ptrs = ws
+                .iter()
+                .map(|w| match w {
+                    CudaWeight::Dense { dtype: d, buf, .. } if d == dtype => Some(buf.ptr()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let name = match dtype {
+                DType::F32 => "gemv_f32_norm3",
+                DType::F16 => "gemv_f16_norm3",
+                DType::BF16 => "gemv_bf16_norm3",
+            };
+            Some((name, NARROW, Norm3Weights::Dense(pad(ptrs))))
+        }
+        CudaWeight::Bnb4(first) => {
+            let args = ws
+                .iter()
+                .map(|w| match w {
+                    CudaWeight::Bnb4(q)
+                        if q4_bnb_ok(q) && q.compute_dtype == first.compute_dtype =>
+                    {
+                        Some(Q4BnbArgs {
+                            w: q.packed.ptr(),
+                            absmax: q.absmax.ptr(),
+                            codes: opt_ptr(&q.codes),
+                            code2: q.code2.ptr(),
+                            code16: q.code16.ptr(),
+                            offset: q.offset,
+                            bs_log2: q.bs_log2 as i32,
+                            nested_bs_log2: q.nested_bs_log2 as i32,
+                        })
+                    }
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let cd = dtype_mode(first.compute_dtype);
+            Some(("gemv_q4bnb_norm3", WIDE, Norm3Weights::Bnb4(pad(args), cd)))
+        }
+        CudaWeight::Packed(_) => {
+            let args = ws
+                .iter()
+                .map(|w| match w {
+                    CudaWeight::Packed(q) if q4_packed_ok(q) => Some(Q4PackedArgs {
+                        w: q.qweight.ptr(),
+                        scales: q.scales.ptr(),
+                        zeros: q.zeros.ptr(),
+                        words_per_row: q.words_per_row as i32,
+                        group_size: q.group_size as i32,
+                    }),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(("gemv_q4packed_norm3", WIDE, Norm3Weights::Packed(pad(args))))
+        }
+        _ => None,
+    }
+}
+
+/// `rms_norm(x)·Wᵀ` for up to three weights of one format in one launch
+/// (a block's Q, K and V projections of a single decode row); `None` when
+/// the batch, the shapes or the formats have no such kernel.
+pub fn norm_matmuls(
+    gpu: &Gpu,
+    x: &CudaTensor,
+    norm: FusedNorm,
+    ws: &[&CudaWeight],
+) -> Result<Option<Vec<CudaTensor>>> {
+    let in_f = x.cols;
+    if x.rows != 1 || ws.is_empty() || ws.len() > 3 || norm.weight.len() != in_f {
+        return Ok(None);
+    }
+    if ws.iter().any(|w| w.shape().1 != in_f) {
+        return Ok(None);
+    }
+    let Some((name, tiling, weights)) = norm3_kernel(ws, in_f) else {
+        return Ok(None);
+    };
+    let smem = match weights {
+        Norm3Weights::Dense(_) => dense_stage_smem(gpu, name, in_f)?,
+        _ => q4_kernel(gpu, name, 1, in_f, "")?.1,
+    };
+    let outs: Vec<usize> = ws.iter().map(|w| w.shape().0).collect();
+    let rpw = tiling.rows_per_warp;
+    let total: usize = outs.iter().sum();
+    let ksplit = gemv_ksplit(gpu, total, in_f / tiling.chunk, rpw, GEMV_UNROLL);
+    let rows_per_block = rpw * (GEMV_WARPS / ksplit);
+    let ys = outs
+        .iter()
+        .map(|&o| CudaTensor::empty(gpu, 1, o))
+        .collect::<Result<Vec<_>>>()?;
+    let mut multi = GemvMulti {
+        y: [0; 3],
+        out: [0; 3],
+        blocks: [0; 3],
+    };
+    for (i, (y, &o)) in ys.iter().zip(&outs).enumerate() {
+        multi.y[i] = y.ptr();
+        multi.out[i] = o as i32;
+        multi.blocks[i] = o.div_ceil(rows_per_block) as i32;
+    }
+    let blocks: i32 = multi.blocks.iter().sum();
+    let na = NormArgs::of(Some(norm));
+    let (xp, inf, ks) = (x.ptr(), in_f as i32, ksplit as i32);
+    let mut args: Vec<Arg> = match &weights {
+        Norm3Weights::Dense(p) => p.iter().map(arg).collect(),
+        Norm3Weights::Bnb4(a, _) => a.iter().map(arg).collect(),
+        Norm3Weights::Packed(a) => a.iter().map(arg).collect(),
+    };
+    args.extend([arg(&multi), arg(&xp)]);
+    args.extend(na.args());
+    args.extend([arg(&inf), arg(&ks)]);
+    if let Norm3Weights::Bnb4(_, cd) = &weights {
+        args.push(arg(cd));
+    }
+    gpu.launch(
+        name,
+        (blocks as u32, 1, 1),
+        (GEMV_WARPS * 32) as u32,
+        smem,
+        &mut args,
+    )?;
+    Ok(Some(ys))
 }
 
 /// The leading kernel arguments of a 4-bit weight, kept alive for a launch.

@@ -35,6 +35,7 @@ pub use weights::CudaWeight;
 use super::{Backend, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
 use gpu::Gpu;
+use matmul::FusedNorm;
 
 /// A CUDA device running the Llama forward pass.
 pub struct CudaBackend {
@@ -130,12 +131,47 @@ impl Backend for CudaBackend {
         up: &CudaWeight,
     ) -> Result<CudaTensor> {
         self.gpu.bind()?;
-        if let Some(y) = matmul::gate_up_silu(&self.gpu, x, gate, up)? {
+        if let Some(y) = matmul::gate_up_silu(&self.gpu, x, gate, up, None)? {
             return Ok(y);
         }
         let g = matmul::matmul(&self.gpu, x, gate)?;
         let u = matmul::matmul(&self.gpu, x, up)?;
         ops::silu_mul(&self.gpu, &g, &u)
+    }
+
+    fn norm_matmuls(
+        &self,
+        x: &CudaTensor,
+        norm: &CudaTensor,
+        eps: f32,
+        ws: &[&CudaWeight],
+    ) -> Result<Vec<CudaTensor>> {
+        self.gpu.bind()?;
+        let fused = FusedNorm { weight: norm, eps };
+        if let Some(ys) = matmul::norm_matmuls(&self.gpu, x, fused, ws)? {
+            return Ok(ys);
+        }
+        let h = ops::rms_norm(&self.gpu, x, norm, eps)?;
+        ws.iter()
+            .map(|w| matmul::matmul(&self.gpu, &h, w))
+            .collect()
+    }
+
+    fn norm_gate_up_silu(
+        &self,
+        x: &CudaTensor,
+        norm: &CudaTensor,
+        eps: f32,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+    ) -> Result<CudaTensor> {
+        self.gpu.bind()?;
+        let fused = FusedNorm { weight: norm, eps };
+        if let Some(y) = matmul::gate_up_silu(&self.gpu, x, gate, up, Some(fused))? {
+            return Ok(y);
+        }
+        let h = ops::rms_norm(&self.gpu, x, norm, eps)?;
+        self.gate_up_silu(&h, gate, up)
     }
 
     fn matmul_add(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight) -> Result<()> {

@@ -58,6 +58,73 @@ __device__ __forceinline__ float rnd(float v, int mode) {
     return mode == 1 ? h2f(f2h(v)) : (mode == 2 ? bf2f(f2bf(v)) : v);
 }
 
+// Stages the single input row `x` (`in` values, in % 4 == 0) of a one-row
+// GEMV in shared memory `xs`, rounded to the compute dtype `cd`. With `nw`
+// the row is first RMS-normalized and scaled by `nw` with the arithmetic of
+// the `rms_norm` kernel, so that a block's input projections need no
+// separate norm launch. PAD leaves one spare word after every 32 values (lane
+// L's run of 32 then starts in bank L).
+template <bool PAD>
+__device__ __forceinline__ void stage_x(const float* __restrict__ x, const float* __restrict__ nw,
+                                        float eps, float* xs, int in, int cd) {
+    __shared__ float sh[33];
+    const float4* x4 = (const float4*)x;
+    float ss = 0.f;
+    for (int i0 = threadIdx.x; i0 < in / 4; i0 += 4 * blockDim.x) {
+        float4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+            if (i0 + u * (int)blockDim.x < in / 4) v[u] = x4[i0 + u * blockDim.x];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = 4 * (i0 + u * blockDim.x);
+            if (i < in) {
+                float* d = xs + (PAD ? i + (i >> 5) : i);
+                d[0] = nw ? v[u].x : rnd(v[u].x, cd);
+                d[1] = nw ? v[u].y : rnd(v[u].y, cd);
+                d[2] = nw ? v[u].z : rnd(v[u].z, cd);
+                d[3] = nw ? v[u].w : rnd(v[u].w, cd);
+                ss = fmaf(v[u].x, v[u].x, ss);
+                ss = fmaf(v[u].y, v[u].y, ss);
+                ss = fmaf(v[u].z, v[u].z, ss);
+                ss = fmaf(v[u].w, v[u].w, ss);
+            }
+        }
+    }
+    if (nw) {
+        const float inv = 1.0f / sqrtf(block_sum(ss, sh) / (float)in + eps);
+        // Each thread rescales the values it stored itself.
+        for (int i = 4 * threadIdx.x; i < in; i += 4 * blockDim.x)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float* d = xs + (PAD ? i + e + ((i + e) >> 5) : i + e);
+                *d = rnd((*d * inv) * nw[i + e], cd);
+            }
+    }
+    __syncthreads();
+}
+
+// Up to three GEMVs of one input row in one launch (the Q, K and V
+// projections): matrix i takes the next `blocks[i]` blocks of the grid and
+// writes `out[i]` values to `y[i]`.
+struct GemvMulti {
+    float* y[3];
+    int out[3];
+    int blocks[3];
+};
+
+// The matrix of this block in a GemvMulti launch, its output and row count,
+// and the block's index among that matrix's blocks (selected without
+// indexing the parameter arrays, which would copy them to local memory).
+__device__ __forceinline__ int multi_pick(const GemvMulti& m, int& blk, float*& y, int& out) {
+    const int b = blockIdx.x;
+    const int i = b < m.blocks[0] ? 0 : (b < m.blocks[0] + m.blocks[1] ? 1 : 2);
+    blk = i == 0 ? b : (i == 1 ? b - m.blocks[0] : b - m.blocks[0] - m.blocks[1]);
+    y = i == 0 ? m.y[0] : (i == 1 ? m.y[1] : m.y[2]);
+    out = i == 0 ? m.out[0] : (i == 1 ? m.out[1] : m.out[2]);
+    return i;
+}
+
 // The end of every GEMV: per-warp sums meet in shared memory across the
 // `ksplit` warps of a row group; one lane per (row, batch) writes the result
 // rounded to the compute dtype `cd`, adding it to y when `acc` (the residual
@@ -103,14 +170,15 @@ __device__ __forceinline__ void gemv_finish(const float (&accv)[R][NB], float* _
 // Where a warp works in a GEMV launch: `ksplit` warps of a block share a row
 // group along the input dimension (part `kp`); a group holds R rows, or with
 // PAIR row `row0` of two matrices. Rows past the end repeat the last one.
+// `blk` is the block's index among the blocks of its matrix.
 template <int R, bool PAIR>
 struct GemvRows {
     int lane, warp, row0, kp;
     int rows[R];
-    __device__ __forceinline__ GemvRows(int out, int ksplit) {
+    __device__ __forceinline__ GemvRows(int out, int ksplit, int blk) {
         lane = threadIdx.x & 31;
         warp = threadIdx.x >> 5;
-        row0 = (blockIdx.x * (GEMV_WARPS / ksplit) + warp / ksplit) * (PAIR ? 1 : R);
+        row0 = (blk * (GEMV_WARPS / ksplit) + warp / ksplit) * (PAIR ? 1 : R);
         kp = warp % ksplit;
 #pragma unroll
         for (int r = 0; r < R; r++) rows[r] = min(row0 + (PAIR ? 0 : r), out - 1);
@@ -123,9 +191,9 @@ struct GemvRows {
 template <class L, int R, bool PAIR>
 __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* __restrict__ x,
                                           float* __restrict__ y, int n, int out, int in,
-                                          int ksplit, int cd, int acc) {
+                                          int ksplit, int cd, int acc, int blk) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
-    const GemvRows<R, PAIR> g(out, ksplit);
+    const GemvRows<R, PAIR> g(out, ksplit, blk);
     const int lane = g.lane, row0 = g.row0, kp = g.kp;
     const int* rows = g.rows;
     const int chunks = in >> 3;
@@ -180,17 +248,40 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
     gemv_finish<R, PAIR, GEMV_MAXB>(accv, y, n, out, row0, ksplit, cd, acc);
 }
 
+// Dense weights. The pair kernel (gate/up) and the three-matrix kernel
+// (Q/K/V) take an optional RMS-norm weight `nw` for a single input row, which
+// they normalize while staging it in shared memory (`in` floats).
 #define GEMV_DENSE(NAME, LOADER, T, R)                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME(const T* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,     \
-             int n, int out, int in, int ksplit, int acc) { pdl_start();                                   \
-        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, n, out, in, ksplit, 0, acc); \
+             int n, int out, int in, int ksplit, int acc) {                                    \
+        pdl_start();                                                                          \
+        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, n, out, in, ksplit, 0, \
+                                    acc, blockIdx.x);                                         \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME##_pair(const T* __restrict__ w, const T* __restrict__ w2,                        \
                     const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, \
-                    int ksplit, int acc) { pdl_start();                                                    \
-        gemv_body<LOADER, 2, true>(LOADER{w, in}, LOADER{w2, in}, x, y, n, out, in, ksplit, 0, 0); \
+                    int ksplit, int acc, const float* __restrict__ nw, float eps) {           \
+        pdl_start();                                                                          \
+        extern __shared__ float xs[];                                                         \
+        if (nw) stage_x<false>(x, nw, eps, xs, in, 0);                                        \
+        gemv_body<LOADER, 2, true>(LOADER{w, in}, LOADER{w2, in}, nw ? xs : x, y, n, out, in,  \
+                                   ksplit, 0, 0, blockIdx.x);                                 \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                         \
+        NAME##_norm3(const T* __restrict__ w0, const T* __restrict__ w1,                      \
+                     const T* __restrict__ w2, GemvMulti m, const float* __restrict__ x,      \
+                     const float* __restrict__ nw, float eps, int in, int ksplit) {           \
+        pdl_start();                                                                          \
+        extern __shared__ float xs[];                                                         \
+        stage_x<false>(x, nw, eps, xs, in, 0);                                                \
+        int blk, out;                                                                         \
+        float* y;                                                                             \
+        const int i = multi_pick(m, blk, y, out);                                             \
+        const T* w = i == 0 ? w0 : (i == 1 ? w1 : w2);                                        \
+        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, xs, y, 1, out, in, ksplit, 0, \
+                                    0, blk);                                                  \
     }
 
 GEMV_DENSE(gemv_f32, LoadF32, float, 2)
@@ -244,7 +335,7 @@ gemv_bnb4(const u32* __restrict__ packed, const float* __restrict__ absmax,
     if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
     __syncthreads();
     const LoadBnb4 ld{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
-    gemv_body<LoadBnb4, 2, false>(ld, ld, x, y, n, out, in, ksplit, cd, acc);
+    gemv_body<LoadBnb4, 2, false>(ld, ld, x, y, n, out, in, ksplit, cd, acc, blockIdx.x);
 }
 
 // silu(x·Gᵀ) * (x·Uᵀ) for 4-bit G and U of the same compute dtype.
@@ -265,7 +356,7 @@ gemv_bnb4_pair(const u32* __restrict__ packed, const float* __restrict__ absmax,
     const LoadBnb4 a{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
     const LoadBnb4 b{packed2, absmax2, codes2, code2b, lut + 16, offset2, in, bs_log2b, nbs_log2b,
                      wdt2, cd};
-    gemv_body<LoadBnb4, 2, true>(a, b, x, y, n, out, in, ksplit, cd, 0);
+    gemv_body<LoadBnb4, 2, true>(a, b, x, y, n, out, in, ksplit, cd, 0, blockIdx.x);
 }
 
 // Group-wise packed integers (RTN/GPTQ/AWQ): row r is an LSB-first bitstream
@@ -317,7 +408,7 @@ struct LoadPacked {
         const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,         \
         float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                   \
         const LoadPacked<BITS> ld{qw, scales, zeros, g_idx, in, out, wpr, gsize};               \
-        gemv_body<LoadPacked<BITS>, 2, false>(ld, ld, x, y, n, out, in, ksplit, 0, acc);        \
+        gemv_body<LoadPacked<BITS>, 2, false>(ld, ld, x, y, n, out, in, ksplit, 0, acc, blockIdx.x); \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS##_pair(                \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -327,7 +418,7 @@ struct LoadPacked {
         float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                   \
         const LoadPacked<BITS> a{qw, scales, zeros, g_idx, in, out, wpr, gsize};                \
         const LoadPacked<BITS> b{qw2, scales2, zeros2, g_idx2, in, out, wpr2, gsize2};          \
-        gemv_body<LoadPacked<BITS>, 2, true>(a, b, x, y, n, out, in, ksplit, 0, 0);             \
+        gemv_body<LoadPacked<BITS>, 2, true>(a, b, x, y, n, out, in, ksplit, 0, 0, blockIdx.x);  \
     }
 
 GEMV_PACKED(2)

@@ -58,14 +58,16 @@ __device__ __forceinline__ int nibble(u32 word, int k) {
 
 // Warps own R rows (PAIR: row o of `qa` and of `qb`), `ksplit` warps share a
 // row group along the input dimension as in `gemv_body`; NB is the largest
-// batch the instance handles.
+// batch the instance handles. Single-row instances (NB = 1) RMS-normalize
+// their input by `nw` when it is set.
 template <class Q, int R, bool PAIR, int NB>
 __device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float* lut_a,
                                              const float* lut_b, const float* __restrict__ x,
                                              float* __restrict__ y, int n, int out, int in,
-                                             int ksplit, int cd, int acc) {
+                                             int ksplit, int cd, int acc, int blk,
+                                             const float* __restrict__ nw, float eps) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
-    const GemvRows<R, PAIR> g(out, ksplit);
+    const GemvRows<R, PAIR> g(out, ksplit, blk);
     const int lane = g.lane, row0 = g.row0, kp = g.kp;
     const int* rows = g.rows;
     const int chunks = in >> 5;
@@ -74,30 +76,10 @@ __device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int b = 0; b < NB; b++) accv[r][b] = 0.f;
-    // Single rows: the block stages x (rounded to `cd`) in shared memory with
-    // one pad word per 32, so that lane L's 32 values start in bank L.
+    // Single rows: the block stages x (normalized by `nw` when set, rounded
+    // to `cd`) in shared memory with one pad word per 32 values.
     extern __shared__ float xsm[];
-    if (NB == 1) {
-        const float4* x4 = (const float4*)x;
-        for (int i0 = threadIdx.x; i0 < in / 4; i0 += 4 * blockDim.x) {
-            float4 v[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++)
-                if (i0 + u * (int)blockDim.x < in / 4) v[u] = x4[i0 + u * blockDim.x];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int i = 4 * (i0 + u * blockDim.x);
-                if (i < in) {
-                    float* d = xsm + i + (i >> 5);
-                    d[0] = rnd(v[u].x, cd);
-                    d[1] = rnd(v[u].y, cd);
-                    d[2] = rnd(v[u].z, cd);
-                    d[3] = rnd(v[u].w, cd);
-                }
-            }
-        }
-        __syncthreads();
-    }
+    if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
     for (int c = kp * 32 + lane; c < chunks; c += 32 * ksplit) {
         uint4 wv[R];
         float s[R], z[R];
@@ -178,7 +160,8 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
     __syncthreads();
 }
 
-// Same leading arguments as gemv_bnb4 / gemv_packed4 (wdt is not needed).
+// Same leading arguments as gemv_bnb4 / gemv_packed4 (wdt is not needed);
+// the single-row pair kernels take an optional RMS-norm weight `nw`.
 #define GEMV_Q4(NB)                                                                              \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB(                          \
         const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
@@ -189,7 +172,8 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
         __shared__ float lut[32];                                                                 \
         q4_tables(lut, code16, code16);                                                           \
         const Q4Bnb q{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
-        gemv_q4_body<Q4Bnb, 4, false, NB>(q, q, lut, lut, x, y, n, out, in, ksplit, cd, acc);     \
+        gemv_q4_body<Q4Bnb, 4, false, NB>(q, q, lut, lut, x, y, n, out, in, ksplit, cd, acc,  \
+                                          blockIdx.x, nullptr, 0.f);                      \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB##_pair(                   \
         const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
@@ -199,13 +183,15 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
         const u8* __restrict__ codes2, const float* __restrict__ code2b,                          \
         const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b, int wdt2,  \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
-        int acc, int cd) { pdl_start();                                                                        \
+        int acc, int cd, const float* __restrict__ nw, float eps) {                               \
+        pdl_start();                                                                              \
         __shared__ float lut[32];                                                                 \
         q4_tables(lut, code16, code16b);                                                          \
         const Q4Bnb a{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
         const Q4Bnb b{(const uint4*)packed2, absmax2, codes2, code2b, offset2, in, bs_log2b,      \
                       nbs_log2b};                                                                 \
-        gemv_q4_body<Q4Bnb, 2, true, NB>(a, b, lut, lut + 16, x, y, n, out, in, ksplit, cd, 0);   \
+        gemv_q4_body<Q4Bnb, 2, true, NB>(a, b, lut, lut + 16, x, y, n, out, in, ksplit, cd, 0,  \
+                                         blockIdx.x, nw, eps);                            \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -214,20 +200,75 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
         __shared__ float lut[32];                                                                 \
         q4_tables(lut, nullptr, nullptr);                                                         \
         const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                 \
-        gemv_q4_body<Q4Packed, 4, false, NB>(q, q, lut, lut, x, y, n, out, in, ksplit, 0, acc);   \
+        gemv_q4_body<Q4Packed, 4, false, NB>(q, q, lut, lut, x, y, n, out, in, ksplit, 0, acc, \
+                                             blockIdx.x, nullptr, 0.f);                   \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB##_pair(                \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,           \
         const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                          \
         const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,        \
-        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                     \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc,                       \
+        const float* __restrict__ nw, float eps) {                                                \
+        pdl_start();                                                                              \
         __shared__ float lut[32];                                                                 \
         q4_tables(lut, nullptr, nullptr);                                                         \
         const Q4Packed a{qw, scales, zeros, in, out, wpr, gsize};                                 \
         const Q4Packed b{qw2, scales2, zeros2, in, out, wpr2, gsize2};                            \
-        gemv_q4_body<Q4Packed, 2, true, NB>(a, b, lut, lut + 16, x, y, n, out, in, ksplit, 0, 0); \
+        gemv_q4_body<Q4Packed, 2, true, NB>(a, b, lut, lut + 16, x, y, n, out, in, ksplit, 0, 0, \
+                                            blockIdx.x, nw, eps);                         \
     }
 
 GEMV_Q4(1)
 GEMV_Q4(8)
+
+// One 4-bit matrix of a three-matrix launch, as the kernel argument structs
+// `Q4BnbArgs` and `Q4PackedArgs` in matmul.rs lay it out.
+struct Q4BnbArgs {
+    const u32* w;
+    const float* absmax;
+    const u8* codes;
+    const float* code2;
+    const float* code16;
+    float offset;
+    int bs_log2, nbs_log2;
+};
+
+struct Q4PackedArgs {
+    const u32* w;
+    const u16* scales;
+    const u16* zeros;
+    int wpr, gsize;
+};
+
+// The Q, K and V projections of one RMS-normalized input row in one launch.
+extern "C" __global__ void __launch_bounds__(256)
+gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
+                 const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
+                 int ksplit, int cd) {
+    pdl_start();
+    int blk, out;
+    float* y;
+    const int i = multi_pick(m, blk, y, out);
+    const Q4BnbArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
+    __shared__ float lut[32];
+    q4_tables(lut, a.code16, a.code16);
+    const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
+    gemv_q4_body<Q4Bnb, 4, false, 1>(q, q, lut, lut, x, y, 1, out, in, ksplit, cd, 0, blk, nw, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti m,
+                    const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
+                    int ksplit) {
+    pdl_start();
+    int blk, out;
+    float* y;
+    const int i = multi_pick(m, blk, y, out);
+    const Q4PackedArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
+    __shared__ float lut[32];
+    q4_tables(lut, nullptr, nullptr);
+    const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
+    gemv_q4_body<Q4Packed, 4, false, 1>(q, q, lut, lut, x, y, 1, out, in, ksplit, 0, 0, blk, nw,
+                                        eps);
+}
