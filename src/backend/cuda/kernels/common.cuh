@@ -58,10 +58,12 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return sh[32];
 }
 
-// Programmatic dependent launch (sm_90+), the first statement of every
-// kernel: waits until the kernels this one depends on have finished and
-// their writes are visible, then lets the next kernel's blocks be scheduled
-// while this one runs. Kernels launched without the attribute pass through.
+// Programmatic dependent launch (sm_90+), in every kernel before it reads
+// anything an earlier kernel writes (the first statement of most; the GEMVs
+// first issue loads of their weights, which no kernel writes): waits until
+// the kernels this one depends on have finished and their writes are
+// visible, then lets the next kernel's blocks be scheduled while this one
+// runs. Kernels launched without the attribute pass through.
 __device__ __forceinline__ void pdl_start() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -188,22 +188,27 @@ struct GemvRows {
 // With PAIR (and R = 2) a warp group owns one output row o and multiplies by
 // row o of two matrices, `ld` (gate) and `ld2` (up), writing
 // silu(gate) * up: the MLP's gate/up projections and activation in one pass.
+// The first weights are loaded before waiting for the preceding kernel
+// (weights never depend on it); with `stage` the single input row is then
+// staged in shared memory, RMS-normalized by `nw` when set.
 template <class L, int R, bool PAIR>
 __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* __restrict__ x,
                                           float* __restrict__ y, int n, int out, int in,
-                                          int ksplit, int cd, int acc, int blk) {
+                                          int ksplit, int cd, int acc, int blk,
+                                          const float* __restrict__ nw, float eps, bool stage) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
     const GemvRows<R, PAIR> g(out, ksplit, blk);
     const int lane = g.lane, row0 = g.row0, kp = g.kp;
     const int* rows = g.rows;
     const int chunks = in >> 3;
+    const int step = 32 * GEMV_UNROLL * ksplit;
     float accv[R][GEMV_MAXB];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int b = 0; b < GEMV_MAXB; b++) accv[r][b] = 0.f;
-    for (int c0 = kp * 32 * GEMV_UNROLL + lane; c0 < chunks; c0 += 32 * GEMV_UNROLL * ksplit) {
-        float w[GEMV_UNROLL][R][8];
+    float w[GEMV_UNROLL][R][8];
+    auto load_round = [&](int c0) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++)
             if (c0 + 32 * u < chunks)
@@ -214,6 +219,16 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
                     else
                         ld.load(rows[r], c0 + 32 * u, w[u][r]);
                 }
+    };
+    int c0 = kp * 32 * GEMV_UNROLL + lane;
+    if (c0 < chunks) load_round(c0);
+    pdl_start();
+    extern __shared__ float xsm[];
+    if (stage) {
+        stage_x<false>(x, nw, eps, xsm, in, 0);
+        x = xsm;
+    }
+    for (; c0 < chunks; c0 += step) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
             const int c = c0 + 32 * u;
@@ -244,6 +259,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
                 }
             }
         }
+        if (c0 + step < chunks) load_round(c0 + step);
     }
     gemv_finish<R, PAIR, GEMV_MAXB>(accv, y, n, out, row0, ksplit, cd, acc);
 }
@@ -255,33 +271,26 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME(const T* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,     \
              int n, int out, int in, int ksplit, int acc) {                                    \
-        pdl_start();                                                                          \
         gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, n, out, in, ksplit, 0, \
-                                    acc, blockIdx.x);                                         \
+                                    acc, blockIdx.x, nullptr, 0.f, false);                    \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME##_pair(const T* __restrict__ w, const T* __restrict__ w2,                        \
                     const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, \
                     int ksplit, int acc, const float* __restrict__ nw, float eps) {           \
-        pdl_start();                                                                          \
-        extern __shared__ float xs[];                                                         \
-        if (nw) stage_x<false>(x, nw, eps, xs, in, 0);                                        \
-        gemv_body<LOADER, 2, true>(LOADER{w, in}, LOADER{w2, in}, nw ? xs : x, y, n, out, in,  \
-                                   ksplit, 0, 0, blockIdx.x);                                 \
+        gemv_body<LOADER, 2, true>(LOADER{w, in}, LOADER{w2, in}, x, y, n, out, in, ksplit, 0, \
+                                   0, blockIdx.x, nw, eps, nw != nullptr);                    \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME##_norm3(const T* __restrict__ w0, const T* __restrict__ w1,                      \
                      const T* __restrict__ w2, GemvMulti m, const float* __restrict__ x,      \
                      const float* __restrict__ nw, float eps, int in, int ksplit) {           \
-        pdl_start();                                                                          \
-        extern __shared__ float xs[];                                                         \
-        stage_x<false>(x, nw, eps, xs, in, 0);                                                \
         int blk, out;                                                                         \
         float* y;                                                                             \
         const int i = multi_pick(m, blk, y, out);                                             \
         const T* w = i == 0 ? w0 : (i == 1 ? w1 : w2);                                        \
-        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, xs, y, 1, out, in, ksplit, 0, \
-                                    0, blk);                                                  \
+        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, 1, out, in, ksplit, 0, \
+                                    0, blk, nw, eps, true);                                   \
     }
 
 GEMV_DENSE(gemv_f32, LoadF32, float, 2)
@@ -330,12 +339,12 @@ gemv_bnb4(const u32* __restrict__ packed, const float* __restrict__ absmax,
           const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,
           const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,
           int acc, int cd) {
-    pdl_start();
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
     __syncthreads();
     const LoadBnb4 ld{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
-    gemv_body<LoadBnb4, 2, false>(ld, ld, x, y, n, out, in, ksplit, cd, acc, blockIdx.x);
+    gemv_body<LoadBnb4, 2, false>(ld, ld, x, y, n, out, in, ksplit, cd, acc, blockIdx.x, nullptr,
+                                  0.f, false);
 }
 
 // silu(x·Gᵀ) * (x·Uᵀ) for 4-bit G and U of the same compute dtype.
@@ -348,7 +357,6 @@ gemv_bnb4_pair(const u32* __restrict__ packed, const float* __restrict__ absmax,
                const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b,
                int wdt2, const float* __restrict__ x, float* __restrict__ y, int n, int out, int in,
                int ksplit, int acc, int cd) {
-    pdl_start();
     __shared__ float lut[32];
     if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
     else if (threadIdx.x < 32) lut[threadIdx.x] = code16b[threadIdx.x - 16];
@@ -356,7 +364,8 @@ gemv_bnb4_pair(const u32* __restrict__ packed, const float* __restrict__ absmax,
     const LoadBnb4 a{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
     const LoadBnb4 b{packed2, absmax2, codes2, code2b, lut + 16, offset2, in, bs_log2b, nbs_log2b,
                      wdt2, cd};
-    gemv_body<LoadBnb4, 2, true>(a, b, x, y, n, out, in, ksplit, cd, 0, blockIdx.x);
+    gemv_body<LoadBnb4, 2, true>(a, b, x, y, n, out, in, ksplit, cd, 0, blockIdx.x, nullptr, 0.f,
+                                 false);
 }
 
 // Group-wise packed integers (RTN/GPTQ/AWQ): row r is an LSB-first bitstream
@@ -406,19 +415,21 @@ struct LoadPacked {
     extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,         \
-        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                   \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) {                    \
         const LoadPacked<BITS> ld{qw, scales, zeros, g_idx, in, out, wpr, gsize};               \
-        gemv_body<LoadPacked<BITS>, 2, false>(ld, ld, x, y, n, out, in, ksplit, 0, acc, blockIdx.x); \
+        gemv_body<LoadPacked<BITS>, 2, false>(ld, ld, x, y, n, out, in, ksplit, 0, acc,         \
+                                              blockIdx.x, nullptr, 0.f, false);                 \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS##_pair(                \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,         \
         const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                        \
         const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,      \
-        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                   \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) {                    \
         const LoadPacked<BITS> a{qw, scales, zeros, g_idx, in, out, wpr, gsize};                \
         const LoadPacked<BITS> b{qw2, scales2, zeros2, g_idx2, in, out, wpr2, gsize2};          \
-        gemv_body<LoadPacked<BITS>, 2, true>(a, b, x, y, n, out, in, ksplit, 0, 0, blockIdx.x);  \
+        gemv_body<LoadPacked<BITS>, 2, true>(a, b, x, y, n, out, in, ksplit, 0, 0, blockIdx.x,   \
+                                             nullptr, 0.f, false);                              \
     }
 
 GEMV_PACKED(2)

@@ -76,19 +76,27 @@ __device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int b = 0; b < NB; b++) accv[r][b] = 0.f;
-    // Single rows: the block stages x (normalized by `nw` when set, rounded
-    // to `cd`) in shared memory with one pad word per 32 values.
-    extern __shared__ float xsm[];
-    if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
-    for (int c = kp * 32 + lane; c < chunks; c += 32 * ksplit) {
-        uint4 wv[R];
-        float s[R], z[R];
+    uint4 wv[R];
+    float s[R], z[R];
+    auto load_round = [&](int c) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const Q& q = (PAIR && r == 1) ? qb : qa;
             wv[r] = q.load(rows[r], c);
             q.scale(rows[r], c, s[r], z[r]);
         }
+    };
+    // The first weights are loaded before waiting for the preceding kernel
+    // (weights never depend on it).
+    const int step = 32 * ksplit;
+    int c = kp * 32 + lane;
+    if (c < chunks) load_round(c);
+    pdl_start();
+    // Single rows: the block stages x (normalized by `nw` when set, rounded
+    // to `cd`) in shared memory with one pad word per 32 values.
+    extern __shared__ float xsm[];
+    if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
+    for (; c < chunks; c += step) {
         float dot[R][NB], xs[NB];
 #pragma unroll
         for (int b = 0; b < NB; b++) {
@@ -148,6 +156,7 @@ __device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float
                     const float d = Q::HAS_ZERO ? fmaf(-z[r], xs[b], dot[r][b]) : dot[r][b];
                     accv[r][b] = fmaf(s[r], d, accv[r][b]);
                 }
+        if (c + step < chunks) load_round(c + step);
     }
     gemv_finish<R, PAIR, NB>(accv, y, n, out, row0, ksplit, cd, acc);
 }
@@ -168,7 +177,7 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
         const u8* __restrict__ codes, const float* __restrict__ code2,                            \
         const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,       \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
-        int acc, int cd) { pdl_start();                                                                        \
+        int acc, int cd) {                                                                        \
         __shared__ float lut[32];                                                                 \
         q4_tables(lut, code16, code16);                                                           \
         const Q4Bnb q{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
@@ -184,7 +193,6 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
         const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b, int wdt2,  \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
         int acc, int cd, const float* __restrict__ nw, float eps) {                               \
-        pdl_start();                                                                              \
         __shared__ float lut[32];                                                                 \
         q4_tables(lut, code16, code16b);                                                          \
         const Q4Bnb a{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
@@ -196,7 +204,7 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,           \
-        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) { pdl_start();                     \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) {                     \
         __shared__ float lut[32];                                                                 \
         q4_tables(lut, nullptr, nullptr);                                                         \
         const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                 \
@@ -210,7 +218,6 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
         const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,        \
         float* __restrict__ y, int n, int out, int in, int ksplit, int acc,                       \
         const float* __restrict__ nw, float eps) {                                                \
-        pdl_start();                                                                              \
         __shared__ float lut[32];                                                                 \
         q4_tables(lut, nullptr, nullptr);                                                         \
         const Q4Packed a{qw, scales, zeros, in, out, wpr, gsize};                                 \
@@ -246,7 +253,6 @@ extern "C" __global__ void __launch_bounds__(256)
 gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
                  const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
                  int ksplit, int cd) {
-    pdl_start();
     int blk, out;
     float* y;
     const int i = multi_pick(m, blk, y, out);
@@ -261,7 +267,6 @@ extern "C" __global__ void __launch_bounds__(256)
 gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti m,
                     const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
                     int ksplit) {
-    pdl_start();
     int blk, out;
     float* y;
     const int i = multi_pick(m, blk, y, out);
