@@ -135,14 +135,14 @@ fn last_rows_and_argmax_match() {
     x[4 * cols + 70_000] = 50.0;
     x[8 * cols + cols - 1] = 60.0;
     let (cx, gx) = pair(&g, 9, cols, &x);
+    assert_eq!(c.argmax_rows(&cx).unwrap(), g.argmax_rows(&gx).unwrap());
     let want = c
-        .last_rows(&cx, &c.upload_layout(&layout).unwrap())
+        .last_rows(cx, &c.upload_layout(&layout).unwrap())
         .unwrap();
     let got = g
-        .last_rows(&gx, &g.upload_layout(&layout).unwrap())
+        .last_rows(gx, &g.upload_layout(&layout).unwrap())
         .unwrap();
     check("last_rows", &g, &got, &want, 0.0);
-    assert_eq!(c.argmax_rows(&cx).unwrap(), g.argmax_rows(&gx).unwrap());
     let ids = g.argmax_rows(&got).unwrap();
     assert_eq!(ids[0], 7);
     assert_eq!(ids[2], cols as u32 - 1);

@@ -159,8 +159,9 @@ pub trait Backend: Send + Sync {
         let u = self.matmul(x, up)?;
         self.silu_mul(&g, &u)
     }
-    /// The row of each sequence's last token in this step.
-    fn last_rows(&self, x: &Self::Tensor, layout: &Self::Layout) -> Result<Self::Tensor>;
+    /// The row of each sequence's last token in this step: `x` itself when
+    /// every sequence has one token (a decode step).
+    fn last_rows(&self, x: Self::Tensor, layout: &Self::Layout) -> Result<Self::Tensor>;
     /// Index of the largest value of each row (first one on ties).
     fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
     /// Copies a tensor to the host as `(rows, cols, values)`.

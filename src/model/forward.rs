@@ -279,7 +279,7 @@ impl<B: Backend> Model<B> {
         if all_logits {
             self.head(&x)
         } else {
-            let last = self.backend.last_rows(&x, layout)?;
+            let last = self.backend.last_rows(x, layout)?;
             self.head(&last)
         }
     }
