@@ -11,15 +11,23 @@
 #define GEMV_WARPS 8
 #define GEMV_UNROLL 1
 
-// Loaders: 8 consecutive weights of `row` starting at column 8 * c, as floats.
+// Loaders: 8 consecutive weights of `row` starting at column 8 * c. `fetch`
+// issues the loads into a `Raw` value; `unpack` turns it into floats, so that
+// a lane can hold the next chunk's loads in flight while it multiplies the
+// current one.
 struct LoadF32 {
     const float* __restrict__ w;
     int in;
-    __device__ __forceinline__ void load(int row, int c, float v[8]) const {
+    struct Raw {
+        float4 a, b;
+    };
+    __device__ __forceinline__ Raw fetch(int row, int c) const {
         const float4* p = (const float4*)(w + (size_t)row * in + (size_t)c * 8);
-        const float4 a = p[0], b = p[1];
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        return Raw{p[0], p[1]};
+    }
+    __device__ __forceinline__ void unpack(const Raw& r, int, int, float v[8]) const {
+        v[0] = r.a.x; v[1] = r.a.y; v[2] = r.a.z; v[3] = r.a.w;
+        v[4] = r.b.x; v[5] = r.b.y; v[6] = r.b.z; v[7] = r.b.w;
     }
 };
 
@@ -40,16 +48,24 @@ __device__ __forceinline__ void unpack_bf16x8(uint4 r, float v[8]) {
 struct LoadF16 {
     const u16* __restrict__ w;
     int in;
-    __device__ __forceinline__ void load(int row, int c, float v[8]) const {
-        unpack_f16x8(*(const uint4*)(w + (size_t)row * in + (size_t)c * 8), v);
+    typedef uint4 Raw;
+    __device__ __forceinline__ Raw fetch(int row, int c) const {
+        return *(const uint4*)(w + (size_t)row * in + (size_t)c * 8);
+    }
+    __device__ __forceinline__ void unpack(const Raw& r, int, int, float v[8]) const {
+        unpack_f16x8(r, v);
     }
 };
 
 struct LoadBF16 {
     const u16* __restrict__ w;
     int in;
-    __device__ __forceinline__ void load(int row, int c, float v[8]) const {
-        unpack_bf16x8(*(const uint4*)(w + (size_t)row * in + (size_t)c * 8), v);
+    typedef uint4 Raw;
+    __device__ __forceinline__ Raw fetch(int row, int c) const {
+        return *(const uint4*)(w + (size_t)row * in + (size_t)c * 8);
+    }
+    __device__ __forceinline__ void unpack(const Raw& r, int, int, float v[8]) const {
+        unpack_bf16x8(r, v);
     }
 };
 
@@ -207,21 +223,19 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int b = 0; b < GEMV_MAXB; b++) accv[r][b] = 0.f;
-    float w[GEMV_UNROLL][R][8];
-    auto load_round = [&](int c0) {
+    typedef typename L::Raw Raw;
+    Raw cur[GEMV_UNROLL][R];
+    auto fetch_round = [&](int c0, Raw (&dst)[GEMV_UNROLL][R]) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++)
             if (c0 + 32 * u < chunks)
 #pragma unroll
-                for (int r = 0; r < R; r++) {
-                    if (PAIR && r == 1)
-                        ld2.load(rows[r], c0 + 32 * u, w[u][r]);
-                    else
-                        ld.load(rows[r], c0 + 32 * u, w[u][r]);
-                }
+                for (int r = 0; r < R; r++)
+                    dst[u][r] = (PAIR && r == 1) ? ld2.fetch(rows[r], c0 + 32 * u)
+                                                 : ld.fetch(rows[r], c0 + 32 * u);
     };
     int c0 = kp * 32 * GEMV_UNROLL + lane;
-    if (c0 < chunks) load_round(c0);
+    if (c0 < chunks) fetch_round(c0, cur);
     pdl_start();
     extern __shared__ float xsm[];
     if (stage) {
@@ -229,6 +243,21 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
         x = xsm;
     }
     for (; c0 < chunks; c0 += step) {
+        // The next round's loads go out before this round's arithmetic.
+        const bool more = c0 + step < chunks;
+        Raw nxt[GEMV_UNROLL][R];
+        if (more) fetch_round(c0 + step, nxt);
+        float w[GEMV_UNROLL][R][8];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++)
+            if (c0 + 32 * u < chunks)
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    if (PAIR && r == 1)
+                        ld2.unpack(cur[u][r], rows[r], c0 + 32 * u, w[u][r]);
+                    else
+                        ld.unpack(cur[u][r], rows[r], c0 + 32 * u, w[u][r]);
+                }
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) {
             const int c = c0 + 32 * u;
@@ -259,7 +288,11 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
                 }
             }
         }
-        if (c0 + step < chunks) load_round(c0 + step);
+        if (more)
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; u++)
+#pragma unroll
+                for (int r = 0; r < R; r++) cur[u][r] = nxt[u][r];
     }
     gemv_finish<R, PAIR, GEMV_MAXB>(accv, y, n, out, row0, ksplit, cd, acc);
 }
@@ -314,15 +347,20 @@ struct LoadBnb4 {
         if (codes) return __fadd_rn(__fmul_rn(code2[codes[b]], absmax[b >> nbs_log2]), offset);
         return absmax[b];
     }
-    __device__ __forceinline__ void load(int row, int c, float v[8]) const {
+    struct Raw {
+        u32 w;
+        float a;
+    };
+    __device__ __forceinline__ Raw fetch(int row, int c) const {
         const size_t f = (size_t)row * in + (size_t)c * 8;
-        const u32 w = packed[f >> 3];
-        const float a = block_absmax(f >> bs_log2);
+        return Raw{packed[f >> 3], block_absmax(f >> bs_log2)};
+    }
+    __device__ __forceinline__ void unpack(const Raw& r, int, int, float v[8]) const {
         const bool twice = cd != 0 && cd != wdt;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            float hi = rnd(lut[(w >> (8 * k + 4)) & 15] * a, wdt);
-            float lo = rnd(lut[(w >> (8 * k)) & 15] * a, wdt);
+            float hi = rnd(lut[(r.w >> (8 * k + 4)) & 15] * r.a, wdt);
+            float lo = rnd(lut[(r.w >> (8 * k)) & 15] * r.a, wdt);
             if (twice) {
                 hi = rnd(hi, cd);
                 lo = rnd(lo, cd);
@@ -379,33 +417,43 @@ struct LoadPacked {
     const u16* __restrict__ zeros;
     const u32* __restrict__ g_idx;
     int in, out, wpr, gsize;
-    __device__ __forceinline__ void load(int row, int c, float v[8]) const {
+    // The chunk's codes, and without g_idx its group's scale and zero.
+    struct Raw {
+        u64 bits;
+        float s, z;
+    };
+    __device__ __forceinline__ Raw fetch(int row, int c) const {
         const u32* rw = qw + (size_t)row * wpr;
         const int bit = c * 8 * BITS;
-        u64 bitsv;
+        Raw r{0ull, 0.f, 0.f};
         if (BITS == 4) {
-            bitsv = rw[c];
+            r.bits = rw[c];
         } else if (BITS == 8) {
             const uint2 p = *(const uint2*)(rw + 2 * c);
-            bitsv = ((u64)p.y << 32) | p.x;
+            r.bits = ((u64)p.y << 32) | p.x;
         } else {
             const int w0 = bit >> 5, o = bit & 31;
             u64 lo = rw[w0];
             u64 hi = (w0 + 1 < wpr) ? (u64)rw[w0 + 1] : 0ull;
-            bitsv = ((hi << 32) | lo) >> o;
+            r.bits = ((hi << 32) | lo) >> o;
         }
-        const u64 mask = (1ull << BITS) - 1;
         if (!g_idx) {
             const size_t at = (size_t)((c * 8) / gsize) * out + row;
-            const float s = h2f(scales[at]);
-            const float z = (float)zeros[at];
+            r.s = h2f(scales[at]);
+            r.z = (float)zeros[at];
+        }
+        return r;
+    }
+    __device__ __forceinline__ void unpack(const Raw& r, int row, int c, float v[8]) const {
+        const u64 mask = (1ull << BITS) - 1;
+        if (!g_idx) {
 #pragma unroll
-            for (int k = 0; k < 8; k++) v[k] = ((float)((bitsv >> (k * BITS)) & mask) - z) * s;
+            for (int k = 0; k < 8; k++) v[k] = ((float)((r.bits >> (k * BITS)) & mask) - r.z) * r.s;
         } else {
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 const size_t at = (size_t)g_idx[c * 8 + k] * out + row;
-                v[k] = ((float)((bitsv >> (k * BITS)) & mask) - (float)zeros[at]) * h2f(scales[at]);
+                v[k] = ((float)((r.bits >> (k * BITS)) & mask) - (float)zeros[at]) * h2f(scales[at]);
             }
         }
     }
@@ -447,7 +495,7 @@ __device__ __forceinline__ void dequant_body(const L ld, void* dst, int out, int
          i += (size_t)gridDim.x * blockDim.x) {
         const int row = (int)(i / chunks), c = (int)(i - (size_t)row * chunks);
         float v[8];
-        ld.load(row, c, v);
+        ld.unpack(ld.fetch(row, c), row, c, v);
         const size_t at = (size_t)row * in + (size_t)c * 8;
         if (mode == 0) {
             float4* d = (float4*)((float*)dst + at);

@@ -78,25 +78,31 @@ __device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float
         for (int b = 0; b < NB; b++) accv[r][b] = 0.f;
     uint4 wv[R];
     float s[R], z[R];
-    auto load_round = [&](int c) {
+    auto load_round = [&](int c, uint4 (&w)[R], float (&sc)[R], float (&zp)[R]) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const Q& q = (PAIR && r == 1) ? qb : qa;
-            wv[r] = q.load(rows[r], c);
-            q.scale(rows[r], c, s[r], z[r]);
+            w[r] = q.load(rows[r], c);
+            q.scale(rows[r], c, sc[r], zp[r]);
         }
     };
     // The first weights are loaded before waiting for the preceding kernel
     // (weights never depend on it).
     const int step = 32 * ksplit;
     int c = kp * 32 + lane;
-    if (c < chunks) load_round(c);
+    if (c < chunks) load_round(c, wv, s, z);
     pdl_start();
     // Single rows: the block stages x (normalized by `nw` when set, rounded
     // to `cd`) in shared memory with one pad word per 32 values.
     extern __shared__ float xsm[];
     if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
     for (; c < chunks; c += step) {
+        // Single rows: the next round's loads go out before this round's
+        // arithmetic (batched instances have no registers to spare for it).
+        const bool more = c + step < chunks;
+        uint4 wn[R];
+        float sn[R], zn[R];
+        if (NB == 1 && more) load_round(c + step, wn, sn, zn);
         float dot[R][NB], xs[NB];
 #pragma unroll
         for (int b = 0; b < NB; b++) {
@@ -156,7 +162,15 @@ __device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float
                     const float d = Q::HAS_ZERO ? fmaf(-z[r], xs[b], dot[r][b]) : dot[r][b];
                     accv[r][b] = fmaf(s[r], d, accv[r][b]);
                 }
-        if (c + step < chunks) load_round(c + step);
+        if (NB == 1 && more)
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                wv[r] = wn[r];
+                s[r] = sn[r];
+                z[r] = zn[r];
+            }
+        else if (more)
+            load_round(c + step, wv, s, z);
     }
     gemv_finish<R, PAIR, NB>(accv, y, n, out, row0, ksplit, cd, acc);
 }
