@@ -121,13 +121,9 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
     let g = Gemv { out_f, in_f, acc };
     match w {
         CudaWeight::Dense { dtype, buf, .. } if in_f % 8 == 0 => {
-            let name = match dtype {
-                DType::F32 => "gemv_f32",
-                DType::F16 => "gemv_f16",
-                DType::BF16 => "gemv_bf16",
-            };
+            let name = dense_kernel(*dtype, x.rows, "");
             let p = buf.ptr();
-            g.launch(gpu, name, vec![arg(&p)], &[], x, y, NARROW)?;
+            g.launch(gpu, &name, vec![arg(&p)], &[], x, y, NARROW)?;
         }
         CudaWeight::Bnb4(q) => {
             let params = bnb4_params(q);
@@ -224,11 +220,7 @@ pub fn gate_up_silu(
                 ..
             },
         ) if dtype == dtype2 && in_f % 8 == 0 => {
-            let name = match dtype {
-                DType::F32 => "gemv_f32_pair",
-                DType::F16 => "gemv_f16_pair",
-                DType::BF16 => "gemv_bf16_pair",
-            };
+            let name = &dense_kernel(*dtype, x.rows, "_pair");
             let smem = if norm.is_some() {
                 dense_stage_smem(gpu, name, in_f)?
             } else {
@@ -271,6 +263,18 @@ pub fn gate_up_silu(
         _ => return Ok(None),
     }
     Ok(Some(y))
+}
+
+/// The dense GEMV kernel for `dtype` weights and a batch of `rows`: the
+/// single-row instance (`_b1`, fewer registers) or the batched one.
+fn dense_kernel(dtype: DType, rows: usize, suffix: &str) -> String {
+    let base = match dtype {
+        DType::F32 => "gemv_f32",
+        DType::F16 => "gemv_f16",
+        DType::BF16 => "gemv_bf16",
+    };
+    let b1 = if rows == 1 { "_b1" } else { "" };
+    format!("{base}{b1}{suffix}")
 }
 
 /// Dynamic shared memory of a dense kernel that stages an `in_f`-wide input

@@ -207,7 +207,7 @@ struct GemvRows {
 // The first weights are loaded before waiting for the preceding kernel
 // (weights never depend on it); with `stage` the single input row is then
 // staged in shared memory, RMS-normalized by `nw` when set.
-template <class L, int R, bool PAIR>
+template <class L, int R, bool PAIR, int NB = GEMV_MAXB>
 __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* __restrict__ x,
                                           float* __restrict__ y, int n, int out, int in,
                                           int ksplit, int cd, int acc, int blk,
@@ -218,11 +218,11 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
     const int* rows = g.rows;
     const int chunks = in >> 3;
     const int step = 32 * GEMV_UNROLL * ksplit;
-    float accv[R][GEMV_MAXB];
+    float accv[R][NB];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int b = 0; b < GEMV_MAXB; b++) accv[r][b] = 0.f;
+        for (int b = 0; b < NB; b++) accv[r][b] = 0.f;
     typedef typename L::Raw Raw;
     Raw cur[GEMV_UNROLL][R];
     auto fetch_round = [&](int c0, Raw (&dst)[GEMV_UNROLL][R]) {
@@ -263,7 +263,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
             const int c = c0 + 32 * u;
             if (c >= chunks) break;
 #pragma unroll
-            for (int b = 0; b < GEMV_MAXB; b++) {
+            for (int b = 0; b < NB; b++) {
                 if (b < n) {
                     const float4* xp = (const float4*)(x + (size_t)b * in + (size_t)c * 8);
                     float4 x0 = xp[0], x1 = xp[1];
@@ -294,26 +294,32 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
 #pragma unroll
                 for (int r = 0; r < R; r++) cur[u][r] = nxt[u][r];
     }
-    gemv_finish<R, PAIR, GEMV_MAXB>(accv, y, n, out, row0, ksplit, cd, acc);
+    gemv_finish<R, PAIR, NB>(accv, y, n, out, row0, ksplit, cd, acc);
 }
 
 // Dense weights. The pair kernel (gate/up) and the three-matrix kernel
 // (Q/K/V) take an optional RMS-norm weight `nw` for a single input row, which
 // they normalize while staging it in shared memory (`in` floats).
-#define GEMV_DENSE(NAME, LOADER, T, R)                                                        \
+#define GEMV_DENSE_NB(NAME, LOADER, T, R, NB)                                                 \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME(const T* __restrict__ w, const float* __restrict__ x, float* __restrict__ y,     \
              int n, int out, int in, int ksplit, int acc) {                                    \
-        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, n, out, in, ksplit, 0, \
-                                    acc, blockIdx.x, nullptr, 0.f, false);                    \
+        gemv_body<LOADER, R, false, NB>(LOADER{w, in}, LOADER{w, in}, x, y, n, out, in, ksplit, \
+                                        0, acc, blockIdx.x, nullptr, 0.f, false);             \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME##_pair(const T* __restrict__ w, const T* __restrict__ w2,                        \
                     const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, \
                     int ksplit, int acc, const float* __restrict__ nw, float eps) {           \
-        gemv_body<LOADER, 2, true>(LOADER{w, in}, LOADER{w2, in}, x, y, n, out, in, ksplit, 0, \
-                                   0, blockIdx.x, nw, eps, nw != nullptr);                    \
-    }                                                                                         \
+        gemv_body<LOADER, 2, true, NB>(LOADER{w, in}, LOADER{w2, in}, x, y, n, out, in, ksplit, \
+                                       0, 0, blockIdx.x, nw, eps, nw != nullptr);             \
+    }
+
+// Every dense kernel in a batched (up to 8 rows) and a single-row (_b1)
+// instance, and a single-row three-matrix kernel.
+#define GEMV_DENSE(NAME, LOADER, T, R)                                                        \
+    GEMV_DENSE_NB(NAME, LOADER, T, R, GEMV_MAXB)                                              \
+    GEMV_DENSE_NB(NAME##_b1, LOADER, T, R, 1)                                                 \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         NAME##_norm3(const T* __restrict__ w0, const T* __restrict__ w1,                      \
                      const T* __restrict__ w2, GemvMulti m, const float* __restrict__ x,      \
@@ -322,8 +328,8 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
         float* y;                                                                             \
         const int i = multi_pick(m, blk, y, out);                                             \
         const T* w = i == 0 ? w0 : (i == 1 ? w1 : w2);                                        \
-        gemv_body<LOADER, R, false>(LOADER{w, in}, LOADER{w, in}, x, y, 1, out, in, ksplit, 0, \
-                                    0, blk, nw, eps, true);                                   \
+        gemv_body<LOADER, R, false, 1>(LOADER{w, in}, LOADER{w, in}, x, y, 1, out, in, ksplit, \
+                                       0, 0, blk, nw, eps, true);                             \
     }
 
 GEMV_DENSE(gemv_f32, LoadF32, float, 2)
