@@ -15,16 +15,22 @@ const SMEM_DEFAULT: usize = 48 * 1024;
 
 /// Keys per tile of the decode kernel (`ATT_TK` in attention.cu).
 const DECODE_TILE: usize = 32;
-/// Most key ranges a decode token's keys are split into (`ATT_MAX_SPLITS`
-/// in attention.cu; the merge holds one value per range in registers).
+/// Most key ranges a decode token's keys are split into (the merge in
+/// attention.cu weighs one range per lane).
 const DECODE_MAX_SPLITS: usize = 32;
-/// Threads per decode block and outputs per thread (`ATT_OUT`).
-const DECODE_THREADS: usize = 128;
-const DECODE_OUTPUTS_PER_THREAD: usize = 16;
+/// Largest head size of the decode kernel (one float4 of a key per lane).
+const DECODE_MAX_HEAD_DIM: usize = 128;
+/// Warps per decode block: one per query head of the group, at least 4 (the
+/// tile copies and RoPE use the whole block), at most 8 (`__launch_bounds__`).
+const DECODE_MIN_WARPS: usize = 4;
+const DECODE_MAX_WARPS: usize = 8;
 
-fn decode_smem(group: usize, d: usize) -> usize {
-    let tk = DECODE_TILE;
-    4 * (group * d + tk * (d + 1) + tk * d + group * tk + 3 * group)
+/// Dynamic shared memory of a decode block: the group's queries, the new
+/// key and value, and `buffers` tiles of keys (rows padded to an odd number
+/// of float4s) and values.
+fn decode_smem(group: usize, d: usize, buffers: usize) -> usize {
+    let key_row = ((d / 4) | 1) * 4;
+    4 * (group * d + 2 * d + buffers * DECODE_TILE * (key_row + d))
 }
 
 /// Whether `layout` is a decode step: one new token per sequence.
@@ -140,25 +146,38 @@ pub fn attention(
         )?;
         return Ok(out);
     }
-    // Split-K decode: keys 0..=pos of each token in up to 32 ranges (as many
-    // as 32-key tiles of the cache length), merged by the last block.
-    let group = q_heads / kv_heads;
-    if group * d > DECODE_OUTPUTS_PER_THREAD * DECODE_THREADS {
-        bail!("attention: {group} query heads of {d} per KV head exceed the decode kernel");
+    // Split-K decode: keys 0..=pos of each token in as many ranges as the
+    // cache length has 32-key tiles, at most 32. Up to 1024 positions every
+    // range fits one tile, so each block stages its keys once and its warps
+    // attend without block-wide syncs; more ranges would mean more partials
+    // for the last block to merge. Longer caches give ranges of several
+    // tiles, copied through two buffers.
+    if d == 0 || d % 4 != 0 || d > DECODE_MAX_HEAD_DIM {
+        bail!(
+            "attention: the decode kernel needs a head size that is a multiple of 4 up to \
+             {DECODE_MAX_HEAD_DIM}, not {d}"
+        );
     }
-    let smem = decode_smem(group, d);
+    let group = q_heads / kv_heads;
+    let splits = s.max_len.div_ceil(DECODE_TILE).clamp(1, DECODE_MAX_SPLITS);
+    let buffers = if s.max_len.div_ceil(splits) > DECODE_TILE {
+        2
+    } else {
+        1
+    };
+    let smem = decode_smem(group, d, buffers);
     if smem > SMEM_DEFAULT {
         gpu.set_max_dynamic_smem("attn_decode", smem as u32)?;
     }
-    let splits = s.max_len.div_ceil(DECODE_TILE).clamp(1, DECODE_MAX_SPLITS);
-    let part = gpu.alloc(n * q_heads * splits * (d + 2) * 4)?;
+    let threads = 32 * group.clamp(DECODE_MIN_WARPS, DECODE_MAX_WARPS);
+    let part = gpu.alloc(n * q_heads * splits * (d + 4) * 4)?;
     let (pp, cp) = (part.ptr(), cache.counters());
     let fp = inv_freq.map_or(0, |f| f.ptr());
     let (di, sp) = (d as i32, splits as i32);
     gpu.launch(
         "attn_decode",
         (splits as u32, kv_heads as u32, n as u32),
-        DECODE_THREADS as u32,
+        threads as u32,
         smem as u32,
         &mut [
             arg(&qp),
