@@ -136,12 +136,8 @@ fn last_rows_and_argmax_match() {
     x[8 * cols + cols - 1] = 60.0;
     let (cx, gx) = pair(&g, 9, cols, &x);
     assert_eq!(c.argmax_rows(&cx).unwrap(), g.argmax_rows(&gx).unwrap());
-    let want = c
-        .last_rows(cx, &c.upload_layout(&layout).unwrap())
-        .unwrap();
-    let got = g
-        .last_rows(gx, &g.upload_layout(&layout).unwrap())
-        .unwrap();
+    let want = c.last_rows(cx, &c.upload_layout(&layout).unwrap()).unwrap();
+    let got = g.last_rows(gx, &g.upload_layout(&layout).unwrap()).unwrap();
     check("last_rows", &g, &got, &want, 0.0);
     let ids = g.argmax_rows(&got).unwrap();
     assert_eq!(ids[0], 7);
@@ -316,6 +312,26 @@ fn attention_prefill_and_decode_match_on_ragged_batches() {
         attention_case(9, 3, 64, fused_rope);
         attention_case(4, 2, 16, fused_rope);
         attention_case(8, 8, 128, fused_rope);
+    }
+}
+
+/// Decode over a cache longer than 1024 positions (key ranges of several
+/// tiles) and with more query heads per KV head than a decode block has warps.
+#[test]
+fn decode_attention_matches_on_long_caches_and_large_groups() {
+    for (q_heads, kv_heads, head_dim) in [(8, 2, 64), (20, 2, 32), (4, 1, 128)] {
+        let heads = HeadShape {
+            q_heads,
+            kv_heads,
+            head_dim,
+        };
+        let mut steps = vec![step(&[(0, 0, vec![1; 1900]), (1, 0, vec![1; 3])])];
+        for i in 0..3 {
+            steps.push(step(&[(0, 1900 + i, vec![1]), (1, 3 + i, vec![1])]));
+        }
+        for fused_rope in [false, true] {
+            compare_attention(heads, 3000, &steps, 40 + head_dim as u64, fused_rope);
+        }
     }
 }
 
