@@ -140,7 +140,8 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
                     WIDE.with_smem(smem),
                 )?;
             } else {
-                g.launch(gpu, "gemv_bnb4", params.args(), &[arg(&cd)], x, y, NARROW)?;
+                let name = gemv_kernel("gemv_bnb4", x.rows, "");
+                g.launch(gpu, &name, params.args(), &[arg(&cd)], x, y, NARROW)?;
             }
         }
         CudaWeight::Packed(q) => {
@@ -149,7 +150,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
                 let (name, smem) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "")?;
                 g.launch(gpu, &name, params.args(), &[], x, y, WIDE.with_smem(smem))?;
             } else {
-                let name = format!("gemv_packed{}", q.bits);
+                let name = gemv_kernel(&format!("gemv_packed{}", q.bits), x.rows, "");
                 g.launch(gpu, &name, params.args(), &[], x, y, NARROW)?;
             }
         }
@@ -241,7 +242,8 @@ pub fn gate_up_silu(
                 let post = [arg(&cd), nargs[0], nargs[1]];
                 g.launch(gpu, &name, pre, &post, x, &y, tiling)?;
             } else if norm.is_none() {
-                g.launch(gpu, "gemv_bnb4_pair", pre, &[arg(&cd)], x, &y, NARROW_PAIR)?;
+                let name = gemv_kernel("gemv_bnb4", x.rows, "_pair");
+                g.launch(gpu, &name, pre, &[arg(&cd)], x, &y, NARROW_PAIR)?;
             } else {
                 return Ok(None);
             }
@@ -254,7 +256,7 @@ pub fn gate_up_silu(
                 let (name, smem) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair")?;
                 g.launch(gpu, &name, pre, &nargs, x, &y, WIDE_PAIR.with_smem(smem))?;
             } else if norm.is_none() {
-                let name = format!("gemv_packed{}_pair", a.bits);
+                let name = gemv_kernel(&format!("gemv_packed{}", a.bits), x.rows, "_pair");
                 g.launch(gpu, &name, pre, &[], x, &y, NARROW_PAIR)?;
             } else {
                 return Ok(None);
@@ -265,16 +267,21 @@ pub fn gate_up_silu(
     Ok(Some(y))
 }
 
-/// The dense GEMV kernel for `dtype` weights and a batch of `rows`: the
-/// single-row instance (`_b1`, fewer registers) or the batched one.
+/// The `gemv_body` kernel `base` + `suffix` for a batch of `rows`: the
+/// single-row instance (`_b1`, one accumulator per row) or the batched one.
+fn gemv_kernel(base: &str, rows: usize, suffix: &str) -> String {
+    let b1 = if rows == 1 { "_b1" } else { "" };
+    format!("{base}{b1}{suffix}")
+}
+
+/// [`gemv_kernel`] for dense `dtype` weights.
 fn dense_kernel(dtype: DType, rows: usize, suffix: &str) -> String {
     let base = match dtype {
         DType::F32 => "gemv_f32",
         DType::F16 => "gemv_f16",
         DType::BF16 => "gemv_bf16",
     };
-    let b1 = if rows == 1 { "_b1" } else { "" };
-    format!("{base}{b1}{suffix}")
+    gemv_kernel(base, rows, suffix)
 }
 
 /// Dynamic shared memory of a dense kernel that stages an `in_f`-wide input

@@ -377,40 +377,44 @@ struct LoadBnb4 {
     }
 };
 
-extern "C" __global__ void __launch_bounds__(256)
-gemv_bnb4(const u32* __restrict__ packed, const float* __restrict__ absmax,
-          const u8* __restrict__ codes, const float* __restrict__ code2,
-          const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,
-          const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,
-          int acc, int cd) {
-    __shared__ float lut[16];
-    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
-    __syncthreads();
-    const LoadBnb4 ld{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
-    gemv_body<LoadBnb4, 2, false>(ld, ld, x, y, n, out, in, ksplit, cd, acc, blockIdx.x, nullptr,
-                                  0.f, false);
-}
+// Batched and single-row (_b1) instances; the pair multiplies silu(x·Gᵀ) *
+// (x·Uᵀ) for 4-bit G and U of the same compute dtype.
+#define GEMV_BNB4(NAME, NB)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        NAME(const u32* __restrict__ packed, const float* __restrict__ absmax,                 \
+             const u8* __restrict__ codes, const float* __restrict__ code2,                    \
+             const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt, \
+             const float* __restrict__ x, float* __restrict__ y, int n, int out, int in,       \
+             int ksplit, int acc, int cd) {                                                    \
+        __shared__ float lut[16];                                                              \
+        if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];                          \
+        __syncthreads();                                                                       \
+        const LoadBnb4 ld{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd}; \
+        gemv_body<LoadBnb4, 2, false, NB>(ld, ld, x, y, n, out, in, ksplit, cd, acc, blockIdx.x, \
+                                          nullptr, 0.f, false);                                \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        NAME##_pair(const u32* __restrict__ packed, const float* __restrict__ absmax,          \
+                    const u8* __restrict__ codes, const float* __restrict__ code2,             \
+                    const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, \
+                    int wdt, const u32* __restrict__ packed2, const float* __restrict__ absmax2, \
+                    const u8* __restrict__ codes2, const float* __restrict__ code2b,           \
+                    const float* __restrict__ code16b, float offset2, int bs_log2b,            \
+                    int nbs_log2b, int wdt2, const float* __restrict__ x, float* __restrict__ y, \
+                    int n, int out, int in, int ksplit, int acc, int cd) {                     \
+        __shared__ float lut[32];                                                              \
+        if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];                          \
+        else if (threadIdx.x < 32) lut[threadIdx.x] = code16b[threadIdx.x - 16];               \
+        __syncthreads();                                                                       \
+        const LoadBnb4 a{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd}; \
+        const LoadBnb4 b{packed2, absmax2, codes2, code2b, lut + 16, offset2, in, bs_log2b,    \
+                         nbs_log2b, wdt2, cd};                                                 \
+        gemv_body<LoadBnb4, 2, true, NB>(a, b, x, y, n, out, in, ksplit, cd, 0, blockIdx.x,    \
+                                         nullptr, 0.f, false);                                 \
+    }
 
-// silu(x·Gᵀ) * (x·Uᵀ) for 4-bit G and U of the same compute dtype.
-extern "C" __global__ void __launch_bounds__(256)
-gemv_bnb4_pair(const u32* __restrict__ packed, const float* __restrict__ absmax,
-               const u8* __restrict__ codes, const float* __restrict__ code2,
-               const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,
-               const u32* __restrict__ packed2, const float* __restrict__ absmax2,
-               const u8* __restrict__ codes2, const float* __restrict__ code2b,
-               const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b,
-               int wdt2, const float* __restrict__ x, float* __restrict__ y, int n, int out, int in,
-               int ksplit, int acc, int cd) {
-    __shared__ float lut[32];
-    if (threadIdx.x < 16) lut[threadIdx.x] = code16[threadIdx.x];
-    else if (threadIdx.x < 32) lut[threadIdx.x] = code16b[threadIdx.x - 16];
-    __syncthreads();
-    const LoadBnb4 a{packed, absmax, codes, code2, lut, offset, in, bs_log2, nbs_log2, wdt, cd};
-    const LoadBnb4 b{packed2, absmax2, codes2, code2b, lut + 16, offset2, in, bs_log2b, nbs_log2b,
-                     wdt2, cd};
-    gemv_body<LoadBnb4, 2, true>(a, b, x, y, n, out, in, ksplit, cd, 0, blockIdx.x, nullptr, 0.f,
-                                 false);
-}
+GEMV_BNB4(gemv_bnb4, GEMV_MAXB)
+GEMV_BNB4(gemv_bnb4_b1, 1)
 
 // Group-wise packed integers (RTN/GPTQ/AWQ): row r is an LSB-first bitstream
 // of BITS-bit codes in `wpr` words; w = (q - zero) * scale with per (group,
@@ -423,58 +427,62 @@ struct LoadPacked {
     const u16* __restrict__ zeros;
     const u32* __restrict__ g_idx;
     int in, out, wpr, gsize;
-    // The chunk's codes, and without g_idx its group's scale and zero.
+    // The words holding the chunk's codes and, without g_idx, its group's
+    // scale and zero, as loaded: `unpack` does all the arithmetic, so that
+    // nothing waits on these loads before the next round's are issued.
     struct Raw {
-        u64 bits;
-        float s, z;
+        u32 lo, hi;
+        u16 s, z;
     };
     __device__ __forceinline__ Raw fetch(int row, int c) const {
         const u32* rw = qw + (size_t)row * wpr;
-        const int bit = c * 8 * BITS;
-        Raw r{0ull, 0.f, 0.f};
+        Raw r{0u, 0u, 0, 0};
         if (BITS == 4) {
-            r.bits = rw[c];
+            r.lo = rw[c];
         } else if (BITS == 8) {
             const uint2 p = *(const uint2*)(rw + 2 * c);
-            r.bits = ((u64)p.y << 32) | p.x;
+            r.lo = p.x;
+            r.hi = p.y;
         } else {
-            const int w0 = bit >> 5, o = bit & 31;
-            u64 lo = rw[w0];
-            u64 hi = (w0 + 1 < wpr) ? (u64)rw[w0 + 1] : 0ull;
-            r.bits = ((hi << 32) | lo) >> o;
+            const int w0 = (c * 8 * BITS) >> 5;
+            r.lo = rw[w0];
+            if (w0 + 1 < wpr) r.hi = rw[w0 + 1];
         }
         if (!g_idx) {
             const size_t at = (size_t)((c * 8) / gsize) * out + row;
-            r.s = h2f(scales[at]);
-            r.z = (float)zeros[at];
+            r.s = scales[at];
+            r.z = zeros[at];
         }
         return r;
     }
     __device__ __forceinline__ void unpack(const Raw& r, int row, int c, float v[8]) const {
         const u64 mask = (1ull << BITS) - 1;
+        const int o = (BITS == 4 || BITS == 8) ? 0 : (c * 8 * BITS) & 31;
+        const u64 bits = (((u64)r.hi << 32) | r.lo) >> o;
         if (!g_idx) {
+            const float s = h2f(r.s), z = (float)r.z;
 #pragma unroll
-            for (int k = 0; k < 8; k++) v[k] = ((float)((r.bits >> (k * BITS)) & mask) - r.z) * r.s;
+            for (int k = 0; k < 8; k++) v[k] = ((float)((bits >> (k * BITS)) & mask) - z) * s;
         } else {
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 const size_t at = (size_t)g_idx[c * 8 + k] * out + row;
-                v[k] = ((float)((r.bits >> (k * BITS)) & mask) - (float)zeros[at]) * h2f(scales[at]);
+                v[k] = ((float)((bits >> (k * BITS)) & mask) - (float)zeros[at]) * h2f(scales[at]);
             }
         }
     }
 };
 
-#define GEMV_PACKED(BITS)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS(                       \
+#define GEMV_PACKED_NB(NAME, BITS, NB)                                                         \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                    \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,         \
         float* __restrict__ y, int n, int out, int in, int ksplit, int acc) {                    \
         const LoadPacked<BITS> ld{qw, scales, zeros, g_idx, in, out, wpr, gsize};               \
-        gemv_body<LoadPacked<BITS>, 2, false>(ld, ld, x, y, n, out, in, ksplit, 0, acc,         \
-                                              blockIdx.x, nullptr, 0.f, false);                 \
+        gemv_body<LoadPacked<BITS>, 2, false, NB>(ld, ld, x, y, n, out, in, ksplit, 0, acc,     \
+                                                  blockIdx.x, nullptr, 0.f, false);             \
     }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) gemv_packed##BITS##_pair(                \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_pair(                             \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,         \
         const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                        \
@@ -482,9 +490,14 @@ struct LoadPacked {
         float* __restrict__ y, int n, int out, int in, int ksplit, int acc) {                    \
         const LoadPacked<BITS> a{qw, scales, zeros, g_idx, in, out, wpr, gsize};                \
         const LoadPacked<BITS> b{qw2, scales2, zeros2, g_idx2, in, out, wpr2, gsize2};          \
-        gemv_body<LoadPacked<BITS>, 2, true>(a, b, x, y, n, out, in, ksplit, 0, 0, blockIdx.x,   \
-                                             nullptr, 0.f, false);                              \
+        gemv_body<LoadPacked<BITS>, 2, true, NB>(a, b, x, y, n, out, in, ksplit, 0, 0,          \
+                                                 blockIdx.x, nullptr, 0.f, false);              \
     }
+
+// Batched and single-row (_b1) instances of each width.
+#define GEMV_PACKED(BITS)                                                                      \
+    GEMV_PACKED_NB(gemv_packed##BITS, BITS, GEMV_MAXB)                                         \
+    GEMV_PACKED_NB(gemv_packed##BITS##_b1, BITS, 1)
 
 GEMV_PACKED(2)
 GEMV_PACKED(3)
