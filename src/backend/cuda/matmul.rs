@@ -104,11 +104,14 @@ fn q4_kernel(
         return Ok((format!("{base}_b{GEMV_MAX_ROWS}{suffix}"), 0));
     }
     let name = format!("{base}_b1{suffix}");
-    let smem = ((in_f + in_f / 32) * 4) as u32;
-    if smem > 48 * 1024 {
-        gpu.set_max_dynamic_smem(&name, smem)?;
-    }
+    let smem = stage_smem(gpu, &name, q4_staged_floats(in_f))?;
     Ok((name, smem))
+}
+
+/// Floats a single-row 4-bit kernel stages for an `in_f`-wide row: one pad
+/// word per 32 values.
+fn q4_staged_floats(in_f: usize) -> usize {
+    in_f + in_f / 32
 }
 
 /// Small batches: the GEMV of `x` with `w` into `y` (adding to `y` when
@@ -223,7 +226,7 @@ pub fn gate_up_silu(
         ) if dtype == dtype2 && in_f % 8 == 0 => {
             let name = &dense_kernel(*dtype, x.rows, "_pair");
             let smem = if norm.is_some() {
-                dense_stage_smem(gpu, name, in_f)?
+                stage_smem(gpu, name, in_f)?
             } else {
                 0
             };
@@ -284,10 +287,10 @@ fn dense_kernel(dtype: DType, rows: usize, suffix: &str) -> String {
     gemv_kernel(base, rows, suffix)
 }
 
-/// Dynamic shared memory of a dense kernel that stages an `in_f`-wide input
-/// row, raising the kernel's limit when it exceeds the default.
-fn dense_stage_smem(gpu: &Gpu, name: &str, in_f: usize) -> Result<u32> {
-    let smem = (in_f * 4) as u32;
+/// Dynamic shared memory of kernel `name` staging `floats` values of its
+/// input row, raising the kernel's limit when it exceeds the default.
+fn stage_smem(gpu: &Gpu, name: &str, floats: usize) -> Result<u32> {
+    let smem = (floats * 4) as u32;
     if smem > 48 * 1024 {
         gpu.set_max_dynamic_smem(name, smem)?;
     }
@@ -425,8 +428,8 @@ pub fn norm_matmuls(
         return Ok(None);
     };
     let smem = match weights {
-        Norm3Weights::Dense(_) => dense_stage_smem(gpu, name, in_f)?,
-        _ => q4_kernel(gpu, name, 1, in_f, "")?.1,
+        Norm3Weights::Dense(_) => stage_smem(gpu, name, in_f)?,
+        _ => stage_smem(gpu, name, q4_staged_floats(in_f))?,
     };
     let outs: Vec<usize> = ws.iter().map(|w| w.shape().0).collect();
     let rpw = tiling.rows_per_warp;
