@@ -596,6 +596,46 @@ fn norm_fused_projections_match_for_each_format() {
     norm_fused_case("mixed", &ws, (&gu.0, &gu.1), Q4_BF16_WEIGHT_BOUND);
 }
 
+/// The 4-bit GEMVs at Llama sizes: grids larger than one wave of resident
+/// blocks, blocks that loop over several row groups of the Q, K and V
+/// matrices, and 4096- and 8192-wide rows.
+#[test]
+fn q4_gemv_matches_on_llama_shapes() {
+    let mut rng = StdRng::seed_from_u64(40);
+    for (in_f, qkv, ff) in [
+        (2048, [2048, 512, 512], 8192),
+        (4096, [1024, 256, 256], 8192),
+    ] {
+        let mut w = |o: usize| randn(&mut rng, o * in_f, 1.0 / (in_f as f32).sqrt());
+        let raw: Vec<Vec<f32>> = qkv.iter().map(|&o| w(o)).collect();
+        let (wg, wu) = (w(ff), w(ff));
+        let nf4 = |r: &[f32], o: usize| bnb4(r, o, in_f, Bnb4Type::Nf4, true, DType::F16);
+        let ws: Vec<_> = qkv.iter().zip(&raw).map(|(&o, r)| nf4(r, o)).collect();
+        let gu = (nf4(&wg, ff), nf4(&wu, ff));
+        norm_fused_case(
+            &format!("nf4 in={in_f}"),
+            &ws,
+            (&gu.0, &gu.1),
+            Q4_BF16_WEIGHT_BOUND,
+        );
+        let ws: Vec<_> = qkv
+            .iter()
+            .map(|&o| packed(&mut rng, o, in_f, 4, 128, false))
+            .collect();
+        let gu = (
+            packed(&mut rng, ff, in_f, 4, 128, false),
+            packed(&mut rng, ff, in_f, 4, 128, false),
+        );
+        norm_fused_case(&format!("packed4 in={in_f}"), &ws, (&gu.0, &gu.1), 1e-5);
+    }
+    let (out_f, in_f) = (8192, 8192);
+    let lw = packed(&mut rng, out_f, in_f, 4, 128, false);
+    matmul_case("packed4 8192x8192", &lw, 1e-5, 2e-3, 41);
+    let raw = randn(&mut rng, out_f * in_f, 0.01);
+    let lw = bnb4(&raw, out_f, in_f, Bnb4Type::Fp4, false, DType::BF16);
+    matmul_case("fp4 8192x8192", &lw, 2e-2, 2e-2, 42);
+}
+
 #[test]
 fn int8_matmul_matches_with_outliers() {
     let mut rng = StdRng::seed_from_u64(10);

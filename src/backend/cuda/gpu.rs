@@ -185,6 +185,25 @@ impl Gpu {
         .with_context(|| format!("launching {name} grid {grid:?} block {block} smem {smem}"))
     }
 
+    /// At most `blocks`, and no more 256-thread blocks of kernel `name`
+    /// (with `smem` bytes of dynamic shared memory) than the GPU holds at
+    /// once: the grid of a kernel whose blocks loop over logical blocks.
+    pub fn one_wave(&self, name: &str, blocks: usize, smem: u32) -> Result<usize> {
+        let f = self
+            .funcs
+            .get(name)
+            .with_context(|| format!("unknown kernel {name}"))?;
+        let per_sm = unsafe {
+            result::occupancy::max_active_block_per_multiprocessor(
+                f.cu_function(),
+                256,
+                smem as usize,
+            )
+        }
+        .with_context(|| format!("occupancy of {name}"))?;
+        Ok(blocks.min(self.sm_count * per_sm.max(1) as usize))
+    }
+
     /// Raises a kernel's dynamic shared-memory limit.
     pub fn set_max_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
         let f = self

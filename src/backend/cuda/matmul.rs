@@ -91,21 +91,22 @@ fn q4_packed_ok(q: &CudaPacked) -> bool {
 }
 
 /// The 4-bit kernel instance for a batch of `rows` (one for single rows,
-/// one for up to eight) and its dynamic shared memory: single rows stage x
-/// with one pad word per 32 values.
+/// one for up to eight) and its tiling: single rows stage x with one pad
+/// word per 32 values, and their blocks loop over logical blocks.
 fn q4_kernel(
     gpu: &Gpu,
     base: &str,
     rows: usize,
     in_f: usize,
     suffix: &str,
-) -> Result<(String, u32)> {
+    tiling: GemvTiling,
+) -> Result<(String, GemvTiling)> {
     if rows > 1 {
-        return Ok((format!("{base}_b{GEMV_MAX_ROWS}{suffix}"), 0));
+        return Ok((format!("{base}_b{GEMV_MAX_ROWS}{suffix}"), tiling));
     }
     let name = format!("{base}_b1{suffix}");
     let smem = stage_smem(gpu, &name, q4_staged_floats(in_f))?;
-    Ok((name, smem))
+    Ok((name, tiling.single_row_q4(smem)))
 }
 
 /// Floats a single-row 4-bit kernel stages for an `in_f`-wide row: one pad
@@ -132,16 +133,8 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
             let params = bnb4_params(q);
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
-                let (name, smem) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "")?;
-                g.launch(
-                    gpu,
-                    &name,
-                    params.args(),
-                    &[arg(&cd)],
-                    x,
-                    y,
-                    WIDE.with_smem(smem),
-                )?;
+                let (name, tiling) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", WIDE)?;
+                g.launch(gpu, &name, params.args(), &[arg(&cd)], x, y, tiling)?;
             } else {
                 let name = gemv_kernel("gemv_bnb4", x.rows, "");
                 g.launch(gpu, &name, params.args(), &[arg(&cd)], x, y, NARROW)?;
@@ -150,8 +143,8 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Packed(q) => {
             let params = packed_params(q);
             if q4_packed_ok(q) {
-                let (name, smem) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "")?;
-                g.launch(gpu, &name, params.args(), &[], x, y, WIDE.with_smem(smem))?;
+                let (name, tiling) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", WIDE)?;
+                g.launch(gpu, &name, params.args(), &[], x, y, tiling)?;
             } else {
                 let name = gemv_kernel(&format!("gemv_packed{}", q.bits), x.rows, "");
                 g.launch(gpu, &name, params.args(), &[], x, y, NARROW)?;
@@ -240,8 +233,8 @@ pub fn gate_up_silu(
             pre.extend(pb.args());
             let cd = dtype_mode(a.compute_dtype);
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
-                let (name, smem) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair")?;
-                let tiling = WIDE_PAIR.with_smem(smem);
+                let (name, tiling) =
+                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", WIDE_PAIR)?;
                 let post = [arg(&cd), nargs[0], nargs[1]];
                 g.launch(gpu, &name, pre, &post, x, &y, tiling)?;
             } else if norm.is_none() {
@@ -256,8 +249,9 @@ pub fn gate_up_silu(
             let mut pre = pa.args();
             pre.extend(pb.args());
             if q4_packed_ok(a) && q4_packed_ok(b) {
-                let (name, smem) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair")?;
-                g.launch(gpu, &name, pre, &nargs, x, &y, WIDE_PAIR.with_smem(smem))?;
+                let (name, tiling) =
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", WIDE_PAIR)?;
+                g.launch(gpu, &name, pre, &nargs, x, &y, tiling)?;
             } else if norm.is_none() {
                 let name = gemv_kernel(&format!("gemv_packed{}", a.bits), x.rows, "_pair");
                 g.launch(gpu, &name, pre, &[], x, &y, NARROW_PAIR)?;
@@ -427,9 +421,9 @@ pub fn norm_matmuls(
     let Some((name, tiling, weights)) = norm3_kernel(ws, in_f) else {
         return Ok(None);
     };
-    let smem = match weights {
-        Norm3Weights::Dense(_) => stage_smem(gpu, name, in_f)?,
-        _ => stage_smem(gpu, name, q4_staged_floats(in_f))?,
+    let tiling = match weights {
+        Norm3Weights::Dense(_) => tiling.with_smem(stage_smem(gpu, name, in_f)?),
+        _ => tiling.single_row_q4(stage_smem(gpu, name, q4_staged_floats(in_f))?),
     };
     let outs: Vec<usize> = ws.iter().map(|w| w.shape().0).collect();
     let rpw = tiling.rows_per_warp;
@@ -451,6 +445,7 @@ pub fn norm_matmuls(
         multi.blocks[i] = o.div_ceil(rows_per_block) as i32;
     }
     let blocks: i32 = multi.blocks.iter().sum();
+    let grid = tiling.grid(gpu, name, blocks as usize)?;
     let na = NormArgs::of(Some(norm));
     let (xp, inf, ks) = (x.ptr(), in_f as i32, ksplit as i32);
     let mut args: Vec<Arg> = match &weights {
@@ -466,9 +461,9 @@ pub fn norm_matmuls(
     }
     gpu.launch(
         name,
-        (blocks as u32, 1, 1),
+        (grid, 1, 1),
         (GEMV_WARPS * 32) as u32,
-        smem,
+        tiling.smem,
         &mut args,
     )?;
     Ok(Some(ys))
@@ -712,6 +707,9 @@ struct GemvTiling {
     chunk: usize,
     /// Dynamic shared memory of a block, in bytes.
     smem: u32,
+    /// Whether the kernel's blocks loop over logical blocks, so that the
+    /// grid is capped at one wave (see `gemv_q4_body`).
+    looping: bool,
 }
 
 impl GemvTiling {
@@ -720,11 +718,31 @@ impl GemvTiling {
             rows_per_warp,
             chunk,
             smem: 0,
+            looping: false,
         }
     }
 
     fn with_smem(self, smem: u32) -> Self {
         GemvTiling { smem, ..self }
+    }
+
+    /// A single-row 4-bit kernel: `smem` bytes, blocks loop.
+    fn single_row_q4(self, smem: u32) -> Self {
+        GemvTiling {
+            smem,
+            looping: true,
+            ..self
+        }
+    }
+
+    /// The grid for `blocks` logical blocks of kernel `name`.
+    fn grid(&self, gpu: &Gpu, name: &str, blocks: usize) -> Result<u32> {
+        let grid = if self.looping {
+            gpu.one_wave(name, blocks, self.smem)?
+        } else {
+            blocks
+        };
+        Ok(grid as u32)
     }
 }
 
@@ -782,9 +800,10 @@ impl Gemv {
             arg(&acc),
         ]);
         args.extend_from_slice(post);
+        let grid = tiling.grid(gpu, name, blocks)?;
         gpu.launch(
             name,
-            (blocks as u32, 1, 1),
+            (grid, 1, 1),
             (GEMV_WARPS * 32) as u32,
             tiling.smem,
             &mut args,

@@ -129,11 +129,11 @@ struct GemvMulti {
     int blocks[3];
 };
 
-// The matrix of this block in a GemvMulti launch, its output and row count,
-// and the block's index among that matrix's blocks (selected without
+// The matrix of logical block `b` of a GemvMulti launch, its output and row
+// count, and the block's index among that matrix's blocks (selected without
 // indexing the parameter arrays, which would copy them to local memory).
-__device__ __forceinline__ int multi_pick(const GemvMulti& m, int& blk, float*& y, int& out) {
-    const int b = blockIdx.x;
+__device__ __forceinline__ int multi_pick(const GemvMulti& m, int b, int& blk, float*& y,
+                                          int& out) {
     const int i = b < m.blocks[0] ? 0 : (b < m.blocks[0] + m.blocks[1] ? 1 : 2);
     blk = i == 0 ? b : (i == 1 ? b - m.blocks[0] : b - m.blocks[0] - m.blocks[1]);
     y = i == 0 ? m.y[0] : (i == 1 ? m.y[1] : m.y[2]);
@@ -326,7 +326,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
                      const float* __restrict__ nw, float eps, int in, int ksplit) {           \
         int blk, out;                                                                         \
         float* y;                                                                             \
-        const int i = multi_pick(m, blk, y, out);                                             \
+        const int i = multi_pick(m, blockIdx.x, blk, y, out);                                             \
         const T* w = i == 0 ? w0 : (i == 1 ? w1 : w2);                                        \
         gemv_body<LOADER, R, false, 1>(LOADER{w, in}, LOADER{w, in}, x, y, 1, out, in, ksplit, \
                                        0, 0, blk, nw, eps, true);                             \

@@ -56,131 +56,164 @@ __device__ __forceinline__ int nibble(u32 word, int k) {
     return HI_FIRST ? (word >> (8 * (k >> 1) + ((k & 1) ? 0 : 4))) & 15 : (word >> (4 * k)) & 15;
 }
 
+// One logical block of a 4-bit launch: its matrices (PAIR: gate, up) and
+// code tables, where it writes `out` rows, and its index among the blocks
+// of its matrix.
+template <class Q>
+struct Q4Block {
+    Q qa, qb;
+    const float *lut_a, *lut_b;
+    float* y;
+    int out, blk;
+};
+
 // Warps own R rows (PAIR: row o of `qa` and of `qb`), `ksplit` warps share a
 // row group along the input dimension as in `gemv_body`; NB is the largest
-// batch the instance handles. Single-row instances (NB = 1) RMS-normalize
-// their input by `nw` when it is set.
-template <class Q, int R, bool PAIR, int NB>
-__device__ __forceinline__ void gemv_q4_body(const Q qa, const Q qb, const float* lut_a,
-                                             const float* lut_b, const float* __restrict__ x,
-                                             float* __restrict__ y, int n, int out, int in,
-                                             int ksplit, int cd, int acc, int blk,
+// batch the instance handles. The grid may be smaller than the `nblocks`
+// logical blocks (`at(b)` describes block b): each block then takes blocks
+// blockIdx.x, + gridDim.x, ... in turn, so that a launch needs no second
+// wave of blocks that would wait for their first loads without overlapping
+// the previous kernel. Single-row instances (NB = 1) stage their input once
+// per block, RMS-normalized by `nw` when it is set.
+template <class Q, int R, bool PAIR, int NB, class At>
+__device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __restrict__ x,
+                                             int n, int in, int ksplit, int cd, int acc,
                                              const float* __restrict__ nw, float eps) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
-    const GemvRows<R, PAIR> g(out, ksplit, blk);
-    const int lane = g.lane, row0 = g.row0, kp = g.kp;
-    const int* rows = g.rows;
     const int chunks = in >> 5;
-    float accv[R][NB];
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int b = 0; b < NB; b++) accv[r][b] = 0.f;
-    uint4 wv[R];
-    float s[R], z[R];
-    auto load_round = [&](int c, uint4 (&w)[R], float (&sc)[R], float (&zp)[R]) {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const Q& q = (PAIR && r == 1) ? qb : qa;
-            w[r] = q.load(rows[r], c);
-            q.scale(rows[r], c, sc[r], zp[r]);
-        }
-    };
-    // The first weights are loaded before waiting for the preceding kernel
-    // (weights never depend on it).
     const int step = 32 * ksplit;
-    int c = kp * 32 + lane;
-    if (c < chunks) load_round(c, wv, s, z);
-    pdl_start();
-    // Single rows: the block stages x (normalized by `nw` when set, rounded
-    // to `cd`) in shared memory with one pad word per 32 values.
     extern __shared__ float xsm[];
-    if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
-    for (; c < chunks; c += step) {
-        // Single rows: the next round's loads go out before this round's
-        // arithmetic (batched instances have no registers to spare for it).
-        const bool more = c + step < chunks;
-        uint4 wn[R];
-        float sn[R], zn[R];
-        if (NB == 1 && more) load_round(c + step, wn, sn, zn);
-        float dot[R][NB], xs[NB];
-#pragma unroll
-        for (int b = 0; b < NB; b++) {
-            xs[b] = 0.f;
-#pragma unroll
-            for (int r = 0; r < R; r++) dot[r][b] = 0.f;
-        }
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            float wf[R][8];
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                const float* lut = (PAIR && r == 1) ? lut_b : lut_a;
-#pragma unroll
-                for (int k = 0; k < 8; k++) wf[r][k] = lut[nibble<Q::HI_FIRST>(word, k)];
-            }
-#pragma unroll
-            for (int b = 0; b < NB; b++) {
-                if (b < n) {
-                    float4 x0, x1;
-                    if (NB == 1) {
-                        const float* xp = xsm + c * 33 + 8 * j;
-                        x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
-                        x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
-                    } else {
-                        const float4* xp = (const float4*)(x + (size_t)b * in + (size_t)c * 32 + 8 * j);
-                        x0 = xp[0];
-                        x1 = xp[1];
-                    }
-                    if (cd && NB != 1) {
-                        x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
-                        x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
-                    }
-                    if (Q::HAS_ZERO) xs[b] += ((x0.x + x0.y) + (x0.z + x0.w)) + ((x1.x + x1.y) + (x1.z + x1.w));
-#pragma unroll
-                    for (int r = 0; r < R; r++) {
-                        float a = dot[r][b];
-                        a = fmaf(wf[r][0], x0.x, a);
-                        a = fmaf(wf[r][1], x0.y, a);
-                        a = fmaf(wf[r][2], x0.z, a);
-                        a = fmaf(wf[r][3], x0.w, a);
-                        a = fmaf(wf[r][4], x1.x, a);
-                        a = fmaf(wf[r][5], x1.y, a);
-                        a = fmaf(wf[r][6], x1.z, a);
-                        a = fmaf(wf[r][7], x1.w, a);
-                        dot[r][b] = a;
-                    }
-                }
-            }
-        }
+    for (int b = blockIdx.x; b < nblocks; b += gridDim.x) {
+        const Q4Block<Q> L = at(b);
+        const GemvRows<R, PAIR> g(L.out, ksplit, L.blk);
+        const int lane = g.lane, row0 = g.row0, kp = g.kp;
+        const int* rows = g.rows;
+        float accv[R][NB];
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
-            for (int b = 0; b < NB; b++)
-                if (b < n) {
-                    const float d = Q::HAS_ZERO ? fmaf(-z[r], xs[b], dot[r][b]) : dot[r][b];
-                    accv[r][b] = fmaf(s[r], d, accv[r][b]);
-                }
-        if (NB == 1 && more)
+            for (int bb = 0; bb < NB; bb++) accv[r][bb] = 0.f;
+        uint4 wv[R];
+        float s[R], z[R];
+        auto load_round = [&](int c, uint4 (&w)[R], float (&sc)[R], float (&zp)[R]) {
 #pragma unroll
             for (int r = 0; r < R; r++) {
-                wv[r] = wn[r];
-                s[r] = sn[r];
-                z[r] = zn[r];
+                const Q& q = (PAIR && r == 1) ? L.qb : L.qa;
+                w[r] = q.load(rows[r], c);
+                q.scale(rows[r], c, sc[r], zp[r]);
             }
-        else if (more)
-            load_round(c + step, wv, s, z);
+        };
+        // The first weights are loaded before waiting for the preceding
+        // kernel (weights never depend on it).
+        int c = kp * 32 + lane;
+        if (c < chunks) load_round(c, wv, s, z);
+        if (b == blockIdx.x) {
+            pdl_start();
+            // Single rows: the block stages x (normalized by `nw` when set,
+            // rounded to `cd`) with one pad word per 32 values.
+            if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
+        }
+        for (; c < chunks; c += step) {
+            // Single rows: the next round's loads go out before this round's
+            // arithmetic (batched instances have no registers to spare).
+            const bool more = c + step < chunks;
+            uint4 wn[R];
+            float sn[R], zn[R];
+            if (NB == 1 && more) load_round(c + step, wn, sn, zn);
+            float dot[R][NB], xs[NB];
+#pragma unroll
+            for (int bb = 0; bb < NB; bb++) {
+                xs[bb] = 0.f;
+#pragma unroll
+                for (int r = 0; r < R; r++) dot[r][bb] = 0.f;
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float wf[R][8];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+                    const float* lut = (PAIR && r == 1) ? L.lut_b : L.lut_a;
+#pragma unroll
+                    for (int k = 0; k < 8; k++) wf[r][k] = lut[nibble<Q::HI_FIRST>(word, k)];
+                }
+#pragma unroll
+                for (int bb = 0; bb < NB; bb++) {
+                    if (bb < n) {
+                        float4 x0, x1;
+                        if (NB == 1) {
+                            const float* xp = xsm + c * 33 + 8 * j;
+                            x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
+                            x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
+                        } else {
+                            const float4* xp =
+                                (const float4*)(x + (size_t)bb * in + (size_t)c * 32 + 8 * j);
+                            x0 = xp[0];
+                            x1 = xp[1];
+                        }
+                        if (cd && NB != 1) {
+                            x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
+                            x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
+                        }
+                        if (Q::HAS_ZERO)
+                            xs[bb] += ((x0.x + x0.y) + (x0.z + x0.w)) + ((x1.x + x1.y) + (x1.z + x1.w));
+#pragma unroll
+                        for (int r = 0; r < R; r++) {
+                            float a = dot[r][bb];
+                            a = fmaf(wf[r][0], x0.x, a);
+                            a = fmaf(wf[r][1], x0.y, a);
+                            a = fmaf(wf[r][2], x0.z, a);
+                            a = fmaf(wf[r][3], x0.w, a);
+                            a = fmaf(wf[r][4], x1.x, a);
+                            a = fmaf(wf[r][5], x1.y, a);
+                            a = fmaf(wf[r][6], x1.z, a);
+                            a = fmaf(wf[r][7], x1.w, a);
+                            dot[r][bb] = a;
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int bb = 0; bb < NB; bb++)
+                    if (bb < n) {
+                        const float d = Q::HAS_ZERO ? fmaf(-z[r], xs[bb], dot[r][bb]) : dot[r][bb];
+                        accv[r][bb] = fmaf(s[r], d, accv[r][bb]);
+                    }
+            if (NB == 1 && more)
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    wv[r] = wn[r];
+                    s[r] = sn[r];
+                    z[r] = zn[r];
+                }
+            else if (more)
+                load_round(c + step, wv, s, z);
+        }
+        gemv_finish<R, PAIR, NB>(accv, L.y, n, L.out, row0, ksplit, cd, acc);
+        // The next logical block reuses gemv_finish's shared partial sums.
+        if (b + (int)gridDim.x < nblocks) __syncthreads();
     }
-    gemv_finish<R, PAIR, NB>(accv, y, n, out, row0, ksplit, cd, acc);
 }
 
-// Loads the two 16-entry code tables of a launch into shared memory.
-__device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const float* code_b) {
-    if (threadIdx.x < 16) lut[threadIdx.x] = code_a ? code_a[threadIdx.x] : (float)threadIdx.x;
-    else if (threadIdx.x < 32)
-        lut[threadIdx.x] = code_b ? code_b[threadIdx.x - 16] : (float)(threadIdx.x - 16);
+// Loads the code tables of a launch's matrices (16 floats each; 0..15 for
+// packed integers, a null `code`) into shared memory.
+__device__ __forceinline__ void q4_tables(float* lut, const float* c0, const float* c1,
+                                          const float* c2) {
+    const int t = threadIdx.x;
+    if (t < 48) {
+        const float* c = t < 16 ? c0 : (t < 32 ? c1 : c2);
+        lut[t] = c ? c[t & 15] : (float)(t & 15);
+    }
     __syncthreads();
+}
+
+// Logical blocks of a launch with `out` rows: R rows per warp group (one
+// with PAIR), GEMV_WARPS / ksplit groups per block.
+__device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit) {
+    const int per_block = rows_per_group * (GEMV_WARPS / ksplit);
+    return (out + per_block - 1) / per_block;
 }
 
 // Same leading arguments as gemv_bnb4 / gemv_packed4 (wdt is not needed);
@@ -192,11 +225,12 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
         const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,       \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
         int acc, int cd) {                                                                        \
-        __shared__ float lut[32];                                                                 \
-        q4_tables(lut, code16, code16);                                                           \
+        __shared__ float lut[48];                                                                 \
+        q4_tables(lut, code16, code16, code16);                                                   \
         const Q4Bnb q{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
-        gemv_q4_body<Q4Bnb, 4, false, NB>(q, q, lut, lut, x, y, n, out, in, ksplit, cd, acc,  \
-                                          blockIdx.x, nullptr, 0.f);                      \
+        const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };        \
+        gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), x, n, in, ksplit, cd,   \
+                                          acc, nullptr, 0.f);                                    \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB##_pair(                   \
         const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
@@ -207,23 +241,25 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
         const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b, int wdt2,  \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
         int acc, int cd, const float* __restrict__ nw, float eps) {                               \
-        __shared__ float lut[32];                                                                 \
-        q4_tables(lut, code16, code16b);                                                          \
-        const Q4Bnb a{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
-        const Q4Bnb b{(const uint4*)packed2, absmax2, codes2, code2b, offset2, in, bs_log2b,      \
-                      nbs_log2b};                                                                 \
-        gemv_q4_body<Q4Bnb, 2, true, NB>(a, b, lut, lut + 16, x, y, n, out, in, ksplit, cd, 0,  \
-                                         blockIdx.x, nw, eps);                            \
+        __shared__ float lut[48];                                                                 \
+        q4_tables(lut, code16, code16b, code16b);                                                 \
+        const Q4Bnb qa{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
+        const Q4Bnb qb{(const uint4*)packed2, absmax2, codes2, code2b, offset2, in, bs_log2b,     \
+                       nbs_log2b};                                                                \
+        const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; }; \
+        gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), x, n, in, ksplit, cd, 0, \
+                                         nw, eps);                                               \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,           \
         float* __restrict__ y, int n, int out, int in, int ksplit, int acc) {                     \
-        __shared__ float lut[32];                                                                 \
-        q4_tables(lut, nullptr, nullptr);                                                         \
+        __shared__ float lut[48];                                                                 \
+        q4_tables(lut, nullptr, nullptr, nullptr);                                                \
         const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                 \
-        gemv_q4_body<Q4Packed, 4, false, NB>(q, q, lut, lut, x, y, n, out, in, ksplit, 0, acc, \
-                                             blockIdx.x, nullptr, 0.f);                   \
+        const auto at = [&](int b) { return Q4Block<Q4Packed>{q, q, lut, lut, y, out, b}; };     \
+        gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), x, n, in, ksplit, 0, \
+                                             acc, nullptr, 0.f);                                 \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB##_pair(                \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -232,12 +268,13 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* code_a, const
         const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,        \
         float* __restrict__ y, int n, int out, int in, int ksplit, int acc,                       \
         const float* __restrict__ nw, float eps) {                                                \
-        __shared__ float lut[32];                                                                 \
-        q4_tables(lut, nullptr, nullptr);                                                         \
-        const Q4Packed a{qw, scales, zeros, in, out, wpr, gsize};                                 \
-        const Q4Packed b{qw2, scales2, zeros2, in, out, wpr2, gsize2};                            \
-        gemv_q4_body<Q4Packed, 2, true, NB>(a, b, lut, lut + 16, x, y, n, out, in, ksplit, 0, 0, \
-                                            blockIdx.x, nw, eps);                         \
+        __shared__ float lut[48];                                                                 \
+        q4_tables(lut, nullptr, nullptr, nullptr);                                                \
+        const Q4Packed qa{qw, scales, zeros, in, out, wpr, gsize};                                \
+        const Q4Packed qb{qw2, scales2, zeros2, in, out, wpr2, gsize2};                           \
+        const auto at = [&](int b) { return Q4Block<Q4Packed>{qa, qb, lut, lut, y, out, b}; };   \
+        gemv_q4_body<Q4Packed, 2, true, NB>(at, q4_blocks(out, 1, ksplit), x, n, in, ksplit, 0,  \
+                                            0, nw, eps);                                         \
     }
 
 GEMV_Q4(1)
@@ -262,32 +299,40 @@ struct Q4PackedArgs {
     int wpr, gsize;
 };
 
-// The Q, K and V projections of one RMS-normalized input row in one launch.
+// The Q, K and V projections of one RMS-normalized input row in one launch;
+// logical block b belongs to the matrix `multi_pick` names.
 extern "C" __global__ void __launch_bounds__(256)
 gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
                  const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
                  int ksplit, int cd) {
-    int blk, out;
-    float* y;
-    const int i = multi_pick(m, blk, y, out);
-    const Q4BnbArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
-    __shared__ float lut[32];
-    q4_tables(lut, a.code16, a.code16);
-    const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
-    gemv_q4_body<Q4Bnb, 4, false, 1>(q, q, lut, lut, x, y, 1, out, in, ksplit, cd, 0, blk, nw, eps);
+    __shared__ float lut[48];
+    q4_tables(lut, a0.code16, a1.code16, a2.code16);
+    const auto at = [&](int b) {
+        int blk, out;
+        float* y;
+        const int i = multi_pick(m, b, blk, y, out);
+        const Q4BnbArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
+        const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
+        return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
+    };
+    gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], x, 1, in, ksplit,
+                                     cd, 0, nw, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
 gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti m,
                     const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
                     int ksplit) {
-    int blk, out;
-    float* y;
-    const int i = multi_pick(m, blk, y, out);
-    const Q4PackedArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
-    __shared__ float lut[32];
-    q4_tables(lut, nullptr, nullptr);
-    const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
-    gemv_q4_body<Q4Packed, 4, false, 1>(q, q, lut, lut, x, y, 1, out, in, ksplit, 0, 0, blk, nw,
-                                        eps);
+    __shared__ float lut[48];
+    q4_tables(lut, nullptr, nullptr, nullptr);
+    const auto at = [&](int b) {
+        int blk, out;
+        float* y;
+        const int i = multi_pick(m, b, blk, y, out);
+        const Q4PackedArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
+        const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
+        return Q4Block<Q4Packed>{q, q, lut, lut, y, out, blk};
+    };
+    gemv_q4_body<Q4Packed, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], x, 1, in,
+                                        ksplit, 0, 0, nw, eps);
 }
