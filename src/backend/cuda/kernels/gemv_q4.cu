@@ -83,43 +83,57 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     const int chunks = in >> 5;
     const int step = 32 * ksplit;
     extern __shared__ float xsm[];
-    for (int b = blockIdx.x; b < nblocks; b += gridDim.x) {
-        const Q4Block<Q> L = at(b);
-        const GemvRows<R, PAIR> g(L.out, ksplit, L.blk);
-        const int lane = g.lane, row0 = g.row0, kp = g.kp;
-        const int* rows = g.rows;
+    const int lane = threadIdx.x & 31, kp = (threadIdx.x >> 5) % ksplit;
+    const int c0 = kp * 32 + lane;
+    // Round c of logical block `blk`'s rows `rows`: the weights and scales.
+    auto load_round = [&](const Q4Block<Q>& blk, const int (&rows)[R], int c, uint4 (&w)[R],
+                          float (&sc)[R], float (&zp)[R]) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const Q& q = (PAIR && r == 1) ? blk.qb : blk.qa;
+            w[r] = q.load(rows[r], c);
+            q.scale(rows[r], c, sc[r], zp[r]);
+        }
+    };
+    Q4Block<Q> L = at(blockIdx.x);
+    GemvRows<R, PAIR> g(L.out, ksplit, L.blk);
+    uint4 wv[R];
+    float s[R], z[R];
+    // The first weights are loaded before waiting for the preceding kernel
+    // (weights never depend on it).
+    if (c0 < chunks) load_round(L, g.rows, c0, wv, s, z);
+    pdl_start();
+    // Single rows: the block stages x (normalized by `nw` when set, rounded
+    // to `cd`) with one pad word per 32 values.
+    if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
+    for (int b = blockIdx.x; b < nblocks;) {
+        const int row0 = g.row0;
+        const int nb = b + gridDim.x;
+        Q4Block<Q> Ln = L;
+        GemvRows<R, PAIR> gn = g;
+        // Single rows: whether the next logical block's first round is
+        // already loading (issued during this block's last round).
+        bool next_loading = false;
         float accv[R][NB];
 #pragma unroll
         for (int r = 0; r < R; r++)
 #pragma unroll
             for (int bb = 0; bb < NB; bb++) accv[r][bb] = 0.f;
-        uint4 wv[R];
-        float s[R], z[R];
-        auto load_round = [&](int c, uint4 (&w)[R], float (&sc)[R], float (&zp)[R]) {
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const Q& q = (PAIR && r == 1) ? L.qb : L.qa;
-                w[r] = q.load(rows[r], c);
-                q.scale(rows[r], c, sc[r], zp[r]);
-            }
-        };
-        // The first weights are loaded before waiting for the preceding
-        // kernel (weights never depend on it).
-        int c = kp * 32 + lane;
-        if (c < chunks) load_round(c, wv, s, z);
-        if (b == blockIdx.x) {
-            pdl_start();
-            // Single rows: the block stages x (normalized by `nw` when set,
-            // rounded to `cd`) with one pad word per 32 values.
-            if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
-        }
-        for (; c < chunks; c += step) {
-            // Single rows: the next round's loads go out before this round's
-            // arithmetic (batched instances have no registers to spare).
+        for (int c = c0; c < chunks; c += step) {
+            // Single rows: the next round's loads (of this logical block or
+            // the next one) go out before this round's arithmetic (batched
+            // instances have no registers to spare for it).
             const bool more = c + step < chunks;
             uint4 wn[R];
             float sn[R], zn[R];
-            if (NB == 1 && more) load_round(c + step, wn, sn, zn);
+            if (NB == 1 && more) {
+                load_round(L, g.rows, c + step, wn, sn, zn);
+            } else if (NB == 1 && nb < nblocks) {
+                Ln = at(nb);
+                gn = GemvRows<R, PAIR>(Ln.out, ksplit, Ln.blk);
+                load_round(Ln, gn.rows, c0, wn, sn, zn);
+                next_loading = true;
+            }
             float dot[R][NB], xs[NB];
 #pragma unroll
             for (int bb = 0; bb < NB; bb++) {
@@ -181,7 +195,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                         const float d = Q::HAS_ZERO ? fmaf(-z[r], xs[bb], dot[r][bb]) : dot[r][bb];
                         accv[r][bb] = fmaf(s[r], d, accv[r][bb]);
                     }
-            if (NB == 1 && more)
+            if (NB == 1 && (more || next_loading))
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     wv[r] = wn[r];
@@ -189,11 +203,20 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                     z[r] = zn[r];
                 }
             else if (more)
-                load_round(c + step, wv, s, z);
+                load_round(L, g.rows, c + step, wv, s, z);
         }
         gemv_finish<R, PAIR, NB>(accv, L.y, n, L.out, row0, ksplit, cd, acc);
+        b = nb;
+        if (b >= nblocks) break;
         // The next logical block reuses gemv_finish's shared partial sums.
-        if (b + (int)gridDim.x < nblocks) __syncthreads();
+        __syncthreads();
+        if (!next_loading) {
+            Ln = at(b);
+            gn = GemvRows<R, PAIR>(Ln.out, ksplit, Ln.blk);
+            if (c0 < chunks) load_round(Ln, gn.rows, c0, wv, s, z);
+        }
+        L = Ln;
+        g = gn;
     }
 }
 
