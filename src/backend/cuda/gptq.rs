@@ -26,7 +26,7 @@ use cudarc::cublas::sys::{cublasFillMode_t, cublasOperation_t, cublasSsyrk_v2};
 use cudarc::driver::result::memset_d8_async;
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::gpu::{Gpu, arg};
+use super::gpu::{Gpu, arg, grid_for};
 use super::memory::DevBuf;
 use super::solver::Solver;
 use super::{CudaBackend, CudaTensor};
@@ -124,11 +124,6 @@ pub struct CudaGptq<'a> {
     backend: &'a CudaBackend,
     solver: Option<Solver>,
     laps: RefCell<Laps>,
-}
-
-/// Grid of a grid-stride kernel over `n` items with 256-thread blocks.
-fn grid_for(gpu: &Gpu, n: usize) -> (u32, u32, u32) {
-    (n.div_ceil(256).clamp(1, gpu.sm_count * 16) as u32, 1, 1)
 }
 
 impl<'a> CudaGptq<'a> {
