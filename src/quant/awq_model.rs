@@ -204,13 +204,16 @@ const GROUPS: [ScaleGroup; 4] = [
     },
 ];
 
-/// AWQ's stages, timed separately: indices into [`STAGE_NAMES`].
-mod stage {
-    pub const FORWARD: usize = 0;
-    pub const CAPTURE: usize = 1;
-    pub const SCALES: usize = 2;
-    pub const CLIP: usize = 3;
-    pub const PACK: usize = 4;
+/// AWQ's stages, timed separately (in the order of [`STAGE_NAMES`]).
+#[derive(Clone, Copy, Debug)]
+enum Stage {
+    /// The calibration forward, weight uploads and whatever else falls
+    /// outside the other stages.
+    Forward,
+    Capture,
+    Scales,
+    Clip,
+    Pack,
 }
 
 const STAGE_NAMES: &[&str] = &[
@@ -222,9 +225,9 @@ const STAGE_NAMES: &[&str] = &[
 ];
 
 /// Waits for `device`, then books the time since the last lap to `stage`.
-fn lap<D: AwqDevice>(device: &D, clock: &mut StageClock, stage: usize) -> Result<()> {
+fn lap<D: AwqDevice>(device: &D, clock: &mut StageClock, stage: Stage) -> Result<()> {
     device.backend().synchronize()?;
-    clock.lap(stage);
+    clock.lap(stage as usize);
     Ok(())
 }
 
@@ -315,18 +318,18 @@ pub fn run_awq<D: AwqDevice>(
             .map(|g| device.capture(linear_mut(layer, g.linears[0]).shape().1, total, stride))
             .collect::<Result<_>>()?;
         let inputs = GROUPS.map(|g| g.input);
-        lap(device, &mut clock, stage::FORWARD)?;
+        lap(device, &mut clock, Stage::Forward)?;
         cal.observe(&inputs, &mut |which, x| {
-            lap(device, &mut clock, stage::FORWARD)?;
+            lap(device, &mut clock, Stage::Forward)?;
             let i = inputs
                 .iter()
                 .position(|&g| g == which)
                 .expect("observed input");
             device.add_batch(&mut caps[i], x)?;
-            lap(device, &mut clock, stage::CAPTURE)?;
+            lap(device, &mut clock, Stage::Capture)?;
             Ok(())
         })?;
-        lap(device, &mut clock, stage::FORWARD)?;
+        lap(device, &mut clock, Stage::Forward)?;
         // Scale search on the captured inputs of the unmodified block.
         let mut scales: Vec<Option<Vec<f32>>> = Vec::new();
         for (g, cap) in GROUPS.iter().zip(&caps) {
@@ -364,7 +367,7 @@ pub fn run_awq<D: AwqDevice>(
                 format!("AWQ scale search of {prefix}{}", g.linears[0])
             })?));
         }
-        lap(device, &mut clock, stage::SCALES)?;
+        lap(device, &mut clock, Stage::Scales)?;
         // Fold: W·diag(s) for the group, 1/s into the preceding op.
         for (g, s) in GROUPS.iter().zip(&scales) {
             let Some(s) = s else { continue };
@@ -374,7 +377,7 @@ pub fn run_awq<D: AwqDevice>(
             }
             fold_inverse(layer, g.input, s)?;
         }
-        lap(device, &mut clock, stage::PACK)?;
+        lap(device, &mut clock, Stage::Pack)?;
         // Clip (not q/k) on the scaled inputs, then quantize.
         for ((g, cap), s) in GROUPS.iter().zip(&caps).zip(&scales) {
             let mut tokens = None;
@@ -393,20 +396,20 @@ pub fn run_awq<D: AwqDevice>(
                     let maxes = device
                         .search_clip(x, &w, m, k, &p)
                         .with_context(|| format!("AWQ clipping search of {name}"))?;
-                    lap(device, &mut clock, stage::CLIP)?;
+                    lap(device, &mut clock, Stage::Clip)?;
                     apply_clip(&mut w, k, p.group_size, &maxes);
                 }
                 let q = quantize_groups(&w, m, k, p.format(), "awq")
                     .with_context(|| format!("AWQ of {name}"))?;
                 *linear_mut(layer, n) = LinearWeight::Quantized(Arc::new(q));
-                lap(device, &mut clock, stage::PACK)?;
+                lap(device, &mut clock, Stage::Pack)?;
             }
         }
         drop(caps);
         // Scales were folded into norms and linears: take the whole block again.
         cal.begin_block(&weights.layers[l])?;
         cal.advance()?;
-        lap(device, &mut clock, stage::FORWARD)?;
+        lap(device, &mut clock, Stage::Forward)?;
         tracing::info!("awq: block {}/{layers}: {}", l + 1, clock.end_block());
         progress.block_done();
     }
