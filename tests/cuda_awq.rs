@@ -345,7 +345,7 @@ fn codes(w: &LinearWeight) -> Vec<u8> {
 /// by 1e-6 moves every scale of its group, and a near-tie of two α is then
 /// allowed to go either way, which changes a whole group's codes. So the
 /// remaining layers are compared by what the models predict: KL(base‖GPU)
-/// within 25% of KL(base‖CPU), and the two quantized models closer to each
+/// within 50% of KL(base‖CPU) (the bound of the GPTQ test), and the two quantized models closer to each
 /// other than either is to the base. (Bounds set from the algorithm, not yet
 /// measured on a GPU; the test prints the measured values.)
 #[test]
@@ -412,6 +412,6 @@ fn whole_model_matches_the_cpu() {
         mean_kl(&lc, &lg, v),
     );
     println!("{quant}: KL(base||cpu) {kc:.5}, KL(base||gpu) {kg:.5}, KL(cpu||gpu) {kcg:.5}");
-    assert!((kg - kc).abs() <= 0.25 * kc, "KL {kg} vs {kc}");
+    assert!((kg - kc).abs() <= 0.5 * kc, "KL {kg} vs {kc}");
     assert!(kcg <= 0.5 * kc, "KL(cpu||gpu) {kcg} vs KL(base||cpu) {kc}");
 }
