@@ -345,9 +345,10 @@ fn codes(w: &LinearWeight) -> Vec<u8> {
 /// by 1e-6 moves every scale of its group, and a near-tie of two α is then
 /// allowed to go either way, which changes a whole group's codes. So the
 /// remaining layers are compared by what the models predict: KL(base‖GPU)
-/// within 50% of KL(base‖CPU) (the bound of the GPTQ test), and the two quantized models closer to each
-/// other than either is to the base. (Bounds set from the algorithm, not yet
-/// measured on a GPU; the test prints the measured values.)
+/// within 50% of KL(base‖CPU) (the bound of the GPTQ test), and the two
+/// quantized models closer to each other than either is to the base. (Bounds
+/// set from the algorithm, not yet measured on a GPU; the test prints the
+/// measured values.)
 #[test]
 fn whole_model_matches_the_cpu() {
     let (cfg, dtype) = synth_config("tiny").unwrap();
