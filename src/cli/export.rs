@@ -47,7 +47,7 @@ pub struct Args {
     /// Seed of the calibration windows (default 0).
     #[arg(long)]
     pub calib_seed: Option<u64>,
-    /// Where GPTQ computes: cpu, cuda or cuda:N (RTN and AWQ run on the CPU).
+    /// Where GPTQ and AWQ compute: cpu, cuda or cuda:N (RTN runs on the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }

@@ -37,8 +37,9 @@ pub fn quantize_model(
     quantize_model_on(weights, spec, ctx, Device::Cpu)
 }
 
-/// [`quantize_model`] with GPTQ computed on `device` (a CUDA device runs the
-/// calibration forward, Hessians and column loops on the GPU, with the same
+/// [`quantize_model`] with GPTQ and AWQ computed on `device` (a CUDA device
+/// runs the calibration forward, GPTQ's Hessians and column loops, AWQ's
+/// input capture, scale and clipping searches on the GPU, with the same
 /// results up to rounding); every other method runs on the CPU.
 pub fn quantize_model_on(
     weights: &mut LlamaWeights,
@@ -82,7 +83,19 @@ pub fn quantize_model_on(
         QuantSpec::Awq(c) => {
             block_linears_only("awq", &c.skip_modules, weights)?;
             let samples = calibration_samples(ctx.tokenizer, &c.calib)?;
-            with_large_stacks(|| super::awq::quantize_model_awq(weights, c, &samples))
+            match device {
+                Device::Cpu => {
+                    with_large_stacks(|| super::awq_model::quantize_model_awq(weights, c, &samples))
+                }
+                #[cfg(feature = "cuda")]
+                Device::Cuda(ordinal) => with_large_stacks(|| {
+                    crate::backend::cuda::awq::quantize_model_awq(weights, c, &samples, ordinal)
+                }),
+                #[cfg(not(feature = "cuda"))]
+                Device::Cuda(_) => bail!(
+                    "AWQ on {device}: this quantbench was built without CUDA; rebuild with `cargo build --release --features cuda`"
+                ),
+            }
         }
     }
 }

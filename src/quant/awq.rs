@@ -26,22 +26,18 @@
 //! error on up to 512 tokens; weights are clamped to `±` that max. Finally
 //! every linear is quantized group-wise with AWQ's asymmetric min-max grid
 //! ([`GridRule::MinMax`]).
+//!
+//! The functions here are the CPU reference of both searches; the whole-model
+//! loop, which runs them on the CPU or a GPU, is in [`super::awq_model`].
 
-use std::sync::Arc;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
-use super::calib::{BlockProgress, Calibrator, linear_mut};
 use super::packed::{PackedIntMatrix, check_bits};
 use super::rtn::{GridRule, GroupGrid, IntFormat, quantize_groups, resolve_group_size};
 use super::spec::AwqConfig;
-use super::{LinearWeight, is_skipped};
-use crate::model::LlamaWeights;
-use crate::model::forward::LinearInput;
-use crate::model::weights::LayerWeights;
 
 /// Tokens the clipping search uses (AutoAWQ's `n_sample_token`).
 pub const CLIP_TOKENS: usize = 512;
@@ -62,12 +58,28 @@ pub struct AwqParams {
 }
 
 impl AwqParams {
-    fn format(&self) -> IntFormat {
+    /// The parameters of `cfg` for inputs of `k` features.
+    pub fn of(cfg: &AwqConfig, k: usize) -> Self {
+        AwqParams {
+            bits: cfg.bits,
+            group_size: resolve_group_size(cfg.group_size, k),
+            grid: cfg.grid,
+            clip: cfg.clip,
+        }
+    }
+
+    /// The format of the final quantization.
+    pub fn format(&self) -> IntFormat {
         IntFormat {
             bits: self.bits,
             group_size: self.group_size,
             rule: GridRule::MinMax,
         }
+    }
+
+    /// Point `i` of the α grid, `i / grid`.
+    pub fn alpha(&self, i: usize) -> f64 {
+        i as f64 / self.grid as f64
     }
 }
 
@@ -121,18 +133,27 @@ pub fn fake_quantize(w: &[f32], cols: usize, bits: u32, group_size: usize) -> Ve
     out
 }
 
-/// Per-column mean of `|x|` over the rows of `x` (`[rows, cols]`).
-pub fn mean_abs(x: &[f32], cols: usize) -> Vec<f32> {
-    let rows = x.len() / cols.max(1);
-    let mut sum = vec![0f64; cols];
-    for row in x.chunks(cols) {
-        for (s, v) in sum.iter_mut().zip(row) {
+/// Adds `|x|` of every row of `x` (`[rows, sums.len()]`) to `sums`, in f64.
+pub fn add_abs(sums: &mut [f64], x: &[f32]) {
+    for row in x.chunks(sums.len().max(1)) {
+        for (s, v) in sums.iter_mut().zip(row) {
             *s += v.abs() as f64;
         }
     }
-    sum.iter()
+}
+
+/// Per-column means of `|x|` from the sums of [`add_abs`] over `rows` rows.
+pub fn means_of(sums: &[f64], rows: usize) -> Vec<f32> {
+    sums.iter()
         .map(|s| (s / rows.max(1) as f64) as f32)
         .collect()
+}
+
+/// Per-column mean of `|x|` over the rows of `x` (`[rows, cols]`).
+pub fn mean_abs(x: &[f32], cols: usize) -> Vec<f32> {
+    let mut sums = vec![0f64; cols];
+    add_abs(&mut sums, x);
+    means_of(&sums, x.len() / cols.max(1))
 }
 
 /// AWQ's scales for `α`: `max(s_x^α, 1e-4)`, divided by `sqrt(max·min)`.
@@ -195,9 +216,78 @@ fn mse(a: &[f32], b: &[f32]) -> f64 {
         / a.len().max(1) as f64
 }
 
-/// Grid search of the scales of one group of linear layers sharing the input
-/// `x` (`[t, k]`, a token subset) with channel statistic `x_mean`: returns
-/// the best scales and their `α`. `ws` holds `(weights [m, k], m)`.
+/// Checks that the weights `ws` (`(weights [m, k], m)`) take `k` inputs and
+/// that an MLP group is `[gate, up]` with a `down` of matching width.
+pub fn check_group(k: usize, ws: &[(Vec<f32>, usize)], inspect: Inspect) -> Result<()> {
+    if ws.is_empty() || ws.iter().any(|(w, m)| w.len() != m * k) {
+        bail!("AWQ: the weights of a group do not share {k} input channels");
+    }
+    if let Inspect::Mlp { down, out } = inspect
+        && (ws.len() != 2 || ws[0].1 != ws[1].1 || down.len() != out * ws[0].1)
+    {
+        bail!("AWQ: the MLP group must be [gate, up] with a down_proj of their width");
+    }
+    Ok(())
+}
+
+/// The output error of every point of the α grid (see [`AwqParams::alpha`])
+/// for one group of linear layers sharing the input `x` (`[t, k]`, a token
+/// subset) with channel statistic `x_mean`: the MSE, summed in f64, of the
+/// group output with `Q(W·diag(s))·diag(1/s)` against the unquantized one.
+/// `ws` holds `(weights [m, k], m)`.
+pub fn scale_errors(
+    x: &[f32],
+    t: usize,
+    x_mean: &[f32],
+    ws: &[(Vec<f32>, usize)],
+    inspect: Inspect,
+    p: &AwqParams,
+) -> Result<Vec<f64>> {
+    let k = x_mean.len();
+    check_group(k, ws, inspect)?;
+    if x.len() != t * k {
+        bail!(
+            "AWQ: {} input values are not {t} tokens of {k} channels",
+            x.len()
+        );
+    }
+    let reference = group_output(x, t, k, ws, inspect);
+    Ok((0..=p.grid)
+        .map(|i| {
+            let s = scales_for(x_mean, p.alpha(i));
+            let scaled: Vec<(Vec<f32>, usize)> = ws
+                .iter()
+                .map(|(w, m)| {
+                    let mut q = fake_quantize(&scale_columns(w, k, &s), k, p.bits, p.group_size);
+                    for row in q.chunks_mut(k) {
+                        row.iter_mut().zip(&s).for_each(|(v, s)| *v /= s);
+                    }
+                    (q, *m)
+                })
+                .collect();
+            mse(&group_output(x, t, k, &scaled, inspect), &reference)
+        })
+        .collect())
+}
+
+/// AWQ's choice among the errors of [`scale_errors`]: the `α` of the lowest
+/// finite error, the smallest `α` among equal ones; non-finite errors are
+/// skipped, and an error is returned when none is finite.
+pub fn best_alpha(errors: &[f64], p: &AwqParams) -> Result<f64> {
+    let mut best: Option<(f64, usize)> = None;
+    for (i, &err) in errors.iter().enumerate() {
+        if err.is_finite() && best.is_none_or(|(e, _)| err < e) {
+            best = Some((err, i));
+        }
+    }
+    match best {
+        Some((_, i)) => Ok(p.alpha(i)),
+        None => bail!("AWQ: every scale candidate gave a non-finite error"),
+    }
+}
+
+/// Grid search of the scales of one group of linear layers (see
+/// [`scale_errors`]): returns the best scales and their `α`.
 pub fn search_scales(
     x: &[f32],
     t: usize,
@@ -206,42 +296,19 @@ pub fn search_scales(
     inspect: Inspect,
     p: &AwqParams,
 ) -> Result<(Vec<f32>, f64)> {
-    let k = x_mean.len();
-    if x.len() != t * k || ws.iter().any(|(w, m)| w.len() != m * k) {
-        bail!("AWQ: inputs and weights do not share {k} input channels");
-    }
-    if matches!(inspect, Inspect::Mlp { .. }) && ws.len() != 2 {
-        bail!("AWQ: the MLP group must be [gate, up]");
-    }
-    let reference = group_output(x, t, k, ws, inspect);
-    let mut best: Option<(f64, Vec<f32>, f64)> = None;
-    for i in 0..=p.grid {
-        let alpha = i as f64 / p.grid as f64;
-        let s = scales_for(x_mean, alpha);
-        let scaled: Vec<(Vec<f32>, usize)> = ws
-            .iter()
-            .map(|(w, m)| {
-                let ws: Vec<f32> = w
-                    .chunks(k)
-                    .flat_map(|row| row.iter().zip(&s).map(|(v, s)| v * s))
-                    .collect();
-                let mut q = fake_quantize(&ws, k, p.bits, p.group_size);
-                for row in q.chunks_mut(k) {
-                    row.iter_mut().zip(&s).for_each(|(v, s)| *v /= s);
-                }
-                (q, *m)
-            })
-            .collect();
-        let err = mse(&group_output(x, t, k, &scaled, inspect), &reference);
-        if !err.is_finite() {
-            continue;
-        }
-        if best.as_ref().is_none_or(|(e, _, _)| err < *e) {
-            best = Some((err, s, alpha));
-        }
-    }
-    let (_, s, alpha) = best.context("AWQ: every scale candidate gave a non-finite error")?;
-    Ok((s, alpha))
+    let alpha = best_alpha(&scale_errors(x, t, x_mean, ws, inspect, p)?, p)?;
+    Ok((scales_for(x_mean, alpha), alpha))
+}
+
+/// Shrink factor of step `i` of the clipping search, `1 − i/CLIP_GRID` (f32).
+pub fn clip_shrink(i: usize) -> f32 {
+    1.0 - i as f32 / CLIP_GRID as f32
+}
+
+/// Stride of the tokens the clipping search uses out of `t`: up to
+/// [`CLIP_TOKENS`] of them, evenly strided from the first.
+pub fn clip_stride(t: usize) -> usize {
+    t.div_ceil(CLIP_TOKENS).max(1)
 }
 
 /// Clipping search for `w` (`[m, k]`) on inputs `x` (`[t, k]`): per row and
@@ -249,9 +316,7 @@ pub fn search_scales(
 pub fn search_clip(x: &[f32], t: usize, w: &[f32], m: usize, k: usize, p: &AwqParams) -> Vec<f32> {
     let gs = p.group_size;
     let groups = k.div_ceil(gs);
-    // Up to CLIP_TOKENS tokens, evenly strided.
-    let step = t.div_ceil(CLIP_TOKENS).max(1);
-    let rows: Vec<usize> = (0..t).step_by(step).collect();
+    let rows: Vec<usize> = (0..t).step_by(clip_stride(t)).collect();
     let per_group: Vec<Vec<f32>> = (0..groups)
         .into_par_iter()
         .map(|g| {
@@ -274,7 +339,7 @@ pub fn search_clip(x: &[f32], t: usize, w: &[f32], m: usize, k: usize, p: &AwqPa
             let mut best_max = org_max.clone();
             let mut best_err = vec![f64::INFINITY; m];
             for i in 0..CLIP_GRID / 2 {
-                let shrink = 1.0 - i as f32 / CLIP_GRID as f32;
+                let shrink = clip_shrink(i);
                 let mut q = Vec::with_capacity(m * n);
                 for (row, &mx) in wg.chunks(n).zip(&org_max) {
                     let lim = mx * shrink;
@@ -340,261 +405,26 @@ pub fn awq_quantize_linear(
     Ok((quantize_groups(&ws, m, k, p.format(), "awq")?, s))
 }
 
-fn scale_columns(w: &[f32], k: usize, s: &[f32]) -> Vec<f32> {
+/// `w` (`[rows, k]`) with column `c` multiplied by `s[c]`.
+pub fn scale_columns(w: &[f32], k: usize, s: &[f32]) -> Vec<f32> {
     w.chunks(k)
         .flat_map(|row| row.iter().zip(s).map(|(v, s)| v * s))
         .collect()
 }
 
-fn divide_columns(x: &[f32], k: usize, s: &[f32]) -> Vec<f32> {
+/// `x` (`[rows, k]`) with column `c` divided by `s[c]`.
+pub fn divide_columns(x: &[f32], k: usize, s: &[f32]) -> Vec<f32> {
     x.chunks(k)
         .flat_map(|row| row.iter().zip(s).map(|(v, s)| v / s))
         .collect()
 }
 
-/// Statistics and a token subset of one linear input, captured over all batches.
-struct InputCapture {
-    cols: usize,
-    sum_abs: Vec<f64>,
-    seen: usize,
-    stride: usize,
-    kept: Vec<f32>,
-}
-
-impl InputCapture {
-    fn new(cols: usize, total: usize, keep: usize) -> Self {
-        InputCapture {
-            cols,
-            sum_abs: vec![0.0; cols],
-            seen: 0,
-            stride: total.div_ceil(keep.max(1)).max(1),
-            kept: Vec::new(),
-        }
-    }
-
-    fn add(&mut self, x: &[f32]) {
-        for row in x.chunks(self.cols) {
-            for (s, v) in self.sum_abs.iter_mut().zip(row) {
-                *s += v.abs() as f64;
-            }
-            if self.seen.is_multiple_of(self.stride) {
-                self.kept.extend_from_slice(row);
-            }
-            self.seen += 1;
-        }
-    }
-
-    fn mean(&self) -> Vec<f32> {
-        self.sum_abs
-            .iter()
-            .map(|s| (s / self.seen.max(1) as f64) as f32)
-            .collect()
-    }
-
-    fn rows(&self) -> usize {
-        self.kept.len() / self.cols
-    }
-}
-
-/// One scaled group of a block: the input it shares, its linears, the op the
-/// inverse scales fold into.
-struct ScaleGroup {
-    input: LinearInput,
-    linears: &'static [&'static str],
-}
-
-const GROUPS: [ScaleGroup; 4] = [
-    ScaleGroup {
-        input: LinearInput::Qkv,
-        linears: &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    },
-    ScaleGroup {
-        input: LinearInput::O,
-        linears: &["self_attn.o_proj"],
-    },
-    ScaleGroup {
-        input: LinearInput::GateUp,
-        linears: &["mlp.gate_proj", "mlp.up_proj"],
-    },
-    ScaleGroup {
-        input: LinearInput::Down,
-        linears: &["mlp.down_proj"],
-    },
-];
-
-fn dense_f32(layer: &mut LayerWeights, name: &str) -> (Vec<f32>, usize, usize) {
-    let w = linear_mut(layer, name);
-    let (m, k) = w.shape();
-    (w.dequantize(), m, k)
-}
-
-fn set_dense(
-    layer: &mut LayerWeights,
-    name: &str,
-    data: Vec<f32>,
-    m: usize,
-    k: usize,
-) -> Result<()> {
-    let t = crate::tensor::HostTensor::new(vec![m, k], crate::tensor::DType::F32, data)?;
-    *linear_mut(layer, name) = LinearWeight::Dense(t);
-    Ok(())
-}
-
-/// Divides the preceding op of `group` by `s` (norm weights or producer rows).
-fn fold_inverse(layer: &mut LayerWeights, input: LinearInput, s: &[f32]) -> Result<()> {
-    let rows = |layer: &mut LayerWeights, name: &str| -> Result<()> {
-        let (mut w, m, k) = dense_f32(layer, name);
-        for (row, sv) in w.chunks_mut(k).zip(s) {
-            row.iter_mut().for_each(|v| *v /= sv);
-        }
-        set_dense(layer, name, w, m, k)
-    };
-    match input {
-        LinearInput::Qkv => layer
-            .input_layernorm
-            .iter_mut()
-            .zip(s)
-            .for_each(|(v, s)| *v /= s),
-        LinearInput::GateUp => layer
-            .post_attention_layernorm
-            .iter_mut()
-            .zip(s)
-            .for_each(|(v, s)| *v /= s),
-        LinearInput::O => rows(layer, "self_attn.v_proj")?,
-        LinearInput::Down => rows(layer, "mlp.up_proj")?,
-    }
-    Ok(())
-}
-
-/// Quantizes every decoder-block linear of `weights` with AWQ on the
-/// calibration windows `samples`, block by block; each block's inputs come
-/// from the already-quantized earlier blocks. Linears in `skip_modules` are
-/// scaled with their group (an exact change) but stay dense.
-pub fn quantize_model_awq(
-    weights: &mut LlamaWeights,
-    cfg: &AwqConfig,
-    samples: &[Vec<u32>],
-) -> Result<()> {
-    check_bits(cfg.bits)?;
-    if cfg.grid == 0 {
-        bail!("AWQ grid must be at least 1");
-    }
-    if cfg.search_tokens == 0 {
-        bail!("AWQ search_tokens must be at least 1");
-    }
-    let mut cal = Calibrator::new(weights, samples)?;
-    let total = cal.tokens();
-    let layers = weights.layers.len();
-    let mut progress = BlockProgress::new(layers, "awq");
-    for l in 0..layers {
-        cal.begin_block(&weights.layers[l])?;
-        let prefix = format!("model.layers.{l}.");
-        let mut caps: Vec<Option<InputCapture>> = (0..4).map(|_| None).collect();
-        let inputs = GROUPS.map(|g| g.input);
-        cal.observe(&inputs, &mut |which, x| {
-            let i = inputs
-                .iter()
-                .position(|&g| g == which)
-                .expect("observed input");
-            caps[i]
-                .get_or_insert_with(|| InputCapture::new(x.cols, total, cfg.search_tokens))
-                .add(&x.data);
-            Ok(())
-        })?;
-        let caps: Vec<InputCapture> = caps
-            .into_iter()
-            .map(|c| c.context("AWQ: a linear input was never observed"))
-            .collect::<Result<_>>()?;
-        let layer = &mut weights.layers[l];
-        // Scale search on the captured inputs of the unmodified block.
-        let mut scales: Vec<Option<Vec<f32>>> = Vec::new();
-        for (g, cap) in GROUPS.iter().zip(&caps) {
-            if g.input == LinearInput::O {
-                let (v, o) = (layer.v_proj.shape(), layer.o_proj.shape());
-                if v != o {
-                    scales.push(None);
-                    continue;
-                }
-            }
-            let k = cap.cols;
-            let p = params(cfg, k);
-            let ws: Vec<(Vec<f32>, usize)> = g
-                .linears
-                .iter()
-                .map(|n| {
-                    let (w, m, _) = dense_f32(layer, n);
-                    (w, m)
-                })
-                .collect();
-            let down;
-            let inspect = if g.input == LinearInput::GateUp {
-                down = dense_f32(layer, "mlp.down_proj");
-                Inspect::Mlp {
-                    down: &down.0,
-                    out: down.1,
-                }
-            } else {
-                Inspect::Linears
-            };
-            let (s, alpha) = search_scales(&cap.kept, cap.rows(), &cap.mean(), &ws, inspect, &p)
-                .with_context(|| format!("AWQ scale search of {prefix}{}", g.linears[0]))?;
-            tracing::debug!("awq: {prefix}{:?} alpha {alpha}", g.input);
-            scales.push(Some(s));
-        }
-        // Fold: W·diag(s) for the group, 1/s into the preceding op.
-        for (g, s) in GROUPS.iter().zip(&scales) {
-            let Some(s) = s else { continue };
-            for n in g.linears {
-                let (w, m, k) = dense_f32(layer, n);
-                set_dense(layer, n, scale_columns(&w, k, s), m, k)?;
-            }
-            fold_inverse(layer, g.input, s)?;
-        }
-        // Clip (not q/k) on the scaled inputs, then quantize.
-        for (gi, g) in GROUPS.iter().enumerate() {
-            let cap = &caps[gi];
-            let k = cap.cols;
-            let p = params(cfg, k);
-            let xs = match &scales[gi] {
-                Some(s) => divide_columns(&cap.kept, k, s),
-                None => cap.kept.clone(),
-            };
-            for n in g.linears {
-                if is_skipped(&format!("{prefix}{n}"), &cfg.skip_modules) {
-                    continue;
-                }
-                let (mut w, m, _) = dense_f32(layer, n);
-                if cfg.clip && !n.ends_with("q_proj") && !n.ends_with("k_proj") {
-                    let maxes = search_clip(&xs, cap.rows(), &w, m, k, &p);
-                    apply_clip(&mut w, k, p.group_size, &maxes);
-                }
-                let q = quantize_groups(&w, m, k, p.format(), "awq")
-                    .with_context(|| format!("AWQ of {prefix}{n}"))?;
-                *linear_mut(layer, n) = LinearWeight::Quantized(Arc::new(q));
-            }
-        }
-        // Scales were folded into norms and linears: take the whole block again.
-        cal.begin_block(&weights.layers[l])?;
-        cal.advance()?;
-        progress.block_done();
-    }
-    progress.finish(total);
-    Ok(())
-}
-
-fn params(cfg: &AwqConfig, k: usize) -> AwqParams {
-    AwqParams {
-        bits: cfg.bits,
-        group_size: resolve_group_size(cfg.group_size, k),
-        grid: cfg.grid,
-        clip: cfg.clip,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::quant::QuantizedMatrix;
+    use crate::quant::{LinearWeight, QuantizedMatrix};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
     use rand_distr::{Distribution, Normal};

@@ -13,6 +13,7 @@ use crate::tensor::HostTensor;
 
 pub mod apply;
 pub mod awq;
+pub mod awq_model;
 pub mod bnb4;
 pub mod bnb_codes;
 pub mod calib;
@@ -22,6 +23,7 @@ pub mod nibbles;
 pub mod packed;
 pub mod rtn;
 pub mod spec;
+pub mod stage_clock;
 pub mod staged;
 pub mod storage;
 

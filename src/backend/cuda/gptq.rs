@@ -17,8 +17,6 @@
 //! packs them, so checkpoints and kernels see one format.
 
 use std::cell::RefCell;
-use std::fmt;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use cudarc::cublas::result::sgemm;
@@ -26,7 +24,7 @@ use cudarc::cublas::sys::{cublasFillMode_t, cublasOperation_t, cublasSsyrk_v2};
 use cudarc::driver::result::memset_d8_async;
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::gpu::{Gpu, arg};
+use super::gpu::{Gpu, arg, grid_for};
 use super::memory::DevBuf;
 use super::solver::Solver;
 use super::{CudaBackend, CudaTensor};
@@ -39,6 +37,7 @@ use crate::quant::gptq::{
 use crate::quant::packed::PackedIntMatrix;
 use crate::quant::rtn::{GroupGrid, resolve_group_size};
 use crate::quant::spec::GptqConfig;
+use crate::quant::stage_clock::{StageClock, StageTimes};
 
 /// Output rows (one warp each) per block of the column-loop kernel.
 const ROWS_PER_BLOCK: usize = 8;
@@ -59,8 +58,7 @@ enum Stage {
     Pack,
 }
 
-const STAGES: usize = 6;
-const STAGE_NAMES: [&str; STAGES] = [
+const STAGE_NAMES: &[&str] = &[
     "calibration forward and uploads",
     "Hessians",
     "weight/Hessian preparation",
@@ -68,34 +66,6 @@ const STAGE_NAMES: [&str; STAGES] = [
     "column loop",
     "download and packing",
 ];
-
-/// Wall seconds per stage of GPTQ on the device, each measured between two
-/// device synchronizations.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StageTimes {
-    secs: [f64; STAGES],
-}
-
-impl StageTimes {
-    /// Seconds of all stages together.
-    pub fn total(&self) -> f64 {
-        self.secs.iter().sum()
-    }
-}
-
-impl fmt::Display for StageTimes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (name, s) in STAGE_NAMES.iter().zip(self.secs) {
-            write!(f, "{name} {s:.2} s, ")?;
-        }
-        write!(f, "total {:.2} s", self.total())
-    }
-}
-
-struct Laps {
-    last: Instant,
-    times: StageTimes,
-}
 
 /// A running `Σ xᵀx` on the device: f64 sums (upper triangle) and an f32
 /// scratch matrix for each batch's product.
@@ -123,12 +93,7 @@ impl DeviceHessian {
 pub struct CudaGptq<'a> {
     backend: &'a CudaBackend,
     solver: Option<Solver>,
-    laps: RefCell<Laps>,
-}
-
-/// Grid of a grid-stride kernel over `n` items with 256-thread blocks.
-fn grid_for(gpu: &Gpu, n: usize) -> (u32, u32, u32) {
-    (n.div_ceil(256).clamp(1, gpu.sm_count * 16) as u32, 1, 1)
+    laps: RefCell<StageClock>,
 }
 
 impl<'a> CudaGptq<'a> {
@@ -144,10 +109,7 @@ impl<'a> CudaGptq<'a> {
         Ok(CudaGptq {
             backend,
             solver,
-            laps: RefCell::new(Laps {
-                last: Instant::now(),
-                times: StageTimes::default(),
-            }),
+            laps: RefCell::new(StageClock::new(STAGE_NAMES)),
         })
     }
 
@@ -158,10 +120,7 @@ impl<'a> CudaGptq<'a> {
     /// Waits for the device and books the time since the last lap to `stage`.
     fn lap(&self, stage: Stage) -> Result<()> {
         self.gpu().sync()?;
-        let now = Instant::now();
-        let mut laps = self.laps.borrow_mut();
-        laps.times.secs[stage as usize] += (now - laps.last).as_secs_f64();
-        laps.last = now;
+        self.laps.borrow_mut().lap(stage as usize);
         Ok(())
     }
 
@@ -169,7 +128,7 @@ impl<'a> CudaGptq<'a> {
     /// calibration forward first).
     pub fn timings(&self) -> Result<StageTimes> {
         self.lap(Stage::Forward)?;
-        Ok(self.laps.borrow().times)
+        Ok(self.laps.borrow().totals())
     }
 
     /// Uploads a host Hessian (`[n, n]` row-major, as

@@ -27,6 +27,12 @@ pub fn arg<T>(v: &T) -> Arg {
     v as *const T as *mut c_void
 }
 
+/// Grid of a grid-stride kernel over `n` items with 256-thread blocks: at
+/// most 16 blocks per SM.
+pub fn grid_for(gpu: &Gpu, n: usize) -> (u32, u32, u32) {
+    (n.div_ceil(256).clamp(1, gpu.sm_count * 16) as u32, 1, 1)
+}
+
 /// The device, its stream, libraries and kernels.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,

@@ -19,6 +19,8 @@ pub const SOURCE: &str = concat!(
     "\n",
     include_str!("kernels/gptq.cu"),
     "\n",
+    include_str!("kernels/awq.cu"),
+    "\n",
 );
 
 /// Every `extern "C"` entry point of [`SOURCE`], loaded once per context.
@@ -108,4 +110,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gptq_upper_f32",
     "gptq_static_grids",
     "gptq_block",
+    "awq_abs_partial",
+    "awq_abs_accumulate",
+    "awq_gather_rows",
+    "awq_scale_quant",
+    "awq_group_absmax",
+    "awq_clip_quant",
+    "awq_clip_update",
+    "awq_sq_err",
 ];

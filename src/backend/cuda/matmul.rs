@@ -9,7 +9,7 @@ use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::gpu::{Arg, Gpu, arg};
+use super::gpu::{Arg, Gpu, arg, grid_for};
 use super::int8_gemm;
 use super::tensor::CudaTensor;
 use super::weights::{CudaBnb4, CudaInt8, CudaPacked, CudaWeight};
@@ -527,11 +527,6 @@ fn packed_params(q: &CudaPacked) -> PackedParams {
         ],
         ints: [q.words_per_row as i32, q.group_size as i32],
     }
-}
-
-/// Grid for a grid-stride loop over `n` items with 256-thread blocks.
-fn grid_for(gpu: &Gpu, n: usize) -> (u32, u32, u32) {
-    (n.div_ceil(256).clamp(1, gpu.sm_count * 16) as u32, 1, 1)
 }
 
 /// A device pointer, or 0 for an absent optional buffer.

@@ -10,6 +10,7 @@
 
 mod attention;
 mod attention_tc;
+pub mod awq;
 pub mod compile;
 pub mod gptq;
 mod gpu;

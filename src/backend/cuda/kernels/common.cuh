@@ -41,6 +41,20 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// A quantization scale rounded to the nearest positive, finite f16 value
+// (src/quant/rtn.rs, to_f16_scale).
+__device__ __forceinline__ float f16_scale(float s) {
+    const float h = h2f(f2h(s));
+    if (h > 0.f && h <= 65504.f) return h;
+    return h > 0.f ? 65504.f : 5.9604644775390625e-8f;
+}
+
 // Sum over the block (blockDim.x a multiple of 32); `sh` holds 33 floats.
 __device__ __forceinline__ float block_sum(float v, float* sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -4,25 +4,6 @@
 // src/quant/rtn.rs (GridRule::MinMaxWithZero) operation for operation, with
 // explicitly rounded products so that no multiply-add is contracted.
 
-// A scale rounded to the nearest positive, finite f16 value.
-__device__ __forceinline__ float gptq_f16_scale(float s) {
-    const float h = h2f(f2h(s));
-    if (h > 0.f && h <= 65504.f) return h;
-    return h > 0.f ? 65504.f : 5.9604644775390625e-8f;
-}
-
-__device__ __forceinline__ float gptq_warp_min(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-__device__ __forceinline__ float gptq_warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 // Scale and zero point of a group whose values span [lo, hi].
 __device__ void gptq_fit(float lo, float hi, int bits, int sym, float* scale, int* zero) {
     const int maxq = (1 << bits) - 1;
@@ -37,7 +18,7 @@ __device__ void gptq_fit(float lo, float hi, int bits, int sym, float* scale, in
         lo = -1.f;
         hi = 1.f;
     }
-    const float s = gptq_f16_scale(__fdiv_rn(__fsub_rn(hi, lo), mq));
+    const float s = f16_scale(__fdiv_rn(__fsub_rn(hi, lo), mq));
     if (sym) {
         *scale = s;
         *zero = (maxq + 1) / 2;
@@ -46,7 +27,7 @@ __device__ void gptq_fit(float lo, float hi, int bits, int sym, float* scale, in
     const float z = rintf(__fdiv_rn(-lo, s));
     if (z < 1.f) {
         // z >= 1 so that GPTQ v1 checkpoints (which store z - 1) can hold it.
-        *scale = gptq_f16_scale(__fdiv_rn(hi, mq - 1.f));
+        *scale = f16_scale(__fdiv_rn(hi, mq - 1.f));
         *zero = 1;
         return;
     }
@@ -210,8 +191,8 @@ extern "C" __global__ void gptq_block(const float* __restrict__ w, const float* 
                 lo = fminf(lo, v);
                 hi = fmaxf(hi, v);
             }
-            lo = gptq_warp_min(lo);
-            hi = gptq_warp_max(hi);
+            lo = warp_min(lo);
+            hi = warp_max(hi);
             gptq_fit(lo, hi, bits, sym, &scale, &zero);
             if (lane == 0) {
                 sr[col / gs] = scale;
