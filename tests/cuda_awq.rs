@@ -4,13 +4,15 @@
 //! Needs a CUDA GPU (`cargo test --release --features cuda --test cuda_awq`);
 //! built only with `--features cuda` (`required-features` in Cargo.toml).
 
-use quantbench::backend::cpu::CpuBackend;
+#[path = "common/model_kl.rs"]
+mod model_kl;
+
+use model_kl::assert_gpu_quantization_agrees;
 use quantbench::backend::cuda::CudaBackend;
 use quantbench::backend::cuda::awq::{CudaAwq, DeviceCapture};
 use quantbench::backend::{Backend, Device};
 use quantbench::io::synth_tokenizer;
 use quantbench::model::synth::{synth_config, synth_weights};
-use quantbench::model::{LlamaWeights, Model};
 use quantbench::quant::awq::{
     AwqParams, Inspect, best_alpha, clip_stride, divide_columns, mean_abs, scale_columns,
     scale_errors, scales_for, search_clip,
@@ -19,8 +21,8 @@ use quantbench::quant::awq_model::{AwqDevice, keep_stride};
 use quantbench::quant::packed::PackedIntMatrix;
 use quantbench::quant::rtn::{GridRule, GroupGrid};
 use quantbench::quant::{LinearWeight, QuantContext, QuantSpec, quantize_model_on};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
 /// Relative difference of two errors under which a different choice of the
@@ -304,26 +306,6 @@ fn capture_strides_across_batches() {
     }
 }
 
-/// Mean KL(p‖q) per token of two logit sequences (`[tokens, vocab]`).
-fn mean_kl(p: &[f32], q: &[f32], vocab: usize) -> f64 {
-    let log_softmax = |x: &[f32]| -> Vec<f64> {
-        let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
-        x.iter().map(|&v| v as f64 - z).collect()
-    };
-    let rows = p.len() / vocab;
-    let mut kl = 0f64;
-    for (a, b) in p.chunks(vocab).zip(q.chunks(vocab)) {
-        let (la, lb) = (log_softmax(a), log_softmax(b));
-        kl += la
-            .iter()
-            .zip(&lb)
-            .map(|(x, y)| x.exp() * (x - y))
-            .sum::<f64>();
-    }
-    kl / rows as f64
-}
-
 /// Codes of a quantized linear.
 fn codes(w: &LinearWeight) -> Vec<u8> {
     match w {
@@ -397,22 +379,5 @@ fn whole_model_matches_the_cpu() {
         }
     }
     println!("all block linears: {all_differ} of {all} codes differ");
-    let mut rng = StdRng::seed_from_u64(9);
-    let tokens: Vec<u32> = (0..200).map(|_| rng.random_range(0..256)).collect();
-    let logits = |w: &LlamaWeights| {
-        Model::new(CpuBackend::new(), w)
-            .unwrap()
-            .sequence_logits(&tokens)
-            .unwrap()
-    };
-    let (lb, lc, lg) = (logits(&base), logits(&on_cpu), logits(&on_gpu));
-    let v = cfg.vocab_size;
-    let (kc, kg, kcg) = (
-        mean_kl(&lb, &lc, v),
-        mean_kl(&lb, &lg, v),
-        mean_kl(&lc, &lg, v),
-    );
-    println!("{quant}: KL(base||cpu) {kc:.5}, KL(base||gpu) {kg:.5}, KL(cpu||gpu) {kcg:.5}");
-    assert!((kg - kc).abs() <= 0.5 * kc, "KL {kg} vs {kc}");
-    assert!(kcg <= 0.5 * kc, "KL(cpu||gpu) {kcg} vs KL(base||cpu) {kc}");
+    assert_gpu_quantization_agrees(quant, &base, &on_cpu, &on_gpu);
 }

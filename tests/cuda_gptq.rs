@@ -4,15 +4,17 @@
 //! Needs a CUDA GPU (`cargo test --release --features cuda --test cuda_gptq`).
 #![cfg(feature = "cuda")]
 
+#[path = "common/model_kl.rs"]
+mod model_kl;
+
 use std::sync::Arc;
 
+use model_kl::assert_gpu_quantization_agrees;
 use quantbench::backend::Device;
-use quantbench::backend::cpu::CpuBackend;
 use quantbench::backend::cuda::CudaBackend;
 use quantbench::backend::cuda::gptq::CudaGptq;
 use quantbench::io::synth_tokenizer;
 use quantbench::model::synth::{synth_config, synth_weights};
-use quantbench::model::{LlamaWeights, Model};
 use quantbench::quant::gptq::{
     GptqDevice, GptqParams, Hessian, gptq_quantize, inverse_cholesky_upper,
 };
@@ -20,8 +22,8 @@ use quantbench::quant::packed::PackedIntMatrix;
 use quantbench::quant::{
     LinearWeight, QuantContext, QuantSpec, QuantizedMatrix, quantize_model_on,
 };
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
 fn gpu() -> CudaBackend {
@@ -273,26 +275,6 @@ fn layer_quantization_matches_the_cpu() {
     assert!(e.contains("block_size up to"), "{e}");
 }
 
-/// Mean KL(p‖q) per token of two logit sequences (`[tokens, vocab]`).
-fn mean_kl(p: &[f32], q: &[f32], vocab: usize) -> f64 {
-    let log_softmax = |x: &[f32]| -> Vec<f64> {
-        let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
-        x.iter().map(|&v| v as f64 - z).collect()
-    };
-    let rows = p.len() / vocab;
-    let mut kl = 0f64;
-    for (a, b) in p.chunks(vocab).zip(q.chunks(vocab)) {
-        let (la, lb) = (log_softmax(a), log_softmax(b));
-        kl += la
-            .iter()
-            .zip(&lb)
-            .map(|(x, y)| x.exp() * (x - y))
-            .sum::<f64>();
-    }
-    kl / rows as f64
-}
-
 /// GPTQ of a whole synthetic model on the GPU (through the same entry point
 /// as `--device cuda`) against the CPU: the first block's q/k/v (whose
 /// inputs differ only by the rounding of the embedding and norm) get nearly
@@ -332,30 +314,12 @@ fn whole_model_matches_the_cpu() {
             );
             assert!(differ * 50 <= got.len(), "{name}: {differ} weights differ");
         }
-        let mut rng = StdRng::seed_from_u64(9);
-        let tokens: Vec<u32> = (0..200).map(|_| rng.random_range(0..256)).collect();
-        let logits = |w: &LlamaWeights| {
-            Model::new(CpuBackend::new(), w)
-                .unwrap()
-                .sequence_logits(&tokens)
-                .unwrap()
-        };
-        let (lb, lc, lg) = (logits(&base), logits(&on_cpu), logits(&on_gpu));
-        let v = cfg.vocab_size;
-        let (kc, kg, kcg) = (
-            mean_kl(&lb, &lc, v),
-            mean_kl(&lb, &lg, v),
-            mean_kl(&lc, &lg, v),
-        );
-        println!("{quant}: KL(base||cpu) {kc:.5}, KL(base||gpu) {kg:.5}, KL(cpu||gpu) {kcg:.5}");
         // Layer 0 sees identical inputs and matches; later blocks see the
         // GPU forward's activations (half-precision GEMM inputs, tensor-core
         // attention), which differ within rounding, and GPTQ's discrete
         // choices (act-order ties, rounding) amplify that. Measured on an H100:
         // KL(base||cpu) 0.00984, KL(base||gpu) 0.01337, KL(cpu||gpu) 0.00335
-        // with act-order. The two KLs to the base must agree within 50%, and
-        // the quantized models must be closer to each other than to the base.
-        assert!((kg - kc).abs() <= 0.5 * kc, "KL {kg} vs {kc}");
-        assert!(kcg <= 0.5 * kc, "KL(cpu||gpu) {kcg} vs KL(base||cpu) {kc}");
+        // with act-order.
+        assert_gpu_quantization_agrees(quant, &base, &on_cpu, &on_gpu);
     }
 }
