@@ -476,6 +476,7 @@ pub fn quantize_model_bnb4(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::bnb_codes::{FP4_RAW, NF4_PUBLISHED};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
     use rand_distr::{Distribution, Normal};
@@ -516,32 +517,8 @@ mod tests {
 
     #[test]
     fn code_tables_equal_the_published_values() {
-        #[allow(clippy::excessive_precision)]
-        let nf4: [f32; 16] = [
-            -1.0,
-            -0.6961928009986877,
-            -0.5250730514526367,
-            -0.39491748809814453,
-            -0.28444138169288635,
-            -0.18477343022823334,
-            -0.09105003625154495,
-            0.0,
-            0.07958029955625534,
-            0.16093020141124725,
-            0.24611230194568634,
-            0.33791524171829224,
-            0.44070982933044434,
-            0.5626170039176941,
-            0.7229568362236023,
-            1.0,
-        ];
-        assert_eq!(Bnb4Type::Nf4.code(), nf4);
-        let fp4 = [
-            0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0,
-            -2.0, -3.0,
-        ]
-        .map(|v: f32| v / 12.0);
-        assert_eq!(Bnb4Type::Fp4.code(), fp4);
+        assert_eq!(Bnb4Type::Nf4.code(), NF4_PUBLISHED.map(|v| v as f32));
+        assert_eq!(Bnb4Type::Fp4.code(), FP4_RAW.map(|v| v / 12.0));
         let dm = dynamic_map_signed();
         assert_eq!(dm.len(), 256);
         assert_eq!(dm[255], 1.0);

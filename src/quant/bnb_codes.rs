@@ -5,7 +5,7 @@
 
 /// The NF4 code as bitsandbytes publishes it (f32 values printed in f64).
 #[allow(clippy::excessive_precision)]
-const NF4_PUBLISHED: [f64; 16] = [
+pub(crate) const NF4_PUBLISHED: [f64; 16] = [
     -1.0,
     -0.6961928009986877,
     -0.5250730514526367,

@@ -191,37 +191,24 @@ impl Backend for CudaBackend {
         heads: HeadShape,
         layout: &CudaLayout,
     ) -> Result<CudaTensor> {
-        self.gpu.bind()?;
-        if attention::is_decode(layout) {
-            return attention::attention(
-                &self.gpu,
-                q,
-                k,
-                v,
-                cache,
-                layer,
-                heads,
-                layout,
-                Some(inv_freq),
-            );
+        // Decode attention rotates Q and K itself.
+        let fused = attention::is_decode(layout);
+        if !fused {
+            self.rope(q, heads.q_heads, heads.head_dim, inv_freq, layout)?;
+            self.rope(k, heads.kv_heads, heads.head_dim, inv_freq, layout)?;
         }
-        ops::rope(
+        self.gpu.bind()?;
+        attention::attention(
             &self.gpu,
             q,
-            heads.q_heads,
-            heads.head_dim,
-            inv_freq,
-            layout,
-        )?;
-        ops::rope(
-            &self.gpu,
             k,
-            heads.kv_heads,
-            heads.head_dim,
-            inv_freq,
+            v,
+            cache,
+            layer,
+            heads,
             layout,
-        )?;
-        attention::attention(&self.gpu, q, k, v, cache, layer, heads, layout, None)
+            fused.then_some(inv_freq),
+        )
     }
 
     fn rope(
