@@ -3,28 +3,19 @@
 //! distributions from the unquantized model's.
 
 use quantbench::backend::cpu::CpuBackend;
+use quantbench::eval::divergence::kl_divergence;
 use quantbench::model::{LlamaWeights, Model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Mean KL(p‖q) per token of two logit sequences (`[tokens, vocab]`).
-pub fn mean_kl(p: &[f32], q: &[f32], vocab: usize) -> f64 {
-    let log_softmax = |x: &[f32]| -> Vec<f64> {
-        let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let z = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
-        x.iter().map(|&v| v as f64 - z).collect()
-    };
+fn mean_kl(p: &[f32], q: &[f32], vocab: usize) -> f64 {
     let rows = p.len() / vocab;
-    let mut kl = 0f64;
-    for (a, b) in p.chunks(vocab).zip(q.chunks(vocab)) {
-        let (la, lb) = (log_softmax(a), log_softmax(b));
-        kl += la
-            .iter()
-            .zip(&lb)
-            .map(|(x, y)| x.exp() * (x - y))
-            .sum::<f64>();
-    }
-    kl / rows as f64
+    p.chunks(vocab)
+        .zip(q.chunks(vocab))
+        .map(|(a, b)| kl_divergence(a, b))
+        .sum::<f64>()
+        / rows as f64
 }
 
 /// Runs the three models on the CPU over 200 seeded random tokens and checks

@@ -191,13 +191,14 @@ impl Backend for CudaBackend {
         heads: HeadShape,
         layout: &CudaLayout,
     ) -> Result<CudaTensor> {
+        self.gpu.bind()?;
         // Decode attention rotates Q and K itself.
         let fused = attention::is_decode(layout);
         if !fused {
-            self.rope(q, heads.q_heads, heads.head_dim, inv_freq, layout)?;
-            self.rope(k, heads.kv_heads, heads.head_dim, inv_freq, layout)?;
+            let (g, d) = (&self.gpu, heads.head_dim);
+            ops::rope(g, q, heads.q_heads, d, inv_freq, layout)?;
+            ops::rope(g, k, heads.kv_heads, d, inv_freq, layout)?;
         }
-        self.gpu.bind()?;
         attention::attention(
             &self.gpu,
             q,
