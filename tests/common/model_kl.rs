@@ -3,20 +3,10 @@
 //! distributions from the unquantized model's.
 
 use quantbench::backend::cpu::CpuBackend;
-use quantbench::eval::divergence::kl_divergence;
+use quantbench::eval::divergence::compare_logits;
 use quantbench::model::{LlamaWeights, Model};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// Mean KL(p‖q) per token of two logit sequences (`[tokens, vocab]`).
-fn mean_kl(p: &[f32], q: &[f32], vocab: usize) -> f64 {
-    let rows = p.len() / vocab;
-    p.chunks(vocab)
-        .zip(q.chunks(vocab))
-        .map(|(a, b)| kl_divergence(a, b))
-        .sum::<f64>()
-        / rows as f64
-}
 
 /// Runs the three models on the CPU over 200 seeded random tokens and checks
 /// that KL(base‖gpu) is within 50% of KL(base‖cpu) and that the two
@@ -38,11 +28,8 @@ pub fn assert_gpu_quantization_agrees(
     };
     let (lb, lc, lg) = (logits(base), logits(on_cpu), logits(on_gpu));
     let v = base.config.vocab_size;
-    let (kc, kg, kcg) = (
-        mean_kl(&lb, &lc, v),
-        mean_kl(&lb, &lg, v),
-        mean_kl(&lc, &lg, v),
-    );
+    let mean_kl = |p: &[f32], q: &[f32]| compare_logits(p, q, v).unwrap().mean_kl();
+    let (kc, kg, kcg) = (mean_kl(&lb, &lc), mean_kl(&lb, &lg), mean_kl(&lc, &lg));
     println!("{quant}: KL(base||cpu) {kc:.5}, KL(base||gpu) {kg:.5}, KL(cpu||gpu) {kcg:.5}");
     assert!((kg - kc).abs() <= 0.5 * kc, "KL {kg} vs {kc}");
     assert!(kcg <= 0.5 * kc, "KL(cpu||gpu) {kcg} vs KL(base||cpu) {kc}");
