@@ -36,6 +36,19 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
+/// One decoder block's norms and linear weights on a backend.
+pub struct BlockWeights<'a, B: Backend + ?Sized> {
+    pub input_layernorm: &'a B::Vector,
+    pub q_proj: &'a B::Weight,
+    pub k_proj: &'a B::Weight,
+    pub v_proj: &'a B::Weight,
+    pub o_proj: &'a B::Weight,
+    pub post_attention_layernorm: &'a B::Vector,
+    pub gate_proj: &'a B::Weight,
+    pub up_proj: &'a B::Weight,
+    pub down_proj: &'a B::Weight,
+}
+
 /// One forward step run by [`Backend::run_step`] on a device layout and cache.
 pub type StepFn<'a, L, C, T> = dyn FnMut(&L, &mut C) -> Result<T> + 'a;
 
@@ -158,6 +171,26 @@ pub trait Backend: Send + Sync {
         let g = self.matmul(x, gate)?;
         let u = self.matmul(x, up)?;
         self.silu_mul(&g, &u)
+    }
+    /// Runs decoder block `layer` (weights `w`) on `x` in place as one
+    /// fused operation, when the backend has one for this step and these
+    /// weights (the CUDA backend: a single-sequence decode step with 4-bit
+    /// weights). `Ok(false)` means nothing was done and the caller runs the
+    /// block op by op; the results must match that path.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_block(
+        &self,
+        x: &mut Self::Tensor,
+        w: &BlockWeights<'_, Self>,
+        eps: f32,
+        inv_freq: &Self::Vector,
+        cache: &mut Self::Cache,
+        layer: usize,
+        heads: HeadShape,
+        layout: &Self::Layout,
+    ) -> Result<bool> {
+        let _ = (x, w, eps, inv_freq, cache, layer, heads, layout);
+        Ok(false)
     }
     /// The row of each sequence's last token in this step: `x` itself when
     /// every sequence has one token (a decode step).

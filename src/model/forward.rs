@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use super::config::LlamaConfig;
 use super::rope::inv_freq;
 use super::weights::{LayerWeights, LlamaWeights};
-use crate::backend::{Backend, CacheShape, HeadShape, StepLayout};
+use crate::backend::{Backend, BlockWeights, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
 
 /// A callback handed the input of each group of a block's linear layers as
@@ -65,6 +65,21 @@ impl<B: Backend> DeviceLayer<B> {
             up_proj: backend.upload_weight(&l.up_proj)?,
             down_proj: backend.upload_weight(&l.down_proj)?,
         })
+    }
+
+    /// References to the block's norms and weights.
+    pub fn weights(&self) -> BlockWeights<'_, B> {
+        BlockWeights {
+            input_layernorm: &self.input_layernorm,
+            q_proj: &self.q_proj,
+            k_proj: &self.k_proj,
+            v_proj: &self.v_proj,
+            o_proj: &self.o_proj,
+            post_attention_layernorm: &self.post_attention_layernorm,
+            gate_proj: &self.gate_proj,
+            up_proj: &self.up_proj,
+            down_proj: &self.down_proj,
+        }
     }
 
     /// Uploads `layer`'s linear called `name` (one of `LINEAR_NAMES`) in
@@ -191,8 +206,8 @@ impl<B: Backend> Model<B> {
         self.block_with(l, x, cache, layout, Some(observe))
     }
 
-    /// One block; without an observer the norms may fuse into the
-    /// projections that follow them.
+    /// One block; without an observer the backend may run it as one fused
+    /// operation, or fuse the norms into the projections that follow them.
     fn block_with(
         &self,
         l: usize,
@@ -205,6 +220,20 @@ impl<B: Backend> Model<B> {
         let layer = &self.layers[l];
         let heads = self.heads();
         let eps = self.config.rms_norm_eps as f32;
+        if observe.is_none()
+            && b.fused_block(
+                x,
+                &layer.weights(),
+                eps,
+                &self.inv_freq,
+                cache,
+                l,
+                heads,
+                layout,
+            )?
+        {
+            return Ok(());
+        }
         let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
         let qkv = match observe.as_mut() {
             Some(obs) => {

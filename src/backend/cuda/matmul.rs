@@ -80,13 +80,13 @@ pub fn matmul_add(gpu: &Gpu, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight)
 
 /// Whether NF4/FP4 weights take the 32-weights-per-lane kernel: rows a
 /// multiple of 32 and blocks of at least 32.
-fn q4_bnb_ok(q: &CudaBnb4) -> bool {
+pub fn q4_bnb_ok(q: &CudaBnb4) -> bool {
     q.cols.is_multiple_of(32) && q.bs_log2 >= 5
 }
 
 /// Whether packed integers take the 32-weights-per-lane kernel: 4 bits,
 /// groups of whole 32-column chunks, no act-order permutation.
-fn q4_packed_ok(q: &CudaPacked) -> bool {
+pub fn q4_packed_ok(q: &CudaPacked) -> bool {
     q.bits == 4 && q.cols.is_multiple_of(32) && q.group_size.is_multiple_of(32) && q.g_idx.is_none()
 }
 
@@ -111,7 +111,7 @@ fn q4_kernel(
 
 /// Floats a single-row 4-bit kernel stages for an `in_f`-wide row: one pad
 /// word per 32 values.
-fn q4_staged_floats(in_f: usize) -> usize {
+pub fn q4_staged_floats(in_f: usize) -> usize {
     in_f + in_f / 32
 }
 
@@ -291,10 +291,11 @@ fn stage_smem(gpu: &Gpu, name: &str, floats: usize) -> Result<u32> {
     Ok(smem)
 }
 
-/// One matrix of a `gemv_q4bnb_norm3` launch (`Q4BnbArgs` in gemv_q4.cu).
+/// One matrix of a `gemv_q4bnb_norm3` or fused-block launch (`Q4BnbArgs`
+/// in gemv_q4.cu).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Q4BnbArgs {
+pub struct Q4BnbArgs {
     w: CUdeviceptr,
     absmax: CUdeviceptr,
     codes: CUdeviceptr,
@@ -305,15 +306,45 @@ struct Q4BnbArgs {
     nested_bs_log2: i32,
 }
 
-/// One matrix of a `gemv_q4packed_norm3` launch (`Q4PackedArgs`).
+impl Q4BnbArgs {
+    /// The arguments describing `q`.
+    pub fn of(q: &CudaBnb4) -> Self {
+        Q4BnbArgs {
+            w: q.packed.ptr(),
+            absmax: q.absmax.ptr(),
+            codes: opt_ptr(&q.codes),
+            code2: q.code2.ptr(),
+            code16: q.code16.ptr(),
+            offset: q.offset,
+            bs_log2: q.bs_log2 as i32,
+            nested_bs_log2: q.nested_bs_log2 as i32,
+        }
+    }
+}
+
+/// One matrix of a `gemv_q4packed_norm3` or fused-block launch
+/// (`Q4PackedArgs`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Q4PackedArgs {
+pub struct Q4PackedArgs {
     w: CUdeviceptr,
     scales: CUdeviceptr,
     zeros: CUdeviceptr,
     words_per_row: i32,
     group_size: i32,
+}
+
+impl Q4PackedArgs {
+    /// The arguments describing `q`.
+    pub fn of(q: &CudaPacked) -> Self {
+        Q4PackedArgs {
+            w: q.qweight.ptr(),
+            scales: q.scales.ptr(),
+            zeros: q.zeros.ptr(),
+            words_per_row: q.words_per_row as i32,
+            group_size: q.group_size as i32,
+        }
+    }
 }
 
 /// Outputs of a three-matrix launch (`GemvMulti` in gemv.cu): matrix i
@@ -365,16 +396,7 @@ fn norm3_kernel(
                     CudaWeight::Bnb4(q)
                         if q4_bnb_ok(q) && q.compute_dtype == first.compute_dtype =>
                     {
-                        Some(Q4BnbArgs {
-                            w: q.packed.ptr(),
-                            absmax: q.absmax.ptr(),
-                            codes: opt_ptr(&q.codes),
-                            code2: q.code2.ptr(),
-                            code16: q.code16.ptr(),
-                            offset: q.offset,
-                            bs_log2: q.bs_log2 as i32,
-                            nested_bs_log2: q.nested_bs_log2 as i32,
-                        })
+                        Some(Q4BnbArgs::of(q))
                     }
                     _ => None,
                 })
@@ -386,13 +408,7 @@ fn norm3_kernel(
             let args = ws
                 .iter()
                 .map(|w| match w {
-                    CudaWeight::Packed(q) if q4_packed_ok(q) => Some(Q4PackedArgs {
-                        w: q.qweight.ptr(),
-                        scales: q.scales.ptr(),
-                        zeros: q.zeros.ptr(),
-                        words_per_row: q.words_per_row as i32,
-                        group_size: q.group_size as i32,
-                    }),
+                    CudaWeight::Packed(q) if q4_packed_ok(q) => Some(Q4PackedArgs::of(q)),
                     _ => None,
                 })
                 .collect::<Option<Vec<_>>>()?;
@@ -692,6 +708,12 @@ pub fn gemv_ksplit(
         k *= 2;
     }
     k
+}
+
+/// [`gemv_ksplit`] of a single-row 4-bit GEMV (32 weights per lane) with
+/// `rows_per_warp` rows per warp group.
+pub fn q4_ksplit(gpu: &Gpu, out_f: usize, in_f: usize, rows_per_warp: usize) -> usize {
+    gemv_ksplit(gpu, out_f, in_f / WIDE.chunk, rows_per_warp, GEMV_UNROLL)
 }
 
 /// How a GEMV kernel splits its work: rows per warp and weights per lane

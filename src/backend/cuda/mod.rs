@@ -3,7 +3,9 @@
 //! (cached on disk) for everything else: RMSNorm, RoPE, KV-cache append,
 //! tiled prefill and split-K decode attention, SiLU·mul, residual add,
 //! argmax, and GEMV kernels that read each weight format directly. Decode
-//! steps are captured as CUDA graphs and replayed (see [`graph`]).
+//! steps are captured as CUDA graphs and replayed (see [`graph`]); with 4-bit
+//! weights a single sequence's decoder blocks may each run as one fused
+//! launch (see `fused_block`).
 //!
 //! Activations are f32 and so is the KV cache; weights stay in their storage
 //! format. All work goes through one stream.
@@ -12,6 +14,7 @@ mod attention;
 mod attention_tc;
 pub mod awq;
 pub mod compile;
+mod fused_block;
 pub mod gptq;
 mod gpu;
 mod graph;
@@ -25,15 +28,15 @@ mod solver;
 mod tensor;
 mod weights;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 pub use layout::CudaLayout;
 pub use tensor::{CudaKvCache, CudaTensor};
 pub use weights::CudaWeight;
 
-use super::{Backend, CacheShape, HeadShape, StepLayout};
+use super::{Backend, BlockWeights, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
 use gpu::Gpu;
 use matmul::FusedNorm;
@@ -44,6 +47,11 @@ pub struct CudaBackend {
     /// Bumped by every upload, so that graphs captured against replaced
     /// weights are never replayed.
     epoch: AtomicU64,
+    /// Blocks per SM of the fused decode-block kernel, or 0 to run blocks
+    /// op by op.
+    fused: AtomicU32,
+    /// Fused block launches issued (replays of captured graphs not counted).
+    fused_issued: AtomicU64,
 }
 
 impl CudaBackend {
@@ -52,7 +60,28 @@ impl CudaBackend {
         Ok(CudaBackend {
             gpu: Gpu::new(ordinal)?,
             epoch: AtomicU64::new(0),
+            fused: AtomicU32::new(fused_block::occupancy_from_env()?),
+            fused_issued: AtomicU64::new(0),
         })
+    }
+
+    /// Runs single-sequence 4-bit decode blocks as one fused launch with
+    /// `occupancy` (1 or 2) blocks per SM, or op by op with 0 (the default
+    /// unless `QUANTBENCH_CUDA_FUSED_BLOCK` says otherwise); graphs captured
+    /// before are not replayed.
+    pub fn set_fused_blocks(&self, occupancy: u32) -> Result<()> {
+        if occupancy > 2 {
+            bail!("fused decode blocks take 1 or 2 blocks per SM (0: off), not {occupancy}");
+        }
+        self.fused.store(occupancy, Ordering::Relaxed);
+        self.bump_epoch();
+        Ok(())
+    }
+
+    /// How many fused block launches have been issued (each captured decode
+    /// graph counts its blocks once, however often it is replayed).
+    pub fn fused_blocks_issued(&self) -> u64 {
+        self.fused_issued.load(Ordering::Relaxed)
     }
 
     /// Uploads a host matrix as an activation tensor.
@@ -210,6 +239,32 @@ impl Backend for CudaBackend {
             layout,
             fused.then_some(inv_freq),
         )
+    }
+
+    fn fused_block(
+        &self,
+        x: &mut CudaTensor,
+        w: &BlockWeights<'_, Self>,
+        eps: f32,
+        inv_freq: &CudaTensor,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        heads: HeadShape,
+        layout: &CudaLayout,
+    ) -> Result<bool> {
+        let occupancy = self.fused.load(Ordering::Relaxed);
+        if occupancy == 0 {
+            return Ok(false);
+        }
+        self.gpu.bind()?;
+        let g = &self.gpu;
+        let done = fused_block::decode_block(
+            g, occupancy, x, w, eps, inv_freq, cache, layer, heads, layout,
+        )?;
+        if done {
+            self.fused_issued.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(done)
     }
 
     fn rope(

@@ -1,0 +1,110 @@
+// CPU emulation of the CUDA subset the decode kernels use, for checking
+// their logic without a GPU (tests/cuda_kernels_emulated.rs). A launch forks
+// one process per block, so `__shared__` statics are per block, and starts
+// one OS thread per CUDA thread; __syncthreads and warp shuffles are
+// std::barrier waits; device memory is a MAP_SHARED arena all blocks see.
+// The helpers written in inline PTX are replaced by the definitions below
+// (the test strips the originals from the kernel sources).
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <thread>
+#include <vector>
+
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+// Blocks run as slow OS threads here: a barrier may wait long.
+#define BARRIER_TIMEOUT_NS 600000000000ull
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned long long u64;
+
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct uint4 { unsigned x, y, z, w; };
+inline float2 make_float2(float a, float b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+
+thread_local dim3 threadIdx;
+dim3 blockIdx, blockDim, gridDim;
+// Dynamic shared memory of this block (every `extern __shared__` array).
+float* emu_dyn_smem;
+std::barrier<>* emu_block_bar;
+struct EmuWarp {
+    std::barrier<>* bar;
+    uint64_t val[32];
+};
+thread_local EmuWarp* emu_warp;
+
+inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <class T>
+inline T emu_shfl(T v, int src) {
+    const int lane = threadIdx.x & 31;
+    memcpy(&emu_warp->val[lane], &v, sizeof(T));
+    emu_warp->bar->arrive_and_wait();
+    T r;
+    memcpy(&r, &emu_warp->val[src & 31], sizeof(T));
+    emu_warp->bar->arrive_and_wait();
+    return r;
+}
+template <class T> inline T __shfl_sync(unsigned, T v, int src) { return emu_shfl(v, src); }
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
+    return emu_shfl(v, (threadIdx.x & 31) ^ o);
+}
+template <class T> inline T __shfl_down_sync(unsigned, T v, int o) {
+    const int l = (threadIdx.x & 31) + o;
+    return emu_shfl(v, l < 32 ? l : (threadIdx.x & 31));
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned atomicExch(unsigned* p, unsigned v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+
+// The inline-PTX helpers of common.cuh, attention.cu and fused_block.cu.
+inline float h2f(u16 h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
+inline u16 f2h(float f) { _Float16 h = (_Float16)f; u16 r; memcpy(&r, &h, 2); return r; }
+inline u16 f2bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1);
+    return (u16)(u >> 16);
+}
+inline float ld_cg(const float* p) { return *(const volatile float*)p; }
+inline float2 ld_cg2(const float* p) { return make_float2(ld_cg(p), ld_cg(p + 1)); }
+inline float4 ld_cg4(const float* p) {
+    return make_float4(ld_cg(p), ld_cg(p + 1), ld_cg(p + 2), ld_cg(p + 3));
+}
+inline void pdl_wait() {}
+inline void pdl_trigger() {}
+inline void cp_async16(float* dst, const float* src) { memcpy(dst, src, 16); }
+inline void cp_async_wait_all() {}
+inline u64 global_ns() {
+    timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (u64)t.tv_sec * 1000000000ull + (u64)t.tv_nsec;
+}
+inline u32 ld_acquire(const u32* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+inline void st_release(u32* p, u32 v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+inline void abort_launch() { abort(); }
