@@ -49,6 +49,16 @@ pub struct BlockWeights<'a, B: Backend + ?Sized> {
     pub down_proj: &'a B::Weight,
 }
 
+/// Where a decoder block runs: its index, attention shape, norm epsilon,
+/// RoPE inverse frequencies and the step's layout.
+pub struct BlockStep<'a, B: Backend + ?Sized> {
+    pub layer: usize,
+    pub heads: HeadShape,
+    pub eps: f32,
+    pub inv_freq: &'a B::Vector,
+    pub layout: &'a B::Layout,
+}
+
 /// One forward step run by [`Backend::run_step`] on a device layout and cache.
 pub type StepFn<'a, L, C, T> = dyn FnMut(&L, &mut C) -> Result<T> + 'a;
 
@@ -172,24 +182,19 @@ pub trait Backend: Send + Sync {
         let u = self.matmul(x, up)?;
         self.silu_mul(&g, &u)
     }
-    /// Runs decoder block `layer` (weights `w`) on `x` in place as one
+    /// Runs decoder block `step.layer` (weights `w`) on `x` in place as one
     /// fused operation, when the backend has one for this step and these
     /// weights (the CUDA backend: a single-sequence decode step with 4-bit
-    /// weights). `Ok(false)` means nothing was done and the caller runs the
-    /// block op by op; the results must match that path.
-    #[allow(clippy::too_many_arguments)]
+    /// weights, when enabled). `Ok(false)` means nothing was done and the
+    /// caller runs the block op by op; the results must match that path.
     fn fused_block(
         &self,
         x: &mut Self::Tensor,
         w: &BlockWeights<'_, Self>,
-        eps: f32,
-        inv_freq: &Self::Vector,
+        step: &BlockStep<'_, Self>,
         cache: &mut Self::Cache,
-        layer: usize,
-        heads: HeadShape,
-        layout: &Self::Layout,
     ) -> Result<bool> {
-        let _ = (x, w, eps, inv_freq, cache, layer, heads, layout);
+        let _ = (x, w, step, cache);
         Ok(false)
     }
     /// The row of each sequence's last token in this step: `x` itself when

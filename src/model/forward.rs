@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use super::config::LlamaConfig;
 use super::rope::inv_freq;
 use super::weights::{LayerWeights, LlamaWeights};
-use crate::backend::{Backend, BlockWeights, CacheShape, HeadShape, StepLayout};
+use crate::backend::{Backend, BlockStep, BlockWeights, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
 
 /// A callback handed the input of each group of a block's linear layers as
@@ -220,18 +220,14 @@ impl<B: Backend> Model<B> {
         let layer = &self.layers[l];
         let heads = self.heads();
         let eps = self.config.rms_norm_eps as f32;
-        if observe.is_none()
-            && b.fused_block(
-                x,
-                &layer.weights(),
-                eps,
-                &self.inv_freq,
-                cache,
-                l,
-                heads,
-                layout,
-            )?
-        {
+        let step = BlockStep {
+            layer: l,
+            heads,
+            eps,
+            inv_freq: &self.inv_freq,
+            layout,
+        };
+        if observe.is_none() && b.fused_block(x, &layer.weights(), &step, cache)? {
             return Ok(());
         }
         let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];

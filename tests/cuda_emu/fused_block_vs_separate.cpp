@@ -367,12 +367,12 @@ static bool run_case(const Shape& s, int fmt, int cd, int sm, int cap, int fgrid
     // Fused kernel.
     State b = fresh_state(s, x0, kc0, vc0, splits);
     FusedBlock p{};
-    p.x = b.x; p.ln1 = ln1; p.ln2 = ln2; p.q = b.q; p.k = b.k; p.v = b.v; p.att = b.att;
-    p.act = b.act; p.kc = b.kc; p.vc = b.vc; p.slot = slot; p.pos = pos; p.inv_freq = inv;
-    p.part = b.part; p.count = b.count; p.bar = b.bar; p.eps = eps; p.scale = scale;
-    p.hidden = s.hidden; p.inter = s.inter; p.q_heads = s.q_heads; p.kv_heads = s.kv_heads;
-    p.D = s.D; p.max_len = s.max_len; p.splits = splits; p.ks_qkv = ks_qkv; p.ks_o = ks_o;
-    p.ks_gu = ks_gu; p.ks_down = ks_down; p.cd = fmt == 2 ? 0 : cd;
+    p.attn = AttnDecode{b.q,     b.k,     b.v,   b.kc,      b.vc,       slot,  pos,        inv,
+                        b.part,  b.count, b.att, s.q_heads, s.kv_heads, s.D,   s.max_len, splits,
+                        scale};
+    p.x = b.x; p.ln1 = ln1; p.ln2 = ln2; p.act = b.act; p.bar = b.bar; p.eps = eps;
+    p.hidden = s.hidden; p.inter = s.inter; p.ks_qkv = ks_qkv; p.ks_o = ks_o; p.ks_gu = ks_gu;
+    p.ks_down = ks_down; p.cd = fmt == 2 ? 0 : cd;
     size_t smem = std::max({staged(s.hidden), staged(qo), staged(s.inter), att_smem});
     launch({(unsigned)fgrid}, 256, smem, [&] {
         if (fmt == 2) fused_block_q4packed_occ2(wp, p);

@@ -7,32 +7,27 @@
 use anyhow::{Result, bail};
 use cudarc::driver::sys::CUdeviceptr;
 
+use super::CudaBackend;
 use super::attention::{DecodePlan, check_fits, is_decode};
 use super::gpu::{Gpu, arg};
-use super::layout::CudaLayout;
 use super::matmul::{
     Q4BnbArgs, Q4PackedArgs, dtype_mode, q4_bnb_ok, q4_ksplit, q4_packed_ok, q4_staged_floats,
 };
 use super::tensor::{CudaKvCache, CudaTensor};
 use super::weights::CudaWeight;
-use crate::backend::{BlockWeights, HeadShape};
+use crate::backend::{BlockStep, BlockWeights, HeadShape};
 
 /// Threads per block (`__launch_bounds__` of the fused kernels).
 const THREADS: u32 = 256;
 /// Default shared-memory budget of a block.
 const SMEM_DEFAULT: usize = 48 * 1024;
 
-/// Buffers and shapes of one launch (`FusedBlock` in fused_block.cu).
+/// The attention phase's buffers and shapes (`AttnDecode` in attention.cu).
 #[repr(C)]
-struct FusedBlock {
-    x: CUdeviceptr,
-    ln1: CUdeviceptr,
-    ln2: CUdeviceptr,
+struct AttnDecode {
     q: CUdeviceptr,
-    k: CUdeviceptr,
-    v: CUdeviceptr,
-    att: CUdeviceptr,
-    act: CUdeviceptr,
+    knew: CUdeviceptr,
+    vnew: CUdeviceptr,
     kc: CUdeviceptr,
     vc: CUdeviceptr,
     slot: CUdeviceptr,
@@ -40,16 +35,27 @@ struct FusedBlock {
     inv_freq: CUdeviceptr,
     part: CUdeviceptr,
     count: CUdeviceptr,
-    bar: CUdeviceptr,
-    eps: f32,
-    scale: f32,
-    hidden: i32,
-    inter: i32,
+    out: CUdeviceptr,
     q_heads: i32,
     kv_heads: i32,
     head_dim: i32,
     max_len: i32,
     splits: i32,
+    scale: f32,
+}
+
+/// Buffers and shapes of one launch (`FusedBlock` in fused_block.cu).
+#[repr(C)]
+struct FusedBlock {
+    attn: AttnDecode,
+    x: CUdeviceptr,
+    ln1: CUdeviceptr,
+    ln2: CUdeviceptr,
+    act: CUdeviceptr,
+    bar: CUdeviceptr,
+    eps: f32,
+    hidden: i32,
+    inter: i32,
     ks_qkv: i32,
     ks_o: i32,
     ks_gu: i32,
@@ -147,23 +153,19 @@ fn shapes_match(w: &[&CudaWeight; 7], heads: HeadShape, hidden: usize, inter: us
     w.iter().zip(want).all(|(w, s)| w.shape() == s)
 }
 
-/// Runs decoder block `layer` on the residual row `x` in one launch of the
+/// Runs decoder block `step.layer` on the residual row `x` in one launch of the
 /// fused kernel with `occupancy` (1 or 2) blocks per SM when the step is a
 /// decode step of one sequence and every linear weight is 4-bit in one
 /// format the fused kernels take; `false` (nothing done) otherwise.
-#[allow(clippy::too_many_arguments)]
 pub fn decode_block(
     gpu: &Gpu,
     occupancy: u32,
     x: &mut CudaTensor,
-    w: &BlockWeights<'_, super::CudaBackend>,
-    eps: f32,
-    inv_freq: &CudaTensor,
+    w: &BlockWeights<'_, CudaBackend>,
+    step: &BlockStep<'_, CudaBackend>,
     cache: &mut CudaKvCache,
-    layer: usize,
-    heads: HeadShape,
-    layout: &CudaLayout,
 ) -> Result<bool> {
+    let (heads, layout) = (step.heads, step.layout);
     let s = cache.shape;
     let hidden = x.cols;
     let inter = w.gate_proj.shape().0;
@@ -179,13 +181,13 @@ pub fn decode_block(
     let fits = x.rows == 1
         && layout.n() == 1
         && is_decode(layout)
-        && layer < s.layers
+        && step.layer < s.layers
         && heads.kv_heads == s.kv_heads
         && heads.head_dim == s.head_dim
         && heads.q_heads.is_multiple_of(heads.kv_heads)
         && w.input_layernorm.len() == hidden
         && w.post_attention_layernorm.len() == hidden
-        && inv_freq.len() * 2 == heads.head_dim
+        && step.inv_freq.len() * 2 == heads.head_dim
         && shapes_match(&ws, heads, hidden, inter);
     if !fits {
         return Ok(false);
@@ -211,31 +213,33 @@ pub fn decode_block(
     let part = gpu.alloc(plan.partial_bytes)?;
     let kvo = heads.kv_heads * heads.head_dim;
     let params = FusedBlock {
+        attn: AttnDecode {
+            q: q.ptr(),
+            knew: k.ptr(),
+            vnew: v.ptr(),
+            kc: cache.k(step.layer),
+            vc: cache.v(step.layer),
+            slot: layout.slots(),
+            pos: layout.positions(),
+            inv_freq: step.inv_freq.ptr(),
+            part: part.ptr(),
+            count: cache.counters(),
+            out: att.ptr(),
+            q_heads: heads.q_heads as i32,
+            kv_heads: heads.kv_heads as i32,
+            head_dim: heads.head_dim as i32,
+            max_len: s.max_len as i32,
+            splits: plan.splits as i32,
+            scale: 1.0 / (heads.head_dim as f32).sqrt(),
+        },
         x: x.ptr(),
         ln1: w.input_layernorm.ptr(),
         ln2: w.post_attention_layernorm.ptr(),
-        q: q.ptr(),
-        k: k.ptr(),
-        v: v.ptr(),
-        att: att.ptr(),
         act: act.ptr(),
-        kc: cache.k(layer),
-        vc: cache.v(layer),
-        slot: layout.slots(),
-        pos: layout.positions(),
-        inv_freq: inv_freq.ptr(),
-        part: part.ptr(),
-        count: cache.counters(),
         bar: cache.barrier(),
-        eps,
-        scale: 1.0 / (heads.head_dim as f32).sqrt(),
+        eps: step.eps,
         hidden: hidden as i32,
         inter: inter as i32,
-        q_heads: heads.q_heads as i32,
-        kv_heads: heads.kv_heads as i32,
-        head_dim: heads.head_dim as i32,
-        max_len: s.max_len as i32,
-        splits: plan.splits as i32,
         ks_qkv: q4_ksplit(gpu, qo + 2 * kvo, hidden, 4) as i32,
         ks_o: q4_ksplit(gpu, hidden, qo, 4) as i32,
         ks_gu: q4_ksplit(gpu, inter, hidden, 1) as i32,

@@ -36,7 +36,7 @@ pub use layout::CudaLayout;
 pub use tensor::{CudaKvCache, CudaTensor};
 pub use weights::CudaWeight;
 
-use super::{Backend, BlockWeights, CacheShape, HeadShape, StepLayout};
+use super::{Backend, BlockStep, BlockWeights, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
 use gpu::Gpu;
 use matmul::FusedNorm;
@@ -245,22 +245,15 @@ impl Backend for CudaBackend {
         &self,
         x: &mut CudaTensor,
         w: &BlockWeights<'_, Self>,
-        eps: f32,
-        inv_freq: &CudaTensor,
+        step: &BlockStep<'_, Self>,
         cache: &mut CudaKvCache,
-        layer: usize,
-        heads: HeadShape,
-        layout: &CudaLayout,
     ) -> Result<bool> {
         let occupancy = self.fused.load(Ordering::Relaxed);
         if occupancy == 0 {
             return Ok(false);
         }
         self.gpu.bind()?;
-        let g = &self.gpu;
-        let done = fused_block::decode_block(
-            g, occupancy, x, w, eps, inv_freq, cache, layer, heads, layout,
-        )?;
+        let done = fused_block::decode_block(&self.gpu, occupancy, x, w, step, cache)?;
         if done {
             self.fused_issued.fetch_add(1, Ordering::Relaxed);
         }

@@ -62,26 +62,18 @@ __device__ __forceinline__ void grid_barrier(u32* bar, u32 nblocks) {
     __syncthreads();
 }
 
-// Buffers and shapes of a fused block (`FusedBlock` in fused_block.rs).
+// Buffers and shapes of a fused block (`FusedBlock` in fused_block.rs). The
+// attention phase's q, knew and vnew are the Q/K/V outputs, its `out` the
+// input of o_proj.
 struct FusedBlock {
+    AttnDecode attn;
     float* x;  // residual row [hidden]
     const float* ln1;
     const float* ln2;
-    float* q;    // [q_heads * D]
-    float* k;    // [kv_heads * D]
-    float* v;    // [kv_heads * D]
-    float* att;  // attention output [q_heads * D]
     float* act;  // silu(gate) * up [inter]
-    float* kc;
-    float* vc;
-    const u32* slot;
-    const u32* pos;
-    const float* inv_freq;
-    float* part;
-    u32* count;
     u32* bar;
-    float eps, scale;
-    int hidden, inter, q_heads, kv_heads, D, max_len, splits;
+    float eps;
+    int hidden, inter;
     int ks_qkv, ks_o, ks_gu, ks_down;
     int cd;
 };
@@ -123,13 +115,15 @@ __device__ __forceinline__ void fused_block_body(const FusedWeights<A>& w, const
     __syncthreads();
     const int bid = blockIdx.x, grid = gridDim.x;
     const auto barrier = [&] { grid_barrier(p.bar, grid); };
-    const int qo = p.q_heads * p.D, kvo = p.kv_heads * p.D;
+    const AttnDecode& ad = p.attn;
+    const int qo = ad.q_heads * ad.D, kvo = ad.kv_heads * ad.D;
 
-    // RMS norm and Q/K/V: the residual row comes from the previous kernel.
+    // RMS norm and Q/K/V (the attention's inputs, written here): the
+    // residual row comes from the previous kernel.
     GemvMulti m;
-    m.y[0] = p.q;
-    m.y[1] = p.k;
-    m.y[2] = p.v;
+    m.y[0] = (float*)ad.q;
+    m.y[1] = (float*)ad.knew;
+    m.y[2] = (float*)ad.vnew;
     m.out[0] = qo;
     m.out[1] = kvo;
     m.out[2] = kvo;
@@ -147,13 +141,10 @@ __device__ __forceinline__ void fused_block_body(const FusedWeights<A>& w, const
 
     // RoPE, KV append and attention: a work unit per (range, kv head). The
     // barrier sits inside a block's first unit, after its cache copies start.
-    const AttnDecode ad{p.q,   p.k,     p.v,     p.kc,     p.vc,        p.slot,
-                        p.pos, p.inv_freq, p.part, p.count, p.att, p.q_heads,
-                        p.kv_heads, p.D, p.max_len, p.splits, p.scale};
-    const int units = p.splits * p.kv_heads;
+    const int units = ad.splits * ad.kv_heads;
     if (bid >= units) barrier();
     for (int u = bid; u < units; u += grid)
-        attn_decode_unit(ad, u % p.splits, u / p.splits, 0, [&] {
+        attn_decode_unit(ad, u % ad.splits, u / ad.splits, 0, [&] {
             if (u == bid) barrier();
         });
 
@@ -162,7 +153,7 @@ __device__ __forceinline__ void fused_block_body(const FusedWeights<A>& w, const
         const Q q = q4_of(w.m[3], qo, p.hidden);
         return Q4Block<Q>{q, q, lut + 48, lut + 48, p.x, p.hidden, b};
     };
-    gemv_q4_body<Q, 4, false, 1, true>(at_o, q4_blocks(p.hidden, 4, p.ks_o), bid, grid, barrier, p.att,
+    gemv_q4_body<Q, 4, false, 1, true>(at_o, q4_blocks(p.hidden, 4, p.ks_o), bid, grid, barrier, ad.out,
                                  1, qo, p.ks_o, p.cd, 1, nullptr, 0.f);
 
     // RMS norm, gate/up and SiLU.
