@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use half::f16;
 use quantbench::backend::cpu::{CpuBackend, CpuTensor};
-use quantbench::backend::cuda::{CudaBackend, CudaTensor};
+use quantbench::backend::cuda::{CudaBackend, CudaTensor, FusedMode};
 use quantbench::backend::{Backend, CacheShape, HeadShape, StepLayout};
 use quantbench::io::load_model;
 use quantbench::model::rope::inv_freq;
@@ -818,14 +818,21 @@ fn quantized_models_match_the_cpu() {
     }
 }
 
-/// Single-sequence decode steps with every block as one fused launch give
-/// the same logits, bit for bit, as the op-by-op launches, for NF4 (double
-/// quantized), FP4 and packed 4-bit weights, with either kernel budget, on a
-/// short cache and on one long enough for multi-tile key ranges; and the
-/// fused path really ran.
+/// Single-sequence decode steps with the decoder blocks as fused launches
+/// (one per block, or all blocks in one, with either kernel budget) give the
+/// same logits, bit for bit, as the op-by-op launches, for NF4 (double
+/// quantized), FP4 and packed 4-bit weights, on a short cache and on one
+/// long enough for multi-tile key ranges; and the fused path really ran.
 #[test]
 fn fused_decode_blocks_match_the_op_by_op_path_bit_for_bit() {
     let tokens: Vec<u32> = (0..1100).map(|i| (i * 37 + 11) % 4000).collect();
+    let modes = [
+        (FusedMode::PerBlock { occupancy: 1 }, 20, 64),
+        (FusedMode::PerBlock { occupancy: 2 }, 1050, 1200),
+        (FusedMode::WholeModel { occupancy: 1 }, 20, 64),
+        (FusedMode::WholeModel { occupancy: 2 }, 20, 64),
+        (FusedMode::WholeModel { occupancy: 2 }, 1050, 1200),
+    ];
     for quant in ["nf4", "fp4,double_quant=false", "rtn,bits=4,group_size=128"] {
         let spec = QuantSpec::parse(quant).unwrap();
         let loaded = quantbench::cli::common::load_quantized(
@@ -836,9 +843,10 @@ fn fused_decode_blocks_match_the_op_by_op_path_bit_for_bit() {
         .unwrap();
         let fused = Model::new(gpu(), &loaded.weights).unwrap();
         let plain = Model::new(gpu(), &loaded.weights).unwrap();
-        plain.backend().set_fused_blocks(0).unwrap();
-        for (occupancy, prompt, max_len) in [(1, 20, 64), (2, 20, 64), (2, 1050, 1200)] {
-            fused.backend().set_fused_blocks(occupancy).unwrap();
+        plain.backend().set_fused(FusedMode::Off);
+        for (mode, prompt, max_len) in modes {
+            fused.backend().set_fused(mode);
+            let before = fused.backend().fused_steps();
             let mut fc = fused.new_cache(1, max_len).unwrap();
             let mut pc = plain.new_cache(1, max_len).unwrap();
             let first = step(&[(0, 0, tokens[..prompt].to_vec())]);
@@ -853,17 +861,15 @@ fn fused_decode_blocks_match_the_op_by_op_path_bit_for_bit() {
                 let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(
                     same,
-                    "{quant}: decode step {i} after {prompt} tokens: fused logits \
-                     ({occupancy} blocks/SM) differ (relative error {:.2e})",
+                    "{quant} {mode:?}: decode step {i} after {prompt} tokens: fused logits \
+                     differ (relative error {:.2e})",
                     rel_err(&a, &b)
                 );
             }
+            let ran = fused.backend().fused_steps() - before;
+            assert!(ran > 0, "{quant} {mode:?}: no step ran fused");
         }
-        assert!(
-            fused.backend().fused_blocks_issued() > 0,
-            "{quant}: no fused block ran"
-        );
-        assert_eq!(plain.backend().fused_blocks_issued(), 0);
+        assert_eq!(plain.backend().fused_steps(), 0);
         println!("{quant}: fused decode blocks match bit for bit");
     }
 }

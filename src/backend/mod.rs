@@ -49,10 +49,9 @@ pub struct BlockWeights<'a, B: Backend + ?Sized> {
     pub down_proj: &'a B::Weight,
 }
 
-/// Where a decoder block runs: its index, attention shape, norm epsilon,
+/// What decoder blocks share in a step: attention shape, norm epsilon,
 /// RoPE inverse frequencies and the step's layout.
 pub struct BlockStep<'a, B: Backend + ?Sized> {
-    pub layer: usize,
     pub heads: HeadShape,
     pub eps: f32,
     pub inv_freq: &'a B::Vector,
@@ -182,19 +181,20 @@ pub trait Backend: Send + Sync {
         let u = self.matmul(x, up)?;
         self.silu_mul(&g, &u)
     }
-    /// Runs decoder block `step.layer` (weights `w`) on `x` in place as one
-    /// fused operation, when the backend has one for this step and these
-    /// weights (the CUDA backend: a single-sequence decode step with 4-bit
-    /// weights, when enabled). `Ok(false)` means nothing was done and the
-    /// caller runs the block op by op; the results must match that path.
-    fn fused_block(
+    /// Runs the decoder blocks `layers` (block i on layer i of the cache) on
+    /// `x` in place as fused launches, when the backend has them for this
+    /// step and these weights (the CUDA backend, when enabled: a
+    /// single-sequence decode step with 4-bit weights). `Ok(false)` means
+    /// nothing was done and the caller runs the blocks op by op; the results
+    /// must match that path.
+    fn fused_blocks(
         &self,
         x: &mut Self::Tensor,
-        w: &BlockWeights<'_, Self>,
+        layers: &[BlockWeights<'_, Self>],
         step: &BlockStep<'_, Self>,
         cache: &mut Self::Cache,
     ) -> Result<bool> {
-        let _ = (x, w, step, cache);
+        let _ = (x, layers, step, cache);
         Ok(false)
     }
     /// The row of each sequence's last token in this step: `x` itself when

@@ -206,8 +206,8 @@ impl<B: Backend> Model<B> {
         self.block_with(l, x, cache, layout, Some(observe))
     }
 
-    /// One block; without an observer the backend may run it as one fused
-    /// operation, or fuse the norms into the projections that follow them.
+    /// One block; without an observer the norms may fuse into the
+    /// projections that follow them.
     fn block_with(
         &self,
         l: usize,
@@ -220,16 +220,6 @@ impl<B: Backend> Model<B> {
         let layer = &self.layers[l];
         let heads = self.heads();
         let eps = self.config.rms_norm_eps as f32;
-        let step = BlockStep {
-            layer: l,
-            heads,
-            eps,
-            inv_freq: &self.inv_freq,
-            layout,
-        };
-        if observe.is_none() && b.fused_block(x, &layer.weights(), &step, cache)? {
-            return Ok(());
-        }
         let qkv = [&layer.q_proj, &layer.k_proj, &layer.v_proj];
         let qkv = match observe.as_mut() {
             Some(obs) => {
@@ -298,8 +288,17 @@ impl<B: Backend> Model<B> {
         all_logits: bool,
     ) -> Result<B::Tensor> {
         let mut x = self.embed(layout)?;
-        for l in 0..self.layers.len() {
-            self.block(l, &mut x, cache, layout)?;
+        let layers: Vec<_> = self.layers.iter().map(DeviceLayer::weights).collect();
+        let step = BlockStep {
+            heads: self.heads(),
+            eps: self.config.rms_norm_eps as f32,
+            inv_freq: &self.inv_freq,
+            layout,
+        };
+        if !self.backend.fused_blocks(&mut x, &layers, &step, cache)? {
+            for l in 0..self.layers.len() {
+                self.block(l, &mut x, cache, layout)?;
+            }
         }
         if all_logits {
             self.head(&x)

@@ -1,8 +1,8 @@
-// One decoder block of a single-sequence decode step run both ways on the
-// CPU emulation (prelude.h): the five separate kernels, launched as the
-// Rust host launches them, and the fused kernel (fused_block.cu), on random
-// 4-bit weights, activations and KV caches; every output must agree bit for
-// bit. Cases cover both weight formats, double quantization, compute-dtype
+// Decoder blocks of a single-sequence decode step run both ways on the CPU
+// emulation (prelude.h): the five separate kernels per block, launched as
+// the Rust host launches them, and the fused kernels (fused_block.cu, one
+// block per launch or all in one), on random 4-bit weights, activations and
+// KV caches; every output must agree bit for bit. Cases cover both weight formats, double quantization, compute-dtype
 // rounding, split rows (ksplit > 1) on Llama-3.2-1B shapes, grids smaller
 // and larger than each phase's work, and caches long enough for multi-tile
 // key ranges. The separate kernels' results are also checked against the
@@ -137,21 +137,27 @@ static Q4PackedArgs make_packed(int rows, int in, int gsize) {
     return a;
 }
 
+// One path's device state: the residual row, each layer's KV cache, and
+// the buffers the steps share.
 struct State {
-    float *x, *kc, *vc, *q, *k, *v, *att, *act, *part;
+    float *x, *q, *k, *v, *att, *act, *part;
+    std::vector<float*> kc, vc;
     u32 *count, *bar;
 };
 
-static State fresh_state(const Shape& s, const float* x0, const float* kc0, const float* vc0,
+static State fresh_state(const Shape& s, int layers, const float* x0,
+                         const std::vector<float*>& kc0, const std::vector<float*>& vc0,
                          int splits) {
     State st;
     const size_t cache = (size_t)s.max_len * s.kv_heads * s.D;
     st.x = dalloc<float>(s.hidden);
     memcpy(st.x, x0, s.hidden * 4);
-    st.kc = dalloc<float>(cache);
-    st.vc = dalloc<float>(cache);
-    memcpy(st.kc, kc0, cache * 4);
-    memcpy(st.vc, vc0, cache * 4);
+    for (int l = 0; l < layers; l++) {
+        st.kc.push_back(dalloc<float>(cache));
+        st.vc.push_back(dalloc<float>(cache));
+        memcpy(st.kc[l], kc0[l], cache * 4);
+        memcpy(st.vc[l], vc0[l], cache * 4);
+    }
     st.q = dalloc<float>(s.q_heads * s.D);
     st.k = dalloc<float>(s.kv_heads * s.D);
     st.v = dalloc<float>(s.kv_heads * s.D);
@@ -191,9 +197,9 @@ static double weight(int fmt, const Q4BnbArgs& b, const Q4PackedArgs& k, int out
     return (double)b.code16[q] * scale;
 }
 
-// W x for matrix `i` (q, k, v, o, gate, up, down) of the block.
-static std::vector<double> matvec(int fmt, const FusedWeights<Q4BnbArgs>& wb,
-                                  const FusedWeights<Q4PackedArgs>& wp, int i, int out, int in,
+// W x for matrix `i` (q, k, v, o, gate, up, down) of a block.
+static std::vector<double> matvec(int fmt, const FusedLayer<Q4BnbArgs>& wb,
+                                  const FusedLayer<Q4PackedArgs>& wp, int i, int out, int in,
                                   const std::vector<double>& x) {
     std::vector<double> y(out, 0.0);
     for (int r = 0; r < out; r++)
@@ -229,17 +235,17 @@ static double rel_err(const float* got, const std::vector<double>& want) {
     return sqrt(num / (den > 0 ? den : 1));
 }
 
-// The block in double precision from its definition (no kernel code): the
-// new residual row, and the key and value appended at position `pos`.
-struct Reference {
-    std::vector<double> x, k, v;
+// One block in double precision from its definition (no kernel code):
+// updates the residual row `x` and returns the key and value appended at
+// position `pos`.
+struct Appended {
+    std::vector<double> k, v;
 };
-static Reference reference(const Shape& s, int fmt, const FusedWeights<Q4BnbArgs>& wb,
-                           const FusedWeights<Q4PackedArgs>& wp, const float* x0, const float* ln1,
-                           const float* ln2, const float* inv, const float* kc0, const float* vc0,
-                           double eps) {
+static Appended reference_block(const Shape& s, int fmt, const FusedLayer<Q4BnbArgs>& wb,
+                                const FusedLayer<Q4PackedArgs>& wp, std::vector<double>& x,
+                                const float* ln1, const float* ln2, const float* inv,
+                                const float* kc0, const float* vc0, double eps) {
     const int qo = s.q_heads * s.D, kvo = s.kv_heads * s.D, G = s.q_heads / s.kv_heads;
-    std::vector<double> x(x0, x0 + s.hidden);
     const auto h = rms_norm(x, ln1, eps);
     auto q = matvec(fmt, wb, wp, 0, qo, s.hidden, h);
     auto k = matvec(fmt, wb, wp, 1, kvo, s.hidden, h);
@@ -276,32 +282,38 @@ static Reference reference(const Shape& s, int fmt, const FusedWeights<Q4BnbArgs
     for (int i = 0; i < s.inter; i++) act[i] = g[i] / (1 + exp(-g[i])) * u[i];
     const auto d = matvec(fmt, wb, wp, 6, s.hidden, s.inter, act);
     for (int i = 0; i < s.hidden; i++) x[i] += d[i];
-    return Reference{x, k, v};
+    return Appended{k, v};
 }
 
-// One case: format `fmt` (0 bnb no DQ, 1 bnb DQ, 2 packed), compute dtype
-// `cd`, `sm` SMs (for the host's ksplit rule), `cap` blocks per separate
-// launch (a one-wave cap), `fgrid` blocks of the fused launch.
-static bool run_case(const Shape& s, int fmt, int cd, int sm, int cap, int fgrid) {
+// One case: `layers` decoder blocks in format `fmt` (0 bnb no DQ, 1 bnb DQ,
+// 2 packed), compute dtype `cd`, `sm` SMs (for the host's ksplit rule),
+// `cap` blocks per separate launch (a one-wave cap), `fgrid` blocks of the
+// fused launches, all blocks in one launch (`whole`) or one per launch.
+static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int cap, int fgrid,
+                     bool whole) {
     arena_used = 0;
     const int qo = s.q_heads * s.D, kvo = s.kv_heads * s.D, G = s.q_heads / s.kv_heads;
-    float* code16 = rand_f(16, -1.f, 1.f);
     const int rows[7] = {qo, kvo, kvo, s.hidden, s.inter, s.inter, s.hidden};
     const int ins[7] = {s.hidden, s.hidden, s.hidden, qo, s.hidden, s.hidden, s.inter};
-    FusedWeights<Q4BnbArgs> wb{};
-    FusedWeights<Q4PackedArgs> wp{};
-    for (int i = 0; i < 7; i++) {
-        if (fmt == 2) wp.m[i] = make_packed(rows[i], ins[i], 32);
-        else wb.m[i] = make_bnb(rows[i], ins[i], fmt == 1, code16);
+    const size_t cache = (size_t)s.max_len * kvo;
+    // Per layer: weights (with norms), and the initial caches.
+    std::vector<FusedLayer<Q4BnbArgs>> lb(layers);
+    std::vector<FusedLayer<Q4PackedArgs>> lp(layers);
+    std::vector<float*> kc0, vc0;
+    for (int l = 0; l < layers; l++) {
+        float* code16 = rand_f(16, -1.f, 1.f);
+        for (int i = 0; i < 7; i++) {
+            if (fmt == 2) lp[l].m[i] = make_packed(rows[i], ins[i], 32);
+            else lb[l].m[i] = make_bnb(rows[i], ins[i], fmt == 1, code16);
+        }
+        lb[l].ln1 = lp[l].ln1 = rand_f(s.hidden, 0.5f, 1.5f);
+        lb[l].ln2 = lp[l].ln2 = rand_f(s.hidden, 0.5f, 1.5f);
+        kc0.push_back(rand_f(cache, -1.f, 1.f));
+        vc0.push_back(rand_f(cache, -1.f, 1.f));
     }
     float* x0 = rand_f(s.hidden, -1.f, 1.f);
-    float* ln1 = rand_f(s.hidden, 0.5f, 1.5f);
-    float* ln2 = rand_f(s.hidden, 0.5f, 1.5f);
     float* inv = dalloc<float>(s.D / 2);
     for (int i = 0; i < s.D / 2; i++) inv[i] = powf(10000.f, -2.f * i / s.D);
-    const size_t cache = (size_t)s.max_len * kvo;
-    float* kc0 = rand_f(cache, -1.f, 1.f);
-    float* vc0 = rand_f(cache, -1.f, 1.f);
     u32* slot = dalloc<u32>(1);
     u32* pos = dalloc<u32>(1);
     pos[0] = s.pos;
@@ -317,22 +329,24 @@ static bool run_case(const Shape& s, int fmt, int cd, int sm, int cap, int fgrid
     const int ks_down = gemv_ksplit(sm, s.hidden, s.inter / 32, 4);
     auto staged = [](int in) { return (size_t)(in + in / 32) * 4; };
 
-    // Separate kernels.
-    State a = fresh_state(s, x0, kc0, vc0, splits);
-    {
+    // Separate kernels, block after block.
+    State a = fresh_state(s, layers, x0, kc0, vc0, splits);
+    for (int l = 0; l < layers; l++) {
+        const FusedLayer<Q4BnbArgs>& wb = lb[l];
+        const FusedLayer<Q4PackedArgs>& wp = lp[l];
         GemvMulti m{};
         m.y[0] = a.q; m.y[1] = a.k; m.y[2] = a.v;
         m.out[0] = qo; m.out[1] = kvo; m.out[2] = kvo;
         int tot = 0;
         for (int i = 0; i < 3; i++) tot += (m.blocks[i] = q4_blocks_h(m.out[i], 4, ks_qkv));
         launch({(unsigned)std::min(tot, cap)}, 256, staged(s.hidden), [&] {
-            if (fmt == 2) gemv_q4packed_norm3(wp.m[0], wp.m[1], wp.m[2], m, a.x, ln1, eps, s.hidden, ks_qkv);
-            else gemv_q4bnb_norm3(wb.m[0], wb.m[1], wb.m[2], m, a.x, ln1, eps, s.hidden, ks_qkv, cd);
+            if (fmt == 2) gemv_q4packed_norm3(wp.m[0], wp.m[1], wp.m[2], m, a.x, wp.ln1, eps, s.hidden, ks_qkv);
+            else gemv_q4bnb_norm3(wb.m[0], wb.m[1], wb.m[2], m, a.x, wb.ln1, eps, s.hidden, ks_qkv, cd);
         });
         const unsigned threads = 32 * std::min(std::max(G, 4), 8);
         launch({(unsigned)splits, (unsigned)s.kv_heads, 1}, threads, att_smem, [&] {
-            attn_decode(a.q, a.k, a.v, a.kc, a.vc, slot, pos, inv, a.part, a.count, a.att, s.q_heads,
-                        s.kv_heads, s.D, s.max_len, splits, scale);
+            attn_decode(a.q, a.k, a.v, a.kc[l], a.vc[l], slot, pos, inv, a.part, a.count, a.att,
+                        s.q_heads, s.kv_heads, s.D, s.max_len, splits, scale);
         });
         auto gemv = [&](int i, const float* x, float* y, int out, int in, int ks, int acc) {
             launch({(unsigned)std::min(q4_blocks_h(out, 4, ks), cap)}, 256, staged(in), [&] {
@@ -352,51 +366,77 @@ static bool run_case(const Shape& s, int fmt, int cd, int sm, int cap, int fgrid
                 const Q4PackedArgs &g = wp.m[4], &u = wp.m[5];
                 gemv_q4packed_b1_pair(g.w, g.scales, g.zeros, nullptr, g.wpr, g.gsize, u.w, u.scales,
                                       u.zeros, nullptr, u.wpr, u.gsize, a.x, a.act, 1, s.inter,
-                                      s.hidden, ks_gu, 0, ln2, eps);
+                                      s.hidden, ks_gu, 0, wp.ln2, eps);
             } else {
                 const Q4BnbArgs &g = wb.m[4], &u = wb.m[5];
                 gemv_q4bnb_b1_pair(g.w, g.absmax, g.codes, g.code2, g.code16, g.offset, g.bs_log2,
                                    g.nbs_log2, 0, u.w, u.absmax, u.codes, u.code2, u.code16, u.offset,
                                    u.bs_log2, u.nbs_log2, 0, a.x, a.act, 1, s.inter, s.hidden, ks_gu, 0,
-                                   cd, ln2, eps);
+                                   cd, wb.ln2, eps);
             }
         });
         gemv(6, a.act, a.x, s.hidden, s.inter, ks_down, 1);
     }
 
-    // Fused kernel.
-    State b = fresh_state(s, x0, kc0, vc0, splits);
+    // Fused launches: this path's caches in the layer descriptors.
+    State b = fresh_state(s, layers, x0, kc0, vc0, splits);
     FusedBlock p{};
-    p.attn = AttnDecode{b.q,     b.k,     b.v,   b.kc,      b.vc,       slot,  pos,        inv,
+    p.attn = AttnDecode{b.q,     b.k,     b.v,   nullptr,   nullptr,    slot,  pos,       inv,
                         b.part,  b.count, b.att, s.q_heads, s.kv_heads, s.D,   s.max_len, splits,
                         scale};
-    p.x = b.x; p.ln1 = ln1; p.ln2 = ln2; p.act = b.act; p.bar = b.bar; p.eps = eps;
+    p.x = b.x; p.act = b.act; p.bar = b.bar; p.eps = eps;
     p.hidden = s.hidden; p.inter = s.inter; p.ks_qkv = ks_qkv; p.ks_o = ks_o; p.ks_gu = ks_gu;
     p.ks_down = ks_down; p.cd = fmt == 2 ? 0 : cd;
+    FusedLayers<Q4BnbArgs, 32> fb{};
+    FusedLayers<Q4PackedArgs, 32> fp{};
+    for (int l = 0; l < layers; l++) {
+        fb.l[l] = lb[l];
+        fp.l[l] = lp[l];
+        fb.l[l].kc = fp.l[l].kc = b.kc[l];
+        fb.l[l].vc = fp.l[l].vc = b.vc[l];
+    }
     size_t smem = std::max({staged(s.hidden), staged(qo), staged(s.inter), att_smem});
-    launch({(unsigned)fgrid}, 256, smem, [&] {
-        if (fmt == 2) fused_block_q4packed_occ2(wp, p);
-        else fused_block_q4bnb_occ1(wb, p);
-    });
+    if (whole) {
+        launch({(unsigned)fgrid}, 256, smem, [&] {
+            if (fmt == 2) fused_q4packed_occ2_l32(fp, layers, p);
+            else fused_q4bnb_occ1_l32(fb, layers, p);
+        });
+    } else {
+        for (int l = 0; l < layers; l++) {
+            FusedLayers<Q4BnbArgs, 1> one_b{{fb.l[l]}};
+            FusedLayers<Q4PackedArgs, 1> one_p{{fp.l[l]}};
+            launch({(unsigned)fgrid}, 256, smem, [&] {
+                if (fmt == 2) fused_q4packed_occ1_l1(one_p, 1, p);
+                else fused_q4bnb_occ2_l1(one_b, 1, p);
+            });
+        }
+    }
 
     bool ok = same("q", a.q, b.q, qo) && same("k", a.k, b.k, kvo) && same("v", a.v, b.v, kvo) &&
               same("att", a.att, b.att, qo) && same("act", a.act, b.act, s.inter) &&
-              same("x", a.x, b.x, s.hidden) && same("kc", a.kc, b.kc, cache) &&
-              same("vc", a.vc, b.vc, cache);
+              same("x", a.x, b.x, s.hidden);
+    for (int l = 0; l < layers; l++)
+        ok = ok && same("kc", a.kc[l], b.kc[l], cache) && same("vc", a.vc[l], b.vc[l], cache);
     ok = ok && b.bar[0] == 0 && b.count[0] == 0;
+    ok = ok && memcmp(a.x, x0, s.hidden * 4) != 0;
     // The separate kernels against the definitions, within the rounding of
     // the compute dtype (none, f16, bf16).
-    const Reference r = reference(s, fmt, wb, wp, x0, ln1, ln2, inv, kc0, vc0, eps);
+    std::vector<double> x(x0, x0 + s.hidden);
+    double ek = 0, ev = 0;
+    for (int l = 0; l < layers; l++) {
+        const Appended r = reference_block(s, fmt, lb[l], lp[l], x, lb[l].ln1, lb[l].ln2, inv,
+                                           kc0[l], vc0[l], eps);
+        ek = std::max(ek, rel_err(a.kc[l] + (size_t)s.pos * kvo, r.k));
+        ev = std::max(ev, rel_err(a.vc[l] + (size_t)s.pos * kvo, r.v));
+    }
+    const double ex = rel_err(a.x, x);
     const double tol = fmt == 2 || cd == 0 ? 1e-5 : (cd == 1 ? 2e-3 : 1e-2);
-    const double ex = rel_err(a.x, r.x);
-    const double ek = rel_err(a.kc + (size_t)s.pos * kvo, r.k);
-    const double ev = rel_err(a.vc + (size_t)s.pos * kvo, r.v);
     const bool ref_ok = ex < tol && ek < tol && ev < tol;
-    printf("fmt %d cd %d shape h%d i%d q%d kv%d D%d len%d pos%d ks %d/%d/%d/%d cap %d fused grid %d: "
-           "%s; reference x %.1e k %.1e v %.1e: %s\n",
-           fmt, cd, s.hidden, s.inter, s.q_heads, s.kv_heads, s.D, s.max_len, s.pos, ks_qkv, ks_o,
-           ks_gu, ks_down, cap, fgrid, ok ? "SAME" : "DIFFERENT", ex, ek, ev,
-           ref_ok ? "WITHIN" : "OUTSIDE");
+    printf("%d layers %s, fmt %d cd %d, h%d i%d q%d kv%d D%d len%d pos%d, ks %d/%d/%d/%d, "
+           "cap %d, fused grid %d: %s; reference x %.1e k %.1e v %.1e: %s\n",
+           layers, whole ? "in one launch" : "one per launch", fmt, cd, s.hidden, s.inter,
+           s.q_heads, s.kv_heads, s.D, s.max_len, s.pos, ks_qkv, ks_o, ks_gu, ks_down, cap, fgrid,
+           ok ? "SAME" : "DIFFERENT", ex, ek, ev, ref_ok ? "WITHIN" : "OUTSIDE");
     return ok && ref_ok;
 }
 
@@ -405,16 +445,16 @@ int main() {
     if (arena == MAP_FAILED) return 2;
     bool ok = true;
     const Shape small{128, 256, 4, 2, 32, 80, 45};
-    ok &= run_case(small, 1, 2, 2, 3, 5);
-    ok &= run_case(small, 0, 0, 4, 5, 3);
-    ok &= run_case(small, 2, 0, 2, 4, 7);
+    ok &= run_case(small, 3, 1, 2, 2, 3, 5, true);
+    ok &= run_case(small, 2, 0, 0, 4, 5, 3, false);
+    ok &= run_case(small, 3, 2, 0, 2, 4, 7, true);
     const Shape group4{256, 512, 8, 2, 64, 100, 99};
-    ok &= run_case(group4, 1, 1, 3, 6, 4);
+    ok &= run_case(group4, 2, 1, 1, 3, 6, 4, false);
     const Shape long_cache{128, 256, 4, 2, 32, 1100, 1050};
-    ok &= run_case(long_cache, 2, 0, 2, 4, 6);
+    ok &= run_case(long_cache, 2, 2, 0, 2, 4, 6, true);
     const Shape llama1b{2048, 8192, 32, 8, 64, 640, 530};
-    ok &= run_case(llama1b, 1, 1, 132, 7, 9);
-    ok &= run_case(llama1b, 2, 0, 132, 9, 5);
+    ok &= run_case(llama1b, 2, 1, 1, 132, 7, 9, true);
+    ok &= run_case(llama1b, 1, 2, 0, 132, 9, 5, false);
     printf(ok ? "ALL SAME\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

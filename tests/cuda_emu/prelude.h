@@ -20,6 +20,7 @@
 #define __forceinline__ inline
 #define __global__
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __shared__ static
 #define __align__(n) alignas(n)
 // Blocks run as slow OS threads here: a barrier may wait long.

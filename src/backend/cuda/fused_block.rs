@@ -1,15 +1,18 @@
-//! A whole decoder block of a single-sequence decode step in one launch
-//! (fused_block.cu): the five launches of the op-by-op path become phases
-//! of one persistent grid, separated by grid-wide barriers. The phases run
-//! the same device code with the same work split as the separate kernels,
-//! so the results are bit-identical to the op-by-op path.
+//! Decoder blocks of a single-sequence decode step as persistent launches
+//! (fused_block.cu): the five launches per block of the op-by-op path become
+//! phases of one grid, separated by grid-wide barriers, for one block per
+//! launch or for all blocks in one launch. The phases run the same device
+//! code with the same work split as the separate kernels, so the results
+//! are bit-identical to the op-by-op path.
+
+use std::ffi::c_void;
 
 use anyhow::{Result, bail};
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::CudaBackend;
 use super::attention::{DecodePlan, check_fits, is_decode};
-use super::gpu::{Gpu, arg};
+use super::gpu::{Arg, Gpu, arg};
 use super::matmul::{
     Q4BnbArgs, Q4PackedArgs, dtype_mode, q4_bnb_ok, q4_ksplit, q4_packed_ok, q4_staged_floats,
 };
@@ -21,6 +24,46 @@ use crate::backend::{BlockStep, BlockWeights, HeadShape};
 const THREADS: u32 = 256;
 /// Default shared-memory budget of a block.
 const SMEM_DEFAULT: usize = 48 * 1024;
+/// Most decoder blocks one whole-model launch takes (`FUSED_KERNELS(_, 32)`).
+const MAX_LAYERS: usize = 32;
+
+/// How decode steps run their decoder blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedMode {
+    /// Op by op: five launches per block.
+    Off,
+    /// One launch per block, with `occupancy` (1 or 2) blocks per SM.
+    PerBlock { occupancy: u32 },
+    /// All blocks in one launch (up to 32 per launch), with `occupancy`
+    /// blocks per SM.
+    WholeModel { occupancy: u32 },
+}
+
+impl FusedMode {
+    /// From `QUANTBENCH_CUDA_FUSED`: unset or `off`, `block1`, `block2`,
+    /// `model1`, `model2` (the digit: blocks per SM).
+    pub fn from_env() -> Result<FusedMode> {
+        Ok(match std::env::var("QUANTBENCH_CUDA_FUSED").as_deref() {
+            Err(_) | Ok("off") => FusedMode::Off,
+            Ok("block1") => FusedMode::PerBlock { occupancy: 1 },
+            Ok("block2") => FusedMode::PerBlock { occupancy: 2 },
+            Ok("model1") => FusedMode::WholeModel { occupancy: 1 },
+            Ok("model2") => FusedMode::WholeModel { occupancy: 2 },
+            Ok(other) => bail!(
+                "QUANTBENCH_CUDA_FUSED must be off, block1, block2, model1 or model2, not {other:?}"
+            ),
+        })
+    }
+
+    /// Blocks per SM and decoder blocks per launch, or `None` when off.
+    fn launch_shape(self) -> Option<(u32, usize)> {
+        match self {
+            FusedMode::Off => None,
+            FusedMode::PerBlock { occupancy } => Some((occupancy, 1)),
+            FusedMode::WholeModel { occupancy } => Some((occupancy, MAX_LAYERS)),
+        }
+    }
+}
 
 /// The attention phase's buffers and shapes (`AttnDecode` in attention.cu).
 #[repr(C)]
@@ -44,13 +87,12 @@ struct AttnDecode {
     scale: f32,
 }
 
-/// Buffers and shapes of one launch (`FusedBlock` in fused_block.cu).
+/// Buffers and shapes a launch's decoder blocks share (`FusedBlock` in
+/// fused_block.cu).
 #[repr(C)]
 struct FusedBlock {
     attn: AttnDecode,
     x: CUdeviceptr,
-    ln1: CUdeviceptr,
-    ln2: CUdeviceptr,
     act: CUdeviceptr,
     bar: CUdeviceptr,
     eps: f32,
@@ -63,40 +105,47 @@ struct FusedBlock {
     cd: i32,
 }
 
-/// The seven matrices in the order q, k, v, o, gate, up, down, as one
-/// kernel format takes them, with its kernel and compute-dtype mode.
-enum FusedWeights {
-    Bnb4([Q4BnbArgs; 7], i32),
-    Packed([Q4PackedArgs; 7]),
+/// One decoder block: its matrices (q, k, v, o, gate, up, down), norms and
+/// layer of the KV cache (`FusedLayer` in fused_block.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FusedLayer<A> {
+    m: [A; 7],
+    ln1: CUdeviceptr,
+    ln2: CUdeviceptr,
+    kc: CUdeviceptr,
+    vc: CUdeviceptr,
 }
 
-impl FusedWeights {
-    /// The fused kernel's arguments for `ws`, when all seven are 4-bit
-    /// weights of one format that the single-row 4-bit GEMV takes.
-    fn of(ws: &[&CudaWeight; 7]) -> Option<FusedWeights> {
-        match ws[0] {
+/// The decoder blocks of a step in the one format a fused kernel takes,
+/// with the compute-dtype mode.
+enum FusedLayers {
+    Bnb4(Vec<FusedLayer<Q4BnbArgs>>, i32),
+    Packed(Vec<FusedLayer<Q4PackedArgs>>),
+}
+
+impl FusedLayers {
+    /// The kernels' descriptors of `layers` (layer i in layer i of `cache`),
+    /// when every matrix is a 4-bit weight of one format (and compute
+    /// dtype) that the single-row 4-bit GEMV takes.
+    fn of(layers: &[BlockWeights<'_, CudaBackend>], cache: &CudaKvCache) -> Option<FusedLayers> {
+        match layers.first()?.q_proj {
             CudaWeight::Bnb4(first) => {
-                let args = ws.map(|w| match w {
-                    CudaWeight::Bnb4(q)
-                        if q4_bnb_ok(q) && q.compute_dtype == first.compute_dtype =>
-                    {
+                let cd = first.compute_dtype;
+                let ls = describe(layers, cache, |m| match m {
+                    CudaWeight::Bnb4(q) if q4_bnb_ok(q) && q.compute_dtype == cd => {
                         Some(Q4BnbArgs::of(q))
                     }
                     _ => None,
-                });
-                let args = args.iter().copied().collect::<Option<Vec<_>>>()?;
-                Some(FusedWeights::Bnb4(
-                    args.try_into().ok()?,
-                    dtype_mode(first.compute_dtype),
-                ))
+                })?;
+                Some(FusedLayers::Bnb4(ls, dtype_mode(cd)))
             }
             CudaWeight::Packed(_) => {
-                let args = ws.map(|w| match w {
+                let ls = describe(layers, cache, |m| match m {
                     CudaWeight::Packed(q) if q4_packed_ok(q) => Some(Q4PackedArgs::of(q)),
                     _ => None,
-                });
-                let args = args.iter().copied().collect::<Option<Vec<_>>>()?;
-                Some(FusedWeights::Packed(args.try_into().ok()?))
+                })?;
+                Some(FusedLayers::Packed(ls))
             }
             _ => None,
         }
@@ -105,42 +154,68 @@ impl FusedWeights {
     /// The compute-dtype rounding mode (`rnd` in gemv.cu).
     fn compute_mode(&self) -> i32 {
         match self {
-            FusedWeights::Bnb4(_, cd) => *cd,
-            FusedWeights::Packed(_) => 0,
+            FusedLayers::Bnb4(_, cd) => *cd,
+            FusedLayers::Packed(_) => 0,
         }
     }
 
-    /// The fused kernel for this format with `occupancy` blocks per SM.
-    fn kernel(&self, occupancy: u32) -> String {
+    /// The fused kernel for this format, `occupancy` blocks per SM and up to
+    /// `per_launch` decoder blocks per launch.
+    fn kernel(&self, occupancy: u32, per_launch: usize) -> String {
         let base = match self {
-            FusedWeights::Bnb4(..) => "fused_block_q4bnb",
-            FusedWeights::Packed(_) => "fused_block_q4packed",
+            FusedLayers::Bnb4(..) => "fused_q4bnb",
+            FusedLayers::Packed(_) => "fused_q4packed",
         };
-        format!("{base}_occ{occupancy}")
+        format!("{base}_occ{occupancy}_l{per_launch}")
     }
 }
 
-/// Blocks per SM of the fused kernel to use, or 0 for none, from
-/// `QUANTBENCH_CUDA_FUSED_BLOCK` (unset or `0`: op-by-op launches; `1` or
-/// `2`: fused blocks with that register budget).
-pub fn occupancy_from_env() -> Result<u32> {
-    match std::env::var("QUANTBENCH_CUDA_FUSED_BLOCK") {
-        Err(_) => Ok(0),
-        Ok(v) => match v.as_str() {
-            "0" | "1" | "2" => Ok(v.parse()?),
-            _ => bail!(
-                "QUANTBENCH_CUDA_FUSED_BLOCK must be 0 (off), 1 or 2 (blocks per SM), not {v:?}"
-            ),
-        },
-    }
+/// Descriptors of `layers`, each matrix described by `matrix` (`None`
+/// when some matrix has no description).
+fn describe<A>(
+    layers: &[BlockWeights<'_, CudaBackend>],
+    cache: &CudaKvCache,
+    matrix: impl Fn(&CudaWeight) -> Option<A>,
+) -> Option<Vec<FusedLayer<A>>> {
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let m: Vec<A> = matrices(w)
+                .into_iter()
+                .map(&matrix)
+                .collect::<Option<_>>()?;
+            Some(FusedLayer {
+                m: m.try_into().ok()?,
+                ln1: w.input_layernorm.ptr(),
+                ln2: w.post_attention_layernorm.ptr(),
+                kc: cache.k(i),
+                vc: cache.v(i),
+            })
+        })
+        .collect()
 }
 
-/// Whether the weights' shapes are those of a Llama block with `heads`.
-fn shapes_match(w: &[&CudaWeight; 7], heads: HeadShape, hidden: usize, inter: usize) -> bool {
+/// A block's matrices in the kernels' order.
+fn matrices<'a>(w: &BlockWeights<'a, CudaBackend>) -> [&'a CudaWeight; 7] {
+    [
+        w.q_proj,
+        w.k_proj,
+        w.v_proj,
+        w.o_proj,
+        w.gate_proj,
+        w.up_proj,
+        w.down_proj,
+    ]
+}
+
+/// Whether block `w`'s shapes are those of a Llama block with `heads`.
+fn shapes_match(w: &BlockWeights<'_, CudaBackend>, heads: HeadShape, hidden: usize) -> bool {
     let (qo, kvo) = (
         heads.q_heads * heads.head_dim,
         heads.kv_heads * heads.head_dim,
     );
+    let inter = w.gate_proj.shape().0;
     let want = [
         (qo, hidden),
         (kvo, hidden),
@@ -150,55 +225,56 @@ fn shapes_match(w: &[&CudaWeight; 7], heads: HeadShape, hidden: usize, inter: us
         (inter, hidden),
         (hidden, inter),
     ];
-    w.iter().zip(want).all(|(w, s)| w.shape() == s)
+    w.input_layernorm.len() == hidden
+        && w.post_attention_layernorm.len() == hidden
+        && matrices(w).iter().zip(want).all(|(m, s)| m.shape() == s)
 }
 
-/// Runs decoder block `step.layer` on the residual row `x` in one launch of the
-/// fused kernel with `occupancy` (1 or 2) blocks per SM when the step is a
-/// decode step of one sequence and every linear weight is 4-bit in one
-/// format the fused kernels take; `false` (nothing done) otherwise.
-pub fn decode_block(
+/// Runs `layers` (layer i of the cache for block i) on the residual row `x`
+/// as fused launches in `mode` when the step is a decode step of one
+/// sequence and every linear weight is 4-bit in one format the fused kernels
+/// take; `false` (nothing done) otherwise.
+pub fn decode_blocks(
     gpu: &Gpu,
-    occupancy: u32,
+    mode: FusedMode,
     x: &mut CudaTensor,
-    w: &BlockWeights<'_, CudaBackend>,
+    layers: &[BlockWeights<'_, CudaBackend>],
     step: &BlockStep<'_, CudaBackend>,
     cache: &mut CudaKvCache,
 ) -> Result<bool> {
+    let Some((occupancy, per_launch)) = mode.launch_shape() else {
+        return Ok(false);
+    };
     let (heads, layout) = (step.heads, step.layout);
     let s = cache.shape;
     let hidden = x.cols;
-    let inter = w.gate_proj.shape().0;
-    let ws = [
-        w.q_proj,
-        w.k_proj,
-        w.v_proj,
-        w.o_proj,
-        w.gate_proj,
-        w.up_proj,
-        w.down_proj,
-    ];
     let fits = x.rows == 1
         && layout.n() == 1
         && is_decode(layout)
-        && step.layer < s.layers
+        && !layers.is_empty()
+        && layers.len() <= s.layers
         && heads.kv_heads == s.kv_heads
         && heads.head_dim == s.head_dim
         && heads.q_heads.is_multiple_of(heads.kv_heads)
-        && w.input_layernorm.len() == hidden
-        && w.post_attention_layernorm.len() == hidden
         && step.inv_freq.len() * 2 == heads.head_dim
-        && shapes_match(&ws, heads, hidden, inter);
+        && layers.iter().all(|w| shapes_match(w, heads, hidden))
+        && layers
+            .iter()
+            .all(|w| w.gate_proj.shape() == layers[0].gate_proj.shape());
     if !fits {
         return Ok(false);
     }
-    let Some(fw) = FusedWeights::of(&ws) else {
+    let Some(fused) = FusedLayers::of(layers, cache) else {
         return Ok(false);
     };
     check_fits(cache, layout)?;
     let plan = DecodePlan::new(heads, s.max_len)?;
-    let name = fw.kernel(occupancy);
-    let qo = heads.q_heads * heads.head_dim;
+    let name = fused.kernel(occupancy, per_launch);
+    let (qo, kvo) = (
+        heads.q_heads * heads.head_dim,
+        heads.kv_heads * heads.head_dim,
+    );
+    let inter = layers[0].gate_proj.shape().0;
     let staged = [hidden, qo, inter].map(q4_staged_floats);
     let smem = (staged.iter().max().copied().unwrap_or(0) * 4).max(plan.smem);
     if smem > SMEM_DEFAULT {
@@ -206,19 +282,18 @@ pub fn decode_block(
     }
     let grid = gpu.one_wave(&name, usize::MAX, smem as u32)?;
     let q = CudaTensor::empty(gpu, 1, qo)?;
-    let k = CudaTensor::empty(gpu, 1, heads.kv_heads * heads.head_dim)?;
-    let v = CudaTensor::empty(gpu, 1, heads.kv_heads * heads.head_dim)?;
+    let k = CudaTensor::empty(gpu, 1, kvo)?;
+    let v = CudaTensor::empty(gpu, 1, kvo)?;
     let att = CudaTensor::empty(gpu, 1, qo)?;
     let act = CudaTensor::empty(gpu, 1, inter)?;
     let part = gpu.alloc(plan.partial_bytes)?;
-    let kvo = heads.kv_heads * heads.head_dim;
     let params = FusedBlock {
         attn: AttnDecode {
             q: q.ptr(),
             knew: k.ptr(),
             vnew: v.ptr(),
-            kc: cache.k(step.layer),
-            vc: cache.v(step.layer),
+            kc: 0,
+            vc: 0,
             slot: layout.slots(),
             pos: layout.positions(),
             inv_freq: step.inv_freq.ptr(),
@@ -233,8 +308,6 @@ pub fn decode_block(
             scale: 1.0 / (heads.head_dim as f32).sqrt(),
         },
         x: x.ptr(),
-        ln1: w.input_layernorm.ptr(),
-        ln2: w.post_attention_layernorm.ptr(),
         act: act.ptr(),
         bar: cache.barrier(),
         eps: step.eps,
@@ -244,25 +317,49 @@ pub fn decode_block(
         ks_o: q4_ksplit(gpu, hidden, qo, 4) as i32,
         ks_gu: q4_ksplit(gpu, inter, hidden, 1) as i32,
         ks_down: q4_ksplit(gpu, hidden, inter, 4) as i32,
-        cd: fw.compute_mode(),
+        cd: fused.compute_mode(),
     };
-    launch(gpu, &name, grid, smem, &fw, &params)?;
+    let launch = Launch {
+        gpu,
+        name: &name,
+        grid,
+        smem,
+        params: &params,
+    };
+    match &fused {
+        FusedLayers::Bnb4(ls, _) => launch.chunks(ls, per_launch),
+        FusedLayers::Packed(ls) => launch.chunks(ls, per_launch),
+    }?;
     Ok(true)
 }
 
-/// Launches fused kernel `name` (taking `fw`) on `grid` blocks.
-fn launch(
-    gpu: &Gpu,
-    name: &str,
+/// One fused kernel and its shared arguments.
+struct Launch<'a> {
+    gpu: &'a Gpu,
+    name: &'a str,
     grid: usize,
     smem: usize,
-    fw: &FusedWeights,
-    params: &FusedBlock,
-) -> Result<()> {
-    let weights = match fw {
-        FusedWeights::Bnb4(m, _) => arg(m),
-        FusedWeights::Packed(m) => arg(m),
-    };
-    let mut args = [weights, arg(params)];
-    gpu.launch(name, (grid as u32, 1, 1), THREADS, smem as u32, &mut args)
+    params: &'a FusedBlock,
+}
+
+impl Launch<'_> {
+    /// Launches the kernel on `per_launch` decoder blocks of `layers` at a
+    /// time; its descriptor array always holds `per_launch` entries (the
+    /// kernel's parameter size), the last one repeated past the end.
+    fn chunks<A: Copy>(&self, layers: &[FusedLayer<A>], per_launch: usize) -> Result<()> {
+        for chunk in layers.chunks(per_launch) {
+            let mut descs = chunk.to_vec();
+            descs.resize(per_launch, chunk[chunk.len() - 1]);
+            let n = chunk.len() as i32;
+            let mut args: [Arg; 3] = [descs.as_mut_ptr() as *mut c_void, arg(&n), arg(self.params)];
+            self.gpu.launch(
+                self.name,
+                (self.grid as u32, 1, 1),
+                THREADS,
+                self.smem as u32,
+                &mut args,
+            )?;
+        }
+        Ok(())
+    }
 }

@@ -4,8 +4,8 @@
 //! tiled prefill and split-K decode attention, SiLU·mul, residual add,
 //! argmax, and GEMV kernels that read each weight format directly. Decode
 //! steps are captured as CUDA graphs and replayed (see [`graph`]); with 4-bit
-//! weights a single sequence's decoder blocks may each run as one fused
-//! launch (see `fused_block`).
+//! weights a single sequence's decoder blocks may run as fused persistent
+//! launches (see [`FusedMode`]).
 //!
 //! Activations are f32 and so is the KV cache; weights stay in their storage
 //! format. All work goes through one stream.
@@ -28,10 +28,12 @@ mod solver;
 mod tensor;
 mod weights;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
+pub use fused_block::FusedMode;
 pub use layout::CudaLayout;
 pub use tensor::{CudaKvCache, CudaTensor};
 pub use weights::CudaWeight;
@@ -47,11 +49,11 @@ pub struct CudaBackend {
     /// Bumped by every upload, so that graphs captured against replaced
     /// weights are never replayed.
     epoch: AtomicU64,
-    /// Blocks per SM of the fused decode-block kernel, or 0 to run blocks
-    /// op by op.
-    fused: AtomicU32,
-    /// Fused block launches issued (replays of captured graphs not counted).
-    fused_issued: AtomicU64,
+    /// How single-sequence 4-bit decode steps run their decoder blocks.
+    fused: Mutex<FusedMode>,
+    /// Steps that ran their decoder blocks fused (replays of captured graphs
+    /// not counted).
+    fused_steps: AtomicU64,
 }
 
 impl CudaBackend {
@@ -60,28 +62,23 @@ impl CudaBackend {
         Ok(CudaBackend {
             gpu: Gpu::new(ordinal)?,
             epoch: AtomicU64::new(0),
-            fused: AtomicU32::new(fused_block::occupancy_from_env()?),
-            fused_issued: AtomicU64::new(0),
+            fused: Mutex::new(FusedMode::from_env()?),
+            fused_steps: AtomicU64::new(0),
         })
     }
 
-    /// Runs single-sequence 4-bit decode blocks as one fused launch with
-    /// `occupancy` (1 or 2) blocks per SM, or op by op with 0 (the default
-    /// unless `QUANTBENCH_CUDA_FUSED_BLOCK` says otherwise); graphs captured
-    /// before are not replayed.
-    pub fn set_fused_blocks(&self, occupancy: u32) -> Result<()> {
-        if occupancy > 2 {
-            bail!("fused decode blocks take 1 or 2 blocks per SM (0: off), not {occupancy}");
-        }
-        self.fused.store(occupancy, Ordering::Relaxed);
+    /// How single-sequence 4-bit decode steps run their decoder blocks
+    /// (op by op unless `QUANTBENCH_CUDA_FUSED` says otherwise); graphs
+    /// captured before are not replayed.
+    pub fn set_fused(&self, mode: FusedMode) {
+        *self.fused.lock().expect("fused mode") = mode;
         self.bump_epoch();
-        Ok(())
     }
 
-    /// How many fused block launches have been issued (each captured decode
-    /// graph counts its blocks once, however often it is replayed).
-    pub fn fused_blocks_issued(&self) -> u64 {
-        self.fused_issued.load(Ordering::Relaxed)
+    /// How many steps have run their decoder blocks fused (each captured
+    /// decode graph counts once, however often it is replayed).
+    pub fn fused_steps(&self) -> u64 {
+        self.fused_steps.load(Ordering::Relaxed)
     }
 
     /// Uploads a host matrix as an activation tensor.
@@ -241,21 +238,21 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn fused_block(
+    fn fused_blocks(
         &self,
         x: &mut CudaTensor,
-        w: &BlockWeights<'_, Self>,
+        layers: &[BlockWeights<'_, Self>],
         step: &BlockStep<'_, Self>,
         cache: &mut CudaKvCache,
     ) -> Result<bool> {
-        let occupancy = self.fused.load(Ordering::Relaxed);
-        if occupancy == 0 {
+        let mode = *self.fused.lock().expect("fused mode");
+        if mode == FusedMode::Off {
             return Ok(false);
         }
         self.gpu.bind()?;
-        let done = fused_block::decode_block(&self.gpu, occupancy, x, w, step, cache)?;
+        let done = fused_block::decode_blocks(&self.gpu, mode, x, layers, step, cache)?;
         if done {
-            self.fused_issued.fetch_add(1, Ordering::Relaxed);
+            self.fused_steps.fetch_add(1, Ordering::Relaxed);
         }
         Ok(done)
     }

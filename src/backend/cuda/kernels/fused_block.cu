@@ -1,10 +1,10 @@
-// A whole decoder block of a single-sequence decode step with 4-bit weights
-// in one launch: RMS norm and Q/K/V, RoPE + KV append + attention, o_proj
-// into the residual, RMS norm and gate/up + SiLU, down_proj into the
-// residual. The phases are the bodies of the separate kernels
-// (gemv_q4_body, attn_decode_unit); grid-wide barriers stand between them
-// where the separate kernels would end and start, so a block pays one
-// launch instead of five. Every block of the grid is resident at once (the
+// Decoder blocks of a single-sequence decode step with 4-bit weights in one
+// launch: per block RMS norm and Q/K/V, RoPE + KV append + attention,
+// o_proj into the residual, RMS norm and gate/up + SiLU, down_proj into the
+// residual; one block per launch or all of them. The phases are the bodies
+// of the separate kernels (gemv_q4_body, attn_decode_unit); grid-wide
+// barriers stand between them where the separate kernels would end and
+// start, so a decoder block pays one launch instead of five, or none. Every block of the grid is resident at once (the
 // host sizes the grid to the occupancy), loops over the logical blocks of
 // each phase, and issues its first weight loads of the next phase before
 // the barrier, so the loads overlap the wait. Activations written in the
@@ -62,14 +62,13 @@ __device__ __forceinline__ void grid_barrier(u32* bar, u32 nblocks) {
     __syncthreads();
 }
 
-// Buffers and shapes of a fused block (`FusedBlock` in fused_block.rs). The
-// attention phase's q, knew and vnew are the Q/K/V outputs, its `out` the
-// input of o_proj.
+// Buffers and shapes of a fused launch (`FusedBlock` in fused_block.rs),
+// shared by its decoder blocks. The attention phase's q, knew and vnew are
+// the Q/K/V outputs, its `out` the input of o_proj; its cache pointers are
+// each block's own (FusedLayer).
 struct FusedBlock {
     AttnDecode attn;
-    float* x;  // residual row [hidden]
-    const float* ln1;
-    const float* ln2;
+    float* x;    // residual row [hidden]
     float* act;  // silu(gate) * up [inter]
     u32* bar;
     float eps;
@@ -78,10 +77,21 @@ struct FusedBlock {
     int cd;
 };
 
-// The seven matrices of a block in the order q, k, v, o, gate, up, down.
+// One decoder block: its seven matrices in the order q, k, v, o, gate, up,
+// down, its norms and its layer of the KV cache.
 template <class A>
-struct FusedWeights {
+struct FusedLayer {
     A m[7];
+    const float* ln1;
+    const float* ln2;
+    float* kc;
+    float* vc;
+};
+
+// The decoder blocks of a launch (the first `nlayers` of N).
+template <class A, int N>
+struct FusedLayers {
+    FusedLayer<A> l[N];
 };
 
 __device__ __forceinline__ Q4Bnb q4_of(const Q4BnbArgs& a, int in, int) {
@@ -96,10 +106,19 @@ __device__ __forceinline__ const float* code_of(const Q4BnbArgs& a) { return a.c
 
 __device__ __forceinline__ const float* code_of(const Q4PackedArgs&) { return nullptr; }
 
+// Decoder block `w` on the residual row. The first block of a launch waits
+// for the kernels before it, later ones for the grid; the last one lets the
+// next kernel be scheduled once every block of the grid is past its last
+// barrier (all resident, so the next kernel cannot take their places).
 template <class Q, class A>
-__device__ __forceinline__ void fused_block_body(const FusedWeights<A>& w, const FusedBlock& p) {
+__device__ __forceinline__ void fused_block_body(const FusedLayer<A>& w, const FusedBlock& p,
+                                                 bool first, bool last) {
+    const int bid = blockIdx.x, grid = gridDim.x;
+    const auto barrier = [&] { grid_barrier(p.bar, grid); };
     // Code tables of the seven matrices, 16 floats each (0..15 for packed
-    // integers), selected without indexing the parameter array.
+    // integers), selected without indexing the parameter array. Every read
+    // of the previous block's tables came before the last __syncthreads of
+    // its final GEMV.
     __shared__ float lut[7 * 16];
     if (threadIdx.x < 7 * 16) {
         const int i = threadIdx.x >> 4;
@@ -113,13 +132,13 @@ __device__ __forceinline__ void fused_block_body(const FusedWeights<A>& w, const
         lut[threadIdx.x] = c ? c[threadIdx.x & 15] : (float)(threadIdx.x & 15);
     }
     __syncthreads();
-    const int bid = blockIdx.x, grid = gridDim.x;
-    const auto barrier = [&] { grid_barrier(p.bar, grid); };
-    const AttnDecode& ad = p.attn;
+    AttnDecode ad = p.attn;
+    ad.kc = w.kc;
+    ad.vc = w.vc;
     const int qo = ad.q_heads * ad.D, kvo = ad.kv_heads * ad.D;
 
-    // RMS norm and Q/K/V (the attention's inputs, written here): the
-    // residual row comes from the previous kernel.
+    // RMS norm and Q/K/V (the attention's inputs, written here) of the
+    // residual row, which the previous kernel or block wrote.
     GemvMulti m;
     m.y[0] = (float*)ad.q;
     m.y[1] = (float*)ad.knew;
@@ -136,8 +155,13 @@ __device__ __forceinline__ void fused_block_body(const FusedWeights<A>& w, const
         return Q4Block<Q>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
     gemv_q4_body<Q, 4, false, 1, true>(at_qkv, m.blocks[0] + m.blocks[1] + m.blocks[2], bid, grid,
-                                 [] { pdl_wait(); }, p.x, 1, p.hidden, p.ks_qkv, p.cd, 0, p.ln1,
-                                 p.eps);
+                                 [&] {
+                                     if (first)
+                                         pdl_wait();
+                                     else
+                                         barrier();
+                                 },
+                                 p.x, 1, p.hidden, p.ks_qkv, p.cd, 0, w.ln1, p.eps);
 
     // RoPE, KV append and attention: a work unit per (range, kv head). The
     // barrier sits inside a block's first unit, after its cache copies start.
@@ -162,10 +186,9 @@ __device__ __forceinline__ void fused_block_body(const FusedWeights<A>& w, const
                           lut + 64, lut + 80, p.act, p.inter, b};
     };
     gemv_q4_body<Q, 2, true, 1, true>(at_gu, q4_blocks(p.inter, 1, p.ks_gu), bid, grid, barrier, p.x, 1,
-                                p.hidden, p.ks_gu, p.cd, 0, p.ln2, p.eps);
+                                p.hidden, p.ks_gu, p.cd, 0, w.ln2, p.eps);
 
-    // down_proj into the residual. Every block is resident and past its last
-    // barrier, so the next kernel may be scheduled as blocks finish.
+    // down_proj into the residual.
     const auto at_down = [&](int b) {
         const Q q = q4_of(w.m[6], p.inter, p.hidden);
         return Q4Block<Q>{q, q, lut + 96, lut + 96, p.x, p.hidden, b};
@@ -173,22 +196,35 @@ __device__ __forceinline__ void fused_block_body(const FusedWeights<A>& w, const
     gemv_q4_body<Q, 4, false, 1, true>(at_down, q4_blocks(p.hidden, 4, p.ks_down), bid, grid,
                                  [&] {
                                      barrier();
-                                     pdl_trigger();
+                                     if (last) pdl_trigger();
                                  },
                                  p.act, 1, p.inter, p.ks_down, p.cd, 1, nullptr, 0.f);
 }
 
-// Each format with two register budgets: OCC blocks of 256 threads per SM
-// (occ1: no spills, one block per SM; occ2: twice the warps, some spills).
-#define FUSED_BLOCK(OCC)                                                                         \
-    extern "C" __global__ void __launch_bounds__(256, OCC)                                       \
-        fused_block_q4bnb_occ##OCC(FusedWeights<Q4BnbArgs> w, FusedBlock p) {                     \
-        fused_block_body<Q4Bnb>(w, p);                                                           \
+// The first `nlayers` decoder blocks of `ls`, one after the other.
+template <class Q, class A, int N>
+__device__ __forceinline__ void fused_layers_body(const FusedLayers<A, N>& ls, int nlayers,
+                                                  const FusedBlock& p) {
+    const int n = N == 1 ? 1 : nlayers;
+    for (int l = 0; l < n; l++) fused_block_body<Q>(ls.l[l], p, l == 0, l == n - 1);
+}
+
+// Each format with two register budgets, OCC blocks of 256 threads per SM
+// (occ1: no spills, one block per SM; occ2: twice the warps, some spills),
+// for one decoder block per launch (N = 1) or up to 32. The blocks'
+// descriptors stay in parameter space (__grid_constant__), indexed by layer
+// without a local copy.
+#define FUSED_KERNELS(OCC, N)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, OCC) fused_q4bnb_occ##OCC##_l##N(          \
+        const __grid_constant__ FusedLayers<Q4BnbArgs, N> ls, int nlayers, FusedBlock p) {        \
+        fused_layers_body<Q4Bnb>(ls, nlayers, p);                                                \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(256, OCC)                                       \
-        fused_block_q4packed_occ##OCC(FusedWeights<Q4PackedArgs> w, FusedBlock p) {               \
-        fused_block_body<Q4Packed>(w, p);                                                        \
+    extern "C" __global__ void __launch_bounds__(256, OCC) fused_q4packed_occ##OCC##_l##N(       \
+        const __grid_constant__ FusedLayers<Q4PackedArgs, N> ls, int nlayers, FusedBlock p) {     \
+        fused_layers_body<Q4Packed>(ls, nlayers, p);                                             \
     }
 
-FUSED_BLOCK(1)
-FUSED_BLOCK(2)
+FUSED_KERNELS(1, 1)
+FUSED_KERNELS(2, 1)
+FUSED_KERNELS(1, 32)
+FUSED_KERNELS(2, 32)
