@@ -65,6 +65,17 @@ impl FusedMode {
     }
 }
 
+impl std::fmt::Display for FusedMode {
+    /// The `QUANTBENCH_CUDA_FUSED` value that selects this mode.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FusedMode::Off => write!(f, "off"),
+            FusedMode::PerBlock { occupancy } => write!(f, "block{occupancy}"),
+            FusedMode::WholeModel { occupancy } => write!(f, "model{occupancy}"),
+        }
+    }
+}
+
 /// The attention phase's buffers and shapes (`AttnDecode` in attention.cu).
 #[repr(C)]
 struct AttnDecode {

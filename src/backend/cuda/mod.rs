@@ -105,8 +105,12 @@ impl Backend for CudaBackend {
     type Layout = CudaLayout;
 
     fn describe(&self) -> String {
+        let fused = match *self.fused.lock().expect("fused mode") {
+            FusedMode::Off => String::new(),
+            mode => format!(", fused decode {mode}"),
+        };
         format!(
-            "cuda:{} {} ({:.1} GiB, {} SMs)",
+            "cuda:{} {} ({:.1} GiB, {} SMs{fused})",
             self.gpu.ctx.ordinal(),
             self.gpu.name,
             self.gpu.total_mem as f64 / (1u64 << 30) as f64,
