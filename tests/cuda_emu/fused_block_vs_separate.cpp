@@ -381,9 +381,8 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     // Fused launches: this path's caches in the layer descriptors.
     State b = fresh_state(s, layers, x0, kc0, vc0, splits);
     FusedBlock p{};
-    p.attn = AttnDecode{b.q,     b.k,     b.v,   nullptr,   nullptr,    slot,  pos,       inv,
-                        b.part,  b.count, b.att, s.q_heads, s.kv_heads, s.D,   s.max_len, splits,
-                        scale};
+    p.attn = AttnDecode{b.q, b.k, b.v, nullptr, nullptr, slot, pos, inv, b.part, b.count,
+                        b.att, s.q_heads, s.kv_heads, s.D, s.max_len, splits, scale};
     p.x = b.x; p.act = b.act; p.bar = b.bar; p.eps = eps;
     p.hidden = s.hidden; p.inter = s.inter; p.ks_qkv = ks_qkv; p.ks_o = ks_o; p.ks_gu = ks_gu;
     p.ks_down = ks_down; p.cd = fmt == 2 ? 0 : cd;

@@ -156,7 +156,8 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
         // key. HF "rotate half", as the `rope` kernel and the CPU.
         if (rr < rstep)
             for (int r = rr; r < G + own; r += rstep) {
-                const float* x = r < G ? ad.q + ((size_t)t * q_heads + g * G + r) * D : ad.knew + nrow;
+                const float* x =
+                    r < G ? ad.q + ((size_t)t * q_heads + g * G + r) * D : ad.knew + nrow;
                 const float2 u = ld_cg2(x + ri), w = ld_cg2(x + half + ri);
                 float2 lo = u, hi = w;
                 if (ad.inv_freq) {
@@ -300,9 +301,8 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
             const float* __restrict__ inv_freq, float* __restrict__ part, u32* __restrict__ count,
             float* __restrict__ out, int q_heads, int kv_heads, int D, int max_len, int splits,
             float scale) {
-    const AttnDecode ad{q,     knew,  vnew,     kc,       vc,      slot,   pos,  inv_freq,
-                        part,  count, out,      q_heads,  kv_heads, D,     max_len, splits,
-                        scale};
+    const AttnDecode ad{q, knew, vnew, kc, vc, slot, pos, inv_freq, part,
+                        count, out, q_heads, kv_heads, D, max_len, splits, scale};
     attn_decode_unit(ad, blockIdx.x, blockIdx.y, blockIdx.z, [] { pdl_start(); });
 }
 

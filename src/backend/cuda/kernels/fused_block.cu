@@ -4,11 +4,12 @@
 // residual; one block per launch or all of them. The phases are the bodies
 // of the separate kernels (gemv_q4_body, attn_decode_unit); grid-wide
 // barriers stand between them where the separate kernels would end and
-// start, so a decoder block pays one launch instead of five, or none. Every block of the grid is resident at once (the
-// host sizes the grid to the occupancy), loops over the logical blocks of
-// each phase, and issues its first weight loads of the next phase before
-// the barrier, so the loads overlap the wait. Activations written in the
-// launch are read past L1 (ld_cg); the residual row `x` is updated in place.
+// start, so a decoder block pays one launch instead of five, or none. Every
+// thread block of the grid is resident at once (the host sizes the grid to
+// the occupancy), loops over the logical blocks of each phase, and issues
+// its first weight loads of the next phase before the barrier, so the loads
+// overlap the wait. Activations written in the launch are read past L1
+// (ld_cg); the residual row `x` is updated in place.
 
 // Nanoseconds of the GPU's global timer.
 __device__ __forceinline__ u64 global_ns() {
@@ -154,14 +155,14 @@ __device__ __forceinline__ void fused_block_body(const FusedLayer<A>& w, const F
         const Q q = q4_of(i == 0 ? w.m[0] : (i == 1 ? w.m[1] : w.m[2]), p.hidden, out);
         return Q4Block<Q>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
+    const auto wait_x = [&] {
+        if (first)
+            pdl_wait();
+        else
+            barrier();
+    };
     gemv_q4_body<Q, 4, false, 1, true>(at_qkv, m.blocks[0] + m.blocks[1] + m.blocks[2], bid, grid,
-                                 [&] {
-                                     if (first)
-                                         pdl_wait();
-                                     else
-                                         barrier();
-                                 },
-                                 p.x, 1, p.hidden, p.ks_qkv, p.cd, 0, w.ln1, p.eps);
+                                       wait_x, p.x, 1, p.hidden, p.ks_qkv, p.cd, 0, w.ln1, p.eps);
 
     // RoPE, KV append and attention: a work unit per (range, kv head). The
     // barrier sits inside a block's first unit, after its cache copies start.
@@ -177,28 +178,28 @@ __device__ __forceinline__ void fused_block_body(const FusedLayer<A>& w, const F
         const Q q = q4_of(w.m[3], qo, p.hidden);
         return Q4Block<Q>{q, q, lut + 48, lut + 48, p.x, p.hidden, b};
     };
-    gemv_q4_body<Q, 4, false, 1, true>(at_o, q4_blocks(p.hidden, 4, p.ks_o), bid, grid, barrier, ad.out,
-                                 1, qo, p.ks_o, p.cd, 1, nullptr, 0.f);
+    gemv_q4_body<Q, 4, false, 1, true>(at_o, q4_blocks(p.hidden, 4, p.ks_o), bid, grid, barrier,
+                                       ad.out, 1, qo, p.ks_o, p.cd, 1, nullptr, 0.f);
 
     // RMS norm, gate/up and SiLU.
     const auto at_gu = [&](int b) {
         return Q4Block<Q>{q4_of(w.m[4], p.hidden, p.inter), q4_of(w.m[5], p.hidden, p.inter),
                           lut + 64, lut + 80, p.act, p.inter, b};
     };
-    gemv_q4_body<Q, 2, true, 1, true>(at_gu, q4_blocks(p.inter, 1, p.ks_gu), bid, grid, barrier, p.x, 1,
-                                p.hidden, p.ks_gu, p.cd, 0, w.ln2, p.eps);
+    gemv_q4_body<Q, 2, true, 1, true>(at_gu, q4_blocks(p.inter, 1, p.ks_gu), bid, grid, barrier,
+                                      p.x, 1, p.hidden, p.ks_gu, p.cd, 0, w.ln2, p.eps);
 
     // down_proj into the residual.
     const auto at_down = [&](int b) {
         const Q q = q4_of(w.m[6], p.inter, p.hidden);
         return Q4Block<Q>{q, q, lut + 96, lut + 96, p.x, p.hidden, b};
     };
+    const auto wait_act = [&] {
+        barrier();
+        if (last) pdl_trigger();
+    };
     gemv_q4_body<Q, 4, false, 1, true>(at_down, q4_blocks(p.hidden, 4, p.ks_down), bid, grid,
-                                 [&] {
-                                     barrier();
-                                     if (last) pdl_trigger();
-                                 },
-                                 p.act, 1, p.inter, p.ks_down, p.cd, 1, nullptr, 0.f);
+                                       wait_act, p.act, 1, p.inter, p.ks_down, p.cd, 1, nullptr, 0.f);
 }
 
 // The first `nlayers` decoder blocks of `ls`, one after the other.

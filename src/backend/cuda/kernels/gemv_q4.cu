@@ -258,8 +258,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         q4_tables(lut, code16, code16, code16);                                                   \
         const Q4Bnb q{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };        \
-        gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), blockIdx.x, gridDim.x, PDL, x, n, in, ksplit, cd,   \
-                                          acc, nullptr, 0.f);                                    \
+        gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), blockIdx.x, gridDim.x,   \
+                                          PDL, x, n, in, ksplit, cd, acc, nullptr, 0.f);          \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB##_pair(                   \
         const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
@@ -276,8 +276,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Bnb qb{(const uint4*)packed2, absmax2, codes2, code2b, offset2, in, bs_log2b,     \
                        nbs_log2b};                                                                \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; }; \
-        gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), blockIdx.x, gridDim.x, PDL, x, n, in, ksplit, cd, 0, \
-                                         nw, eps);                                               \
+        gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), blockIdx.x, gridDim.x,    \
+                                         PDL, x, n, in, ksplit, cd, 0, nw, eps);                  \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -287,8 +287,9 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         q4_tables(lut, nullptr, nullptr, nullptr);                                                \
         const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                 \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{q, q, lut, lut, y, out, b}; };     \
-        gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), blockIdx.x, gridDim.x, PDL, x, n, in, ksplit, 0, \
-                                             acc, nullptr, 0.f);                                 \
+        gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), blockIdx.x,           \
+                                             gridDim.x, PDL, x, n, in, ksplit, 0, acc, nullptr,   \
+                                             0.f);                                                \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB##_pair(                \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -302,8 +303,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Packed qa{qw, scales, zeros, in, out, wpr, gsize};                                \
         const Q4Packed qb{qw2, scales2, zeros2, in, out, wpr2, gsize2};                           \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{qa, qb, lut, lut, y, out, b}; };   \
-        gemv_q4_body<Q4Packed, 2, true, NB>(at, q4_blocks(out, 1, ksplit), blockIdx.x, gridDim.x, PDL, x, n, in, ksplit, 0,  \
-                                            0, nw, eps);                                         \
+        gemv_q4_body<Q4Packed, 2, true, NB>(at, q4_blocks(out, 1, ksplit), blockIdx.x, gridDim.x, \
+                                            PDL, x, n, in, ksplit, 0, 0, nw, eps);                \
     }
 
 GEMV_Q4(1)
@@ -344,8 +345,8 @@ gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
         const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
         return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
-    gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], blockIdx.x, gridDim.x, PDL, x, 1, in, ksplit,
-                                     cd, 0, nw, eps);
+    gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], blockIdx.x,
+                                     gridDim.x, PDL, x, 1, in, ksplit, cd, 0, nw, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -362,6 +363,6 @@ gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti
         const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
         return Q4Block<Q4Packed>{q, q, lut, lut, y, out, blk};
     };
-    gemv_q4_body<Q4Packed, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], blockIdx.x, gridDim.x, PDL, x, 1, in,
-                                        ksplit, 0, 0, nw, eps);
+    gemv_q4_body<Q4Packed, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], blockIdx.x,
+                                        gridDim.x, PDL, x, 1, in, ksplit, 0, 0, nw, eps);
 }
