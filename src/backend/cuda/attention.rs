@@ -10,8 +10,6 @@ use crate::backend::HeadShape;
 
 /// Head sizes with a tiled prefill kernel.
 const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
-/// Default shared-memory budget of a block.
-const SMEM_DEFAULT: usize = 48 * 1024;
 
 /// Keys per tile of the decode kernel (`ATT_TK` in attention.cu).
 const DECODE_TILE: usize = 32;
@@ -195,9 +193,7 @@ pub fn attention(
     }
     let plan = DecodePlan::new(heads, s.max_len)?;
     let (splits, smem) = (plan.splits, plan.smem);
-    if smem > SMEM_DEFAULT {
-        gpu.set_max_dynamic_smem("attn_decode", smem as u32)?;
-    }
+    gpu.reserve_dynamic_smem("attn_decode", smem as u32)?;
     let threads = 32 * (q_heads / kv_heads).clamp(DECODE_MIN_WARPS, DECODE_MAX_WARPS);
     let part = gpu.alloc(n * plan.partial_bytes)?;
     let (pp, cp) = (part.ptr(), cache.counters());

@@ -22,8 +22,6 @@ use crate::backend::{BlockStep, BlockWeights, HeadShape};
 
 /// Threads per block (`__launch_bounds__` of the fused kernels).
 const THREADS: u32 = 256;
-/// Default shared-memory budget of a block.
-const SMEM_DEFAULT: usize = 48 * 1024;
 /// Most decoder blocks one whole-model launch takes (`FUSED_KERNELS(_, 32)`).
 const MAX_LAYERS: usize = 32;
 
@@ -220,13 +218,18 @@ fn matrices<'a>(w: &BlockWeights<'a, CudaBackend>) -> [&'a CudaWeight; 7] {
     ]
 }
 
-/// Whether block `w`'s shapes are those of a Llama block with `heads`.
-fn shapes_match(w: &BlockWeights<'_, CudaBackend>, heads: HeadShape, hidden: usize) -> bool {
+/// Whether block `w`'s shapes are those of a Llama block with `heads`,
+/// `hidden` and MLP width `inter`.
+fn shapes_match(
+    w: &BlockWeights<'_, CudaBackend>,
+    heads: HeadShape,
+    hidden: usize,
+    inter: usize,
+) -> bool {
     let (qo, kvo) = (
         heads.q_heads * heads.head_dim,
         heads.kv_heads * heads.head_dim,
     );
-    let inter = w.gate_proj.shape().0;
     let want = [
         (qo, hidden),
         (kvo, hidden),
@@ -259,19 +262,18 @@ pub fn decode_blocks(
     let (heads, layout) = (step.heads, step.layout);
     let s = cache.shape;
     let hidden = x.cols;
+    let Some(inter) = layers.first().map(|w| w.gate_proj.shape().0) else {
+        return Ok(false);
+    };
     let fits = x.rows == 1
         && layout.n() == 1
         && is_decode(layout)
-        && !layers.is_empty()
         && layers.len() <= s.layers
         && heads.kv_heads == s.kv_heads
         && heads.head_dim == s.head_dim
         && heads.q_heads.is_multiple_of(heads.kv_heads)
         && step.inv_freq.len() * 2 == heads.head_dim
-        && layers.iter().all(|w| shapes_match(w, heads, hidden))
-        && layers
-            .iter()
-            .all(|w| w.gate_proj.shape() == layers[0].gate_proj.shape());
+        && layers.iter().all(|w| shapes_match(w, heads, hidden, inter));
     if !fits {
         return Ok(false);
     }
@@ -285,12 +287,9 @@ pub fn decode_blocks(
         heads.q_heads * heads.head_dim,
         heads.kv_heads * heads.head_dim,
     );
-    let inter = layers[0].gate_proj.shape().0;
     let staged = [hidden, qo, inter].map(q4_staged_floats);
     let smem = (staged.iter().max().copied().unwrap_or(0) * 4).max(plan.smem);
-    if smem > SMEM_DEFAULT {
-        gpu.set_max_dynamic_smem(&name, smem as u32)?;
-    }
+    gpu.reserve_dynamic_smem(&name, smem as u32)?;
     let grid = gpu.one_wave(&name, usize::MAX, smem as u32)?;
     let q = CudaTensor::empty(gpu, 1, qo)?;
     let k = CudaTensor::empty(gpu, 1, kvo)?;

@@ -19,6 +19,9 @@ use super::memory::{DevBuf, MemStats, Pool, RawAlloc};
 /// CUDA graph is being captured.
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Dynamic shared memory any kernel may take without raising its limit.
+const DEFAULT_DYNAMIC_SMEM: u32 = 48 * 1024;
+
 /// A launch argument: anything passed to a kernel by value.
 pub type Arg = *mut c_void;
 
@@ -210,8 +213,12 @@ impl Gpu {
         Ok(blocks.min(self.sm_count * per_sm.max(1) as usize))
     }
 
-    /// Raises a kernel's dynamic shared-memory limit.
-    pub fn set_max_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
+    /// Lets kernel `name` take `bytes` of dynamic shared memory: raises its
+    /// limit when that exceeds the 48 KiB every kernel may take by default.
+    pub fn reserve_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
+        if bytes <= DEFAULT_DYNAMIC_SMEM {
+            return Ok(());
+        }
         let f = self
             .funcs
             .get(name)

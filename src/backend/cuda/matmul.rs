@@ -282,12 +282,10 @@ fn dense_kernel(dtype: DType, rows: usize, suffix: &str) -> String {
 }
 
 /// Dynamic shared memory of kernel `name` staging `floats` values of its
-/// input row, raising the kernel's limit when it exceeds the default.
+/// input row, reserved for the kernel.
 fn stage_smem(gpu: &Gpu, name: &str, floats: usize) -> Result<u32> {
     let smem = (floats * 4) as u32;
-    if smem > 48 * 1024 {
-        gpu.set_max_dynamic_smem(name, smem)?;
-    }
+    gpu.reserve_dynamic_smem(name, smem)?;
     Ok(smem)
 }
 

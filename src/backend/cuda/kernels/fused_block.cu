@@ -95,14 +95,6 @@ struct FusedLayers {
     FusedLayer<A> l[N];
 };
 
-__device__ __forceinline__ Q4Bnb q4_of(const Q4BnbArgs& a, int in, int) {
-    return Q4Bnb{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
-}
-
-__device__ __forceinline__ Q4Packed q4_of(const Q4PackedArgs& a, int in, int out) {
-    return Q4Packed{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
-}
-
 __device__ __forceinline__ const float* code_of(const Q4BnbArgs& a) { return a.code16; }
 
 __device__ __forceinline__ const float* code_of(const Q4PackedArgs&) { return nullptr; }

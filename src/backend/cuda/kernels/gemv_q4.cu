@@ -329,6 +329,15 @@ struct Q4PackedArgs {
     int wpr, gsize;
 };
 
+// The matrix `a` describes, `in` columns by `out` rows.
+__device__ __forceinline__ Q4Bnb q4_of(const Q4BnbArgs& a, int in, int) {
+    return Q4Bnb{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
+}
+
+__device__ __forceinline__ Q4Packed q4_of(const Q4PackedArgs& a, int in, int out) {
+    return Q4Packed{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
+}
+
 // The Q, K and V projections of one RMS-normalized input row in one launch;
 // logical block b belongs to the matrix `multi_pick` names.
 extern "C" __global__ void __launch_bounds__(256)
@@ -341,8 +350,7 @@ gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
         int blk, out;
         float* y;
         const int i = multi_pick(m, b, blk, y, out);
-        const Q4BnbArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
-        const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
+        const Q4Bnb q = q4_of(i == 0 ? a0 : (i == 1 ? a1 : a2), in, out);
         return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
     gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], blockIdx.x,
@@ -359,8 +367,7 @@ gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti
         int blk, out;
         float* y;
         const int i = multi_pick(m, b, blk, y, out);
-        const Q4PackedArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
-        const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
+        const Q4Packed q = q4_of(i == 0 ? a0 : (i == 1 ? a1 : a2), in, out);
         return Q4Block<Q4Packed>{q, q, lut, lut, y, out, blk};
     };
     gemv_q4_body<Q4Packed, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], blockIdx.x,
