@@ -36,28 +36,6 @@ pub struct HeadShape {
     pub head_dim: usize,
 }
 
-/// One decoder block's norms and linear weights on a backend.
-pub struct BlockWeights<'a, B: Backend + ?Sized> {
-    pub input_layernorm: &'a B::Vector,
-    pub q_proj: &'a B::Weight,
-    pub k_proj: &'a B::Weight,
-    pub v_proj: &'a B::Weight,
-    pub o_proj: &'a B::Weight,
-    pub post_attention_layernorm: &'a B::Vector,
-    pub gate_proj: &'a B::Weight,
-    pub up_proj: &'a B::Weight,
-    pub down_proj: &'a B::Weight,
-}
-
-/// What decoder blocks share in a step: attention shape, norm epsilon,
-/// RoPE inverse frequencies and the step's layout.
-pub struct BlockStep<'a, B: Backend + ?Sized> {
-    pub heads: HeadShape,
-    pub eps: f32,
-    pub inv_freq: &'a B::Vector,
-    pub layout: &'a B::Layout,
-}
-
 /// One forward step run by [`Backend::run_step`] on a device layout and cache.
 pub type StepFn<'a, L, C, T> = dyn FnMut(&L, &mut C) -> Result<T> + 'a;
 
@@ -180,22 +158,6 @@ pub trait Backend: Send + Sync {
         let g = self.matmul(x, gate)?;
         let u = self.matmul(x, up)?;
         self.silu_mul(&g, &u)
-    }
-    /// Runs the decoder blocks `layers` (block i on layer i of the cache) on
-    /// `x` in place as fused launches, when the backend has them for this
-    /// step and these weights (the CUDA backend, when enabled: a
-    /// single-sequence decode step with 4-bit weights). `Ok(false)` means
-    /// nothing was done and the caller runs the blocks op by op; the results
-    /// must match that path.
-    fn fused_blocks(
-        &self,
-        x: &mut Self::Tensor,
-        layers: &[BlockWeights<'_, Self>],
-        step: &BlockStep<'_, Self>,
-        cache: &mut Self::Cache,
-    ) -> Result<bool> {
-        let _ = (x, layers, step, cache);
-        Ok(false)
     }
     /// The row of each sequence's last token in this step: `x` itself when
     /// every sequence has one token (a decode step).

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use super::config::LlamaConfig;
 use super::rope::inv_freq;
 use super::weights::{LayerWeights, LlamaWeights};
-use crate::backend::{Backend, BlockStep, BlockWeights, CacheShape, HeadShape, StepLayout};
+use crate::backend::{Backend, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
 
 /// A callback handed the input of each group of a block's linear layers as
@@ -65,21 +65,6 @@ impl<B: Backend> DeviceLayer<B> {
             up_proj: backend.upload_weight(&l.up_proj)?,
             down_proj: backend.upload_weight(&l.down_proj)?,
         })
-    }
-
-    /// References to the block's norms and weights.
-    pub fn weights(&self) -> BlockWeights<'_, B> {
-        BlockWeights {
-            input_layernorm: &self.input_layernorm,
-            q_proj: &self.q_proj,
-            k_proj: &self.k_proj,
-            v_proj: &self.v_proj,
-            o_proj: &self.o_proj,
-            post_attention_layernorm: &self.post_attention_layernorm,
-            gate_proj: &self.gate_proj,
-            up_proj: &self.up_proj,
-            down_proj: &self.down_proj,
-        }
     }
 
     /// Uploads `layer`'s linear called `name` (one of `LINEAR_NAMES`) in
@@ -288,17 +273,8 @@ impl<B: Backend> Model<B> {
         all_logits: bool,
     ) -> Result<B::Tensor> {
         let mut x = self.embed(layout)?;
-        let layers: Vec<_> = self.layers.iter().map(DeviceLayer::weights).collect();
-        let step = BlockStep {
-            heads: self.heads(),
-            eps: self.config.rms_norm_eps as f32,
-            inv_freq: &self.inv_freq,
-            layout,
-        };
-        if !self.backend.fused_blocks(&mut x, &layers, &step, cache)? {
-            for l in 0..self.layers.len() {
-                self.block(l, &mut x, cache, layout)?;
-            }
+        for l in 0..self.layers.len() {
+            self.block(l, &mut x, cache, layout)?;
         }
         if all_logits {
             self.head(&x)

@@ -12,7 +12,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ctime>
 #include <thread>
 #include <vector>
 
@@ -20,11 +19,8 @@
 #define __forceinline__ inline
 #define __global__
 #define __launch_bounds__(...)
-#define __grid_constant__
 #define __shared__ static
 #define __align__(n) alignas(n)
-// Blocks run as slow OS threads here: a barrier may wait long.
-#define BARRIER_TIMEOUT_NS 600000000000ull
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -73,7 +69,6 @@ template <class T> inline T __shfl_down_sync(unsigned, T v, int o) {
     return emu_shfl(v, l < 32 ? l : (threadIdx.x & 31));
 }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline unsigned atomicExch(unsigned* p, unsigned v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
@@ -83,7 +78,7 @@ inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 
-// The inline-PTX helpers of common.cuh, attention.cu and fused_block.cu.
+// The inline-PTX helpers of common.cuh and attention.cu.
 inline float h2f(u16 h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
 inline u16 f2h(float f) { _Float16 h = (_Float16)f; u16 r; memcpy(&r, &h, 2); return r; }
 inline u16 f2bf(float f) {
@@ -97,15 +92,6 @@ inline float2 ld_cg2(const float* p) { return make_float2(ld_cg(p), ld_cg(p + 1)
 inline float4 ld_cg4(const float* p) {
     return make_float4(ld_cg(p), ld_cg(p + 1), ld_cg(p + 2), ld_cg(p + 3));
 }
-inline void pdl_wait() {}
-inline void pdl_trigger() {}
+inline void pdl_start() {}
 inline void cp_async16(float* dst, const float* src) { memcpy(dst, src, 16); }
 inline void cp_async_wait_all() {}
-inline u64 global_ns() {
-    timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (u64)t.tv_sec * 1000000000ull + (u64)t.tv_nsec;
-}
-inline u32 ld_acquire(const u32* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-inline void st_release(u32* p, u32 v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-inline void abort_launch() { abort(); }

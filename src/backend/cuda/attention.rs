@@ -37,19 +37,19 @@ fn decode_smem(group: usize, d: usize, buffers: usize) -> usize {
 /// once and its warps attend without block-wide syncs; more ranges would
 /// mean more partials for the last block to merge. Longer caches give ranges
 /// of several tiles, copied through two buffers.
-pub struct DecodePlan {
+struct DecodePlan {
     /// Key ranges per token and KV head.
-    pub splits: usize,
-    /// Dynamic shared memory of a block (or work unit), in bytes.
-    pub smem: usize,
+    splits: usize,
+    /// Dynamic shared memory of a block, in bytes.
+    smem: usize,
     /// Bytes of partial results per token.
-    pub partial_bytes: usize,
+    partial_bytes: usize,
 }
 
 impl DecodePlan {
     /// The plan for `heads` over a cache of `max_len` positions; an error
     /// for head sizes the decode kernel does not take.
-    pub fn new(heads: HeadShape, max_len: usize) -> Result<DecodePlan> {
+    fn new(heads: HeadShape, max_len: usize) -> Result<DecodePlan> {
         let d = heads.head_dim;
         if d == 0 || !d.is_multiple_of(4) || d > DECODE_MAX_HEAD_DIM {
             bail!(
@@ -72,7 +72,7 @@ impl DecodePlan {
 }
 
 /// An error unless every sequence of the step fits its slot of the cache.
-pub fn check_fits(cache: &CudaKvCache, layout: &CudaLayout) -> Result<()> {
+fn check_fits(cache: &CudaKvCache, layout: &CudaLayout) -> Result<()> {
     let s = cache.shape;
     for c in &layout.host.seqs {
         if c.slot >= s.slots || c.start + c.len > s.max_len {

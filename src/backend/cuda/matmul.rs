@@ -80,13 +80,13 @@ pub fn matmul_add(gpu: &Gpu, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight)
 
 /// Whether NF4/FP4 weights take the 32-weights-per-lane kernel: rows a
 /// multiple of 32 and blocks of at least 32.
-pub fn q4_bnb_ok(q: &CudaBnb4) -> bool {
+fn q4_bnb_ok(q: &CudaBnb4) -> bool {
     q.cols.is_multiple_of(32) && q.bs_log2 >= 5
 }
 
 /// Whether packed integers take the 32-weights-per-lane kernel: 4 bits,
 /// groups of whole 32-column chunks, no act-order permutation.
-pub fn q4_packed_ok(q: &CudaPacked) -> bool {
+fn q4_packed_ok(q: &CudaPacked) -> bool {
     q.bits == 4 && q.cols.is_multiple_of(32) && q.group_size.is_multiple_of(32) && q.g_idx.is_none()
 }
 
@@ -111,7 +111,7 @@ fn q4_kernel(
 
 /// Floats a single-row 4-bit kernel stages for an `in_f`-wide row: one pad
 /// word per 32 values.
-pub fn q4_staged_floats(in_f: usize) -> usize {
+fn q4_staged_floats(in_f: usize) -> usize {
     in_f + in_f / 32
 }
 
@@ -289,11 +289,10 @@ fn stage_smem(gpu: &Gpu, name: &str, floats: usize) -> Result<u32> {
     Ok(smem)
 }
 
-/// One matrix of a `gemv_q4bnb_norm3` or fused-block launch (`Q4BnbArgs`
-/// in gemv_q4.cu).
+/// One matrix of a `gemv_q4bnb_norm3` launch (`Q4BnbArgs` in gemv_q4.cu).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct Q4BnbArgs {
+struct Q4BnbArgs {
     w: CUdeviceptr,
     absmax: CUdeviceptr,
     codes: CUdeviceptr,
@@ -306,7 +305,7 @@ pub struct Q4BnbArgs {
 
 impl Q4BnbArgs {
     /// The arguments describing `q`.
-    pub fn of(q: &CudaBnb4) -> Self {
+    fn of(q: &CudaBnb4) -> Self {
         Q4BnbArgs {
             w: q.packed.ptr(),
             absmax: q.absmax.ptr(),
@@ -320,11 +319,10 @@ impl Q4BnbArgs {
     }
 }
 
-/// One matrix of a `gemv_q4packed_norm3` or fused-block launch
-/// (`Q4PackedArgs`).
+/// One matrix of a `gemv_q4packed_norm3` launch (`Q4PackedArgs`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct Q4PackedArgs {
+struct Q4PackedArgs {
     w: CUdeviceptr,
     scales: CUdeviceptr,
     zeros: CUdeviceptr,
@@ -334,7 +332,7 @@ pub struct Q4PackedArgs {
 
 impl Q4PackedArgs {
     /// The arguments describing `q`.
-    pub fn of(q: &CudaPacked) -> Self {
+    fn of(q: &CudaPacked) -> Self {
         Q4PackedArgs {
             w: q.qweight.ptr(),
             scales: q.scales.ptr(),
@@ -706,12 +704,6 @@ pub fn gemv_ksplit(
         k *= 2;
     }
     k
-}
-
-/// [`gemv_ksplit`] of a single-row 4-bit GEMV (32 weights per lane) with
-/// `rows_per_warp` rows per warp group.
-pub fn q4_ksplit(gpu: &Gpu, out_f: usize, in_f: usize, rows_per_warp: usize) -> usize {
-    gemv_ksplit(gpu, out_f, in_f / WIDE.chunk, rows_per_warp, GEMV_UNROLL)
 }
 
 /// How a GEMV kernel splits its work: rows per warp and weights per lane

@@ -3,9 +3,7 @@
 //! (cached on disk) for everything else: RMSNorm, RoPE, KV-cache append,
 //! tiled prefill and split-K decode attention, SiLU·mul, residual add,
 //! argmax, and GEMV kernels that read each weight format directly. Decode
-//! steps are captured as CUDA graphs and replayed (see [`graph`]); with 4-bit
-//! weights a single sequence's decoder blocks may run as fused persistent
-//! launches (see [`FusedMode`]).
+//! steps are captured as CUDA graphs and replayed (see [`graph`]).
 //!
 //! Activations are f32 and so is the KV cache; weights stay in their storage
 //! format. All work goes through one stream.
@@ -14,7 +12,6 @@ mod attention;
 mod attention_tc;
 pub mod awq;
 pub mod compile;
-mod fused_block;
 pub mod gptq;
 mod gpu;
 mod graph;
@@ -28,17 +25,15 @@ mod solver;
 mod tensor;
 mod weights;
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Result;
 
-pub use fused_block::FusedMode;
 pub use layout::CudaLayout;
 pub use tensor::{CudaKvCache, CudaTensor};
 pub use weights::CudaWeight;
 
-use super::{Backend, BlockStep, BlockWeights, CacheShape, HeadShape, StepLayout};
+use super::{Backend, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
 use gpu::Gpu;
 use matmul::FusedNorm;
@@ -49,11 +44,6 @@ pub struct CudaBackend {
     /// Bumped by every upload, so that graphs captured against replaced
     /// weights are never replayed.
     epoch: AtomicU64,
-    /// How single-sequence 4-bit decode steps run their decoder blocks.
-    fused: Mutex<FusedMode>,
-    /// Steps that ran their decoder blocks fused (replays of captured graphs
-    /// not counted).
-    fused_steps: AtomicU64,
 }
 
 impl CudaBackend {
@@ -62,23 +52,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             gpu: Gpu::new(ordinal)?,
             epoch: AtomicU64::new(0),
-            fused: Mutex::new(FusedMode::from_env()?),
-            fused_steps: AtomicU64::new(0),
         })
-    }
-
-    /// How single-sequence 4-bit decode steps run their decoder blocks
-    /// (op by op unless `QUANTBENCH_CUDA_FUSED` says otherwise); graphs
-    /// captured before are not replayed.
-    pub fn set_fused(&self, mode: FusedMode) {
-        *self.fused.lock().expect("fused mode") = mode;
-        self.bump_epoch();
-    }
-
-    /// How many steps have run their decoder blocks fused (each captured
-    /// decode graph counts once, however often it is replayed).
-    pub fn fused_steps(&self) -> u64 {
-        self.fused_steps.load(Ordering::Relaxed)
     }
 
     /// Uploads a host matrix as an activation tensor.
@@ -105,12 +79,8 @@ impl Backend for CudaBackend {
     type Layout = CudaLayout;
 
     fn describe(&self) -> String {
-        let fused = match *self.fused.lock().expect("fused mode") {
-            FusedMode::Off => String::new(),
-            mode => format!(", fused decode {mode}"),
-        };
         format!(
-            "cuda:{} {} ({:.1} GiB, {} SMs{fused})",
+            "cuda:{} {} ({:.1} GiB, {} SMs)",
             self.gpu.ctx.ordinal(),
             self.gpu.name,
             self.gpu.total_mem as f64 / (1u64 << 30) as f64,
@@ -240,25 +210,6 @@ impl Backend for CudaBackend {
             layout,
             fused.then_some(inv_freq),
         )
-    }
-
-    fn fused_blocks(
-        &self,
-        x: &mut CudaTensor,
-        layers: &[BlockWeights<'_, Self>],
-        step: &BlockStep<'_, Self>,
-        cache: &mut CudaKvCache,
-    ) -> Result<bool> {
-        let mode = *self.fused.lock().expect("fused mode");
-        if mode == FusedMode::Off {
-            return Ok(false);
-        }
-        self.gpu.bind()?;
-        let done = fused_block::decode_blocks(&self.gpu, mode, x, layers, step, cache)?;
-        if done {
-            self.fused_steps.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(done)
     }
 
     fn rope(

@@ -74,8 +74,7 @@ pub struct CudaKvCache {
     stream: Arc<CudaStream>,
     buf: RawAlloc,
     /// Per (slot, KV head): decode blocks finished in the running attention
-    /// kernel; the last one resets it to zero. Then the two words of the
-    /// fused decode block's grid barrier (see fused_block.cu).
+    /// kernel; the last one resets it to zero.
     counters: RawAlloc,
 }
 
@@ -98,7 +97,7 @@ impl CudaKvCache {
             .ok_or_else(|| anyhow::anyhow!("KV cache {shape:?} is too large to address"))?;
         let buf = RawAlloc::new(&gpu.stats, bytes)?;
         unsafe { result::memset_d8_async(buf.ptr(), 0, buf.bytes(), gpu.stream.cu_stream()) }?;
-        let counters = RawAlloc::new(&gpu.stats, (shape.slots * shape.kv_heads + 2) * 4)?;
+        let counters = RawAlloc::new(&gpu.stats, (shape.slots * shape.kv_heads).max(1) * 4)?;
         let stream = gpu.stream.cu_stream();
         unsafe { result::memset_d8_async(counters.ptr(), 0, counters.bytes(), stream) }?;
         Ok(CudaKvCache {
@@ -124,12 +123,6 @@ impl CudaKvCache {
     /// The decode attention's completion counters (zero between launches).
     pub fn counters(&self) -> CUdeviceptr {
         self.counters.ptr()
-    }
-
-    /// The grid barrier of fused decode blocks (two words, zero between
-    /// launches).
-    pub fn barrier(&self) -> CUdeviceptr {
-        self.counters.ptr() + (self.shape.slots * self.shape.kv_heads * 4) as u64
     }
 
     /// Values of `layer`.

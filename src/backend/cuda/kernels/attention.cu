@@ -18,6 +18,21 @@
 #define ATT_TK 32           // keys per tile: one per lane for the scores
 #define ATT_MERGE_BATCH 16  // partial rows each lane loads at once in the merge
 
+// Loads that bypass L1: partials written by other blocks of this launch.
+__device__ __forceinline__ float2 ld_cg2(const float* p) {
+    float2 v;
+    asm volatile("ld.global.cg.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float4 ld_cg4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
+
 // 16-byte copy from global to shared memory that does not hold the thread
 // up (cp.async, sm_80+; a plain copy before); cp_async_wait_all completes
 // the thread's copies.
@@ -61,36 +76,13 @@ __device__ __forceinline__ float4 sum_lane_groups(float4 v, int groups, int d4) 
 // cache is long enough for a range to span several tiles.
 // Partials: per (token t, kv head g, range r, head h of the group) a row of
 // D + 4 floats: [o[0..D), max, sum, 2 unused].
-struct AttnDecode {
-    const float* q;
-    const float* knew;
-    const float* vnew;
-    float* kc;
-    float* vc;
-    const u32* slot;
-    const u32* pos;
-    const float* inv_freq;
-    float* part;
-    u32* count;
-    float* out;
-    int q_heads, kv_heads, D, max_len, splits;
-    float scale;
-};
-
-// Range `sp` of kv head `g` for token `t`, as one block of `attn_decode`
-// or one work unit of a fused decode block. `wait()` stands where the block
-// may first read what the kernels (or phases) before it wrote. Reads of q,
-// knew, vnew and the partials bypass L1 (a fused block writes them in the
-// same launch).
-template <class Wait>
-__device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, int g, int t,
-                                                 Wait wait) {
-    float* __restrict__ kc = ad.kc;
-    float* __restrict__ vc = ad.vc;
-    float* __restrict__ out = ad.out;
-    const int q_heads = ad.q_heads, kv_heads = ad.kv_heads, D = ad.D, max_len = ad.max_len;
-    const int splits = ad.splits;
-    const float scale = ad.scale;
+extern "C" __global__ void __launch_bounds__(256)
+attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
+            const float* __restrict__ vnew, float* __restrict__ kc, float* __restrict__ vc,
+            const u32* __restrict__ slot, const u32* __restrict__ pos,
+            const float* __restrict__ inv_freq, float* __restrict__ part, u32* __restrict__ count,
+            float* __restrict__ out, int q_heads, int kv_heads, int D, int max_len, int splits,
+            float scale) {
     extern __shared__ __align__(16) float sm[];
     __shared__ int is_last;
     const int G = q_heads / kv_heads;
@@ -101,6 +93,7 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
     float* kn = qs + G * D;
     float* vn = kn + D;
     float* tiles = vn + D;
+    const int sp = blockIdx.x, g = blockIdx.y, t = blockIdx.z;
     const int tid = threadIdx.x, nt = blockDim.x;
     const int lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
     const int kv_dim = kv_heads * D;
@@ -109,7 +102,7 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
     // Before the wait: the layout words are uploaded before the step, and
     // cache rows below p were written by earlier steps, so this block looks
     // up its range and starts copying those rows of its first tile.
-    const int p = (int)ad.pos[t], s = (int)ad.slot[t];
+    const int p = (int)pos[t], s = (int)slot[t];
     const int per = (p + splits) / splits;  // ceil((p + 1) / splits)
     const int nr = (p + per) / per;         // ranges that hold keys
     const int k0 = sp * per, k1 = min(p + 1, k0 + per);
@@ -134,13 +127,14 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
     // rr + rstep, ...; its sines and cosines need only p and inv_freq.
     const int ri = 2 * (tid % D4), rr = tid / D4, rstep = nt / D4;
     float s0 = 0.f, c0 = 1.f, s1 = 0.f, c1 = 1.f;
-    if (ad.inv_freq && ntiles > 0 && rr < rstep) {
-        sincosf((float)p * ad.inv_freq[ri], &s0, &c0);
-        sincosf((float)p * ad.inv_freq[ri + 1], &s1, &c1);
+    if (inv_freq && ntiles > 0 && rr < rstep) {
+        sincosf((float)p * inv_freq[ri], &s0, &c0);
+        sincosf((float)p * inv_freq[ri + 1], &s1, &c1);
     }
 
-    // q, knew and vnew come from the kernels (or phases) before this one.
-    wait();
+    // Programmatic dependent launch (see pdl_start): q, knew and vnew come
+    // from the kernels before this one.
+    pdl_start();
 
     if (ntiles > 0) {
         // The range holding position p appends the token's key and value to
@@ -148,7 +142,7 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
         const bool own = p < k1;
         const size_t nrow = (size_t)t * kv_dim + g * D;
         if (own && tid < D4) {
-            const float4 v = ld_cg4(ad.vnew + nrow + 4 * tid);
+            const float4 v = ((const float4*)(vnew + nrow))[tid];
             ((float4*)vn)[tid] = v;
             ((float4*)(vb + (size_t)p * kv_dim))[tid] = v;
         }
@@ -156,13 +150,12 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
         // key. HF "rotate half", as the `rope` kernel and the CPU.
         if (rr < rstep)
             for (int r = rr; r < G + own; r += rstep) {
-                const float* x =
-                    r < G ? ad.q + ((size_t)t * q_heads + g * G + r) * D : ad.knew + nrow;
-                const float2 u = ld_cg2(x + ri), w = ld_cg2(x + half + ri);
-                float2 lo = u, hi = w;
-                if (ad.inv_freq) {
-                    lo = make_float2(u.x * c0 - w.x * s0, u.y * c1 - w.y * s1);
-                    hi = make_float2(w.x * c0 + u.x * s0, w.y * c1 + u.y * s1);
+                const float* x = r < G ? q + ((size_t)t * q_heads + g * G + r) * D : knew + nrow;
+                const float2 a = *(const float2*)(x + ri), b = *(const float2*)(x + half + ri);
+                float2 lo = a, hi = b;
+                if (inv_freq) {
+                    lo = make_float2(a.x * c0 - b.x * s0, a.y * c1 - b.y * s1);
+                    hi = make_float2(b.x * c0 + a.x * s0, b.y * c1 + a.y * s1);
                 }
                 if (r < G) {
                     *(float2*)(qs + r * D + ri) = make_float2(lo.x * scale, lo.y * scale);
@@ -240,7 +233,7 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
         }
         if (ti == ntiles - 1) {
             const float4 o = sum_lane_groups(acc, KG, D4);
-            float* row = ad.part + ((((size_t)t * kv_heads + g) * splits + sp) * G + h) * PS;
+            float* row = part + ((((size_t)t * kv_heads + g) * splits + sp) * G + h) * PS;
             if (lane < D4) ((float4*)row)[lane] = o;
             if (lane == 0) *(float2*)(row + D) = make_float2(m, l);
         }
@@ -249,7 +242,7 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
     __threadfence();
     __syncthreads();
     if (tid == 0) {
-        u32* cnt = ad.count + (size_t)s * kv_heads + g;
+        u32* cnt = count + (size_t)s * kv_heads + g;
         const u32 ticket = atomicAdd(cnt, 1u);
         is_last = ticket == (u32)(splits - 1);
         if (is_last) *cnt = 0;
@@ -260,7 +253,7 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
     // Merge, a warp per head: range r (r < nr <= 32, one per lane) weighs
     // exp(m_r - M) / sum_r' l_r' exp(m_r' - M). Each lane's first batch of
     // partial rows is loaded before the weights are worked out.
-    const float* all = ad.part + ((size_t)t * kv_heads + g) * splits * G * PS;
+    const float* all = part + ((size_t)t * kv_heads + g) * splits * G * PS;
     const size_t rs = (size_t)G * PS;  // from one range's row to the next
     for (int h = warp; h < G; h += nw) {
         const float* hr = all + (size_t)h * PS;
@@ -291,19 +284,6 @@ __device__ __forceinline__ void attn_decode_unit(const AttnDecode& ad, int sp, i
         a = sum_lane_groups(a, KG, D4);
         if (lane < D4) ((float4*)(out + ((size_t)t * q_heads + g * G + h) * D))[lane] = a;
     }
-}
-
-// One block per (range, kv head, token); see AttnDecode for the arguments.
-extern "C" __global__ void __launch_bounds__(256)
-attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
-            const float* __restrict__ vnew, float* __restrict__ kc, float* __restrict__ vc,
-            const u32* __restrict__ slot, const u32* __restrict__ pos,
-            const float* __restrict__ inv_freq, float* __restrict__ part, u32* __restrict__ count,
-            float* __restrict__ out, int q_heads, int kv_heads, int D, int max_len, int splits,
-            float scale) {
-    const AttnDecode ad{q, knew, vnew, kc, vc, slot, pos, inv_freq, part,
-                        count, out, q_heads, kv_heads, D, max_len, splits, scale};
-    attn_decode_unit(ad, blockIdx.x, blockIdx.y, blockIdx.z, [] { pdl_start(); });
 }
 
 // Tile table: per tile [first row, rows (<= 32), slot, position of the first row].

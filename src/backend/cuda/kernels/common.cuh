@@ -72,50 +72,15 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return sh[32];
 }
 
-// Loads that bypass L1, for values other blocks of the same launch may have
-// written (the attention partials; every activation of a fused decode block,
-// see fused_block.cu). Plain and read-only loads could return a line this
-// SM cached before the write.
-__device__ __forceinline__ float ld_cg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ float2 ld_cg2(const float* p) {
-    float2 v;
-    asm volatile("ld.global.cg.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ float4 ld_cg4(const float* p) {
-    float4 v;
-    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "l"(p));
-    return v;
-}
-
-// Programmatic dependent launch (sm_90+). `pdl_wait` waits until the
-// kernels this one depends on have finished and their writes are visible;
-// `pdl_trigger` lets the next kernel's blocks be scheduled while this one
-// runs. Kernels launched without the attribute pass through both.
-__device__ __forceinline__ void pdl_wait() {
+// Programmatic dependent launch (sm_90+), in every kernel before it reads
+// anything an earlier kernel writes (the first statement of most; the GEMVs
+// first issue loads of their weights, which no kernel writes): waits until
+// the kernels this one depends on have finished and their writes are
+// visible, then lets the next kernel's blocks be scheduled while this one
+// runs. Kernels launched without the attribute pass through.
+__device__ __forceinline__ void pdl_start() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_trigger() {
-#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-}
-
-// Both, in every kernel before it reads anything an earlier kernel writes
-// (the first statement of most; the GEMVs first issue loads of their
-// weights, which no kernel writes).
-__device__ __forceinline__ void pdl_start() {
-    pdl_wait();
-    pdl_trigger();
 }

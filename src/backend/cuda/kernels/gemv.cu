@@ -75,26 +75,22 @@ __device__ __forceinline__ float rnd(float v, int mode) {
 }
 
 // Stages the single input row `x` (`in` values, in % 4 == 0) of a one-row
-// GEMV in shared memory `xs`, rounded to the compute dtype `cd`. FRESH reads
-// x past L1, for x written earlier in the same launch (a fused decode
-// block); otherwise blocks of one SM may share L1 copies of it. With `nw`
+// GEMV in shared memory `xs`, rounded to the compute dtype `cd`. With `nw`
 // the row is first RMS-normalized and scaled by `nw` with the arithmetic of
 // the `rms_norm` kernel, so that a block's input projections need no
 // separate norm launch. PAD leaves one spare word after every 32 values (lane
 // L's run of 32 then starts in bank L).
-template <bool PAD, bool FRESH = false>
+template <bool PAD>
 __device__ __forceinline__ void stage_x(const float* __restrict__ x, const float* __restrict__ nw,
                                         float eps, float* xs, int in, int cd) {
     __shared__ float sh[33];
+    const float4* x4 = (const float4*)x;
     float ss = 0.f;
     for (int i0 = threadIdx.x; i0 < in / 4; i0 += 4 * blockDim.x) {
         float4 v[4];
 #pragma unroll
         for (int u = 0; u < 4; u++)
-            if (i0 + u * (int)blockDim.x < in / 4) {
-                const float* at = x + 4 * (i0 + u * blockDim.x);
-                v[u] = FRESH ? ld_cg4(at) : *(const float4*)at;
-            }
+            if (i0 + u * (int)blockDim.x < in / 4) v[u] = x4[i0 + u * blockDim.x];
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             const int i = 4 * (i0 + u * blockDim.x);
@@ -182,7 +178,7 @@ __device__ __forceinline__ void gemv_finish(const float (&accv)[R][NB], float* _
         for (int k = 0; k < ksplit; k++) s += red[warp + k][r][b];
         if (row0 + r < out) {
             float* yp = y + (size_t)b * out + row0 + r;
-            *yp = acc ? ld_cg(yp) + rnd(s, cd) : rnd(s, cd);
+            *yp = acc ? *yp + rnd(s, cd) : rnd(s, cd);
         }
     }
 }

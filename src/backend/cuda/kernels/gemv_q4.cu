@@ -70,16 +70,13 @@ struct Q4Block {
 // Warps own R rows (PAIR: row o of `qa` and of `qb`), `ksplit` warps share a
 // row group along the input dimension as in `gemv_body`; NB is the largest
 // batch the instance handles. The grid may be smaller than the `nblocks`
-// logical blocks (`at(b)` describes block b): block `bid` of `grid` then
-// takes blocks bid, bid + grid, ... in turn, so that a launch needs no
-// second wave of blocks that would wait for their first loads without
-// overlapping the previous kernel. `wait()` stands where the block first
-// reads x (pdl_start in a kernel of its own, a grid barrier in a fused decode
-// block). Single-row instances (NB = 1) stage their input once per block,
-// RMS-normalized by `nw` when it is set, past L1 with FRESH (see stage_x).
-template <class Q, int R, bool PAIR, int NB, bool FRESH = false, class At, class Wait>
-__device__ __forceinline__ void gemv_q4_body(At at, int nblocks, int bid, int grid, Wait wait,
-                                             const float* __restrict__ x,
+// logical blocks (`at(b)` describes block b): each block then takes blocks
+// blockIdx.x, + gridDim.x, ... in turn, so that a launch needs no second
+// wave of blocks that would wait for their first loads without overlapping
+// the previous kernel. Single-row instances (NB = 1) stage their input once
+// per block, RMS-normalized by `nw` when it is set.
+template <class Q, int R, bool PAIR, int NB, class At>
+__device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __restrict__ x,
                                              int n, int in, int ksplit, int cd, int acc,
                                              const float* __restrict__ nw, float eps) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
@@ -98,20 +95,20 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, int bid, int gr
             q.scale(rows[r], c, sc[r], zp[r]);
         }
     };
-    Q4Block<Q> L = at(bid);
+    Q4Block<Q> L = at(blockIdx.x);
     GemvRows<R, PAIR> g(L.out, ksplit, L.blk);
     uint4 wv[R];
     float s[R], z[R];
     // The first weights are loaded before waiting for the preceding kernel
-    // or phase (weights never depend on it).
+    // (weights never depend on it).
     if (c0 < chunks) load_round(L, g.rows, c0, wv, s, z);
-    wait();
+    pdl_start();
     // Single rows: the block stages x (normalized by `nw` when set, rounded
     // to `cd`) with one pad word per 32 values.
-    if (NB == 1) stage_x<true, FRESH>(x, nw, eps, xsm, in, cd);
-    for (int b = bid; b < nblocks;) {
+    if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
+    for (int b = blockIdx.x; b < nblocks;) {
         const int row0 = g.row0;
-        const int nb = b + grid;
+        const int nb = b + gridDim.x;
         Q4Block<Q> Ln = L;
         GemvRows<R, PAIR> gn = g;
         // Single rows: whether the next logical block's first round is
@@ -223,9 +220,6 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, int bid, int gr
     }
 }
 
-// The wait of a 4-bit GEMV launched on its own.
-#define PDL [] { pdl_start(); }
-
 // Loads the code tables of a launch's matrices (16 floats each; 0..15 for
 // packed integers, a null `code`) into shared memory.
 __device__ __forceinline__ void q4_tables(float* lut, const float* c0, const float* c1,
@@ -258,8 +252,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         q4_tables(lut, code16, code16, code16);                                                   \
         const Q4Bnb q{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };        \
-        gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), blockIdx.x, gridDim.x,   \
-                                          PDL, x, n, in, ksplit, cd, acc, nullptr, 0.f);          \
+        gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), x, n, in, ksplit, cd,   \
+                                          acc, nullptr, 0.f);                                    \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB##_pair(                   \
         const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
@@ -276,8 +270,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Bnb qb{(const uint4*)packed2, absmax2, codes2, code2b, offset2, in, bs_log2b,     \
                        nbs_log2b};                                                                \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; }; \
-        gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), blockIdx.x, gridDim.x,    \
-                                         PDL, x, n, in, ksplit, cd, 0, nw, eps);                  \
+        gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), x, n, in, ksplit, cd, 0, \
+                                         nw, eps);                                               \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -287,9 +281,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         q4_tables(lut, nullptr, nullptr, nullptr);                                                \
         const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                 \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{q, q, lut, lut, y, out, b}; };     \
-        gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), blockIdx.x,           \
-                                             gridDim.x, PDL, x, n, in, ksplit, 0, acc, nullptr,   \
-                                             0.f);                                                \
+        gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), x, n, in, ksplit, 0, \
+                                             acc, nullptr, 0.f);                                 \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB##_pair(                \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -303,8 +296,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Packed qa{qw, scales, zeros, in, out, wpr, gsize};                                \
         const Q4Packed qb{qw2, scales2, zeros2, in, out, wpr2, gsize2};                           \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{qa, qb, lut, lut, y, out, b}; };   \
-        gemv_q4_body<Q4Packed, 2, true, NB>(at, q4_blocks(out, 1, ksplit), blockIdx.x, gridDim.x, \
-                                            PDL, x, n, in, ksplit, 0, 0, nw, eps);                \
+        gemv_q4_body<Q4Packed, 2, true, NB>(at, q4_blocks(out, 1, ksplit), x, n, in, ksplit, 0,  \
+                                            0, nw, eps);                                         \
     }
 
 GEMV_Q4(1)
@@ -329,15 +322,6 @@ struct Q4PackedArgs {
     int wpr, gsize;
 };
 
-// The matrix `a` describes, `in` columns by `out` rows.
-__device__ __forceinline__ Q4Bnb q4_of(const Q4BnbArgs& a, int in, int) {
-    return Q4Bnb{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
-}
-
-__device__ __forceinline__ Q4Packed q4_of(const Q4PackedArgs& a, int in, int out) {
-    return Q4Packed{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
-}
-
 // The Q, K and V projections of one RMS-normalized input row in one launch;
 // logical block b belongs to the matrix `multi_pick` names.
 extern "C" __global__ void __launch_bounds__(256)
@@ -350,11 +334,12 @@ gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
         int blk, out;
         float* y;
         const int i = multi_pick(m, b, blk, y, out);
-        const Q4Bnb q = q4_of(i == 0 ? a0 : (i == 1 ? a1 : a2), in, out);
+        const Q4BnbArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
+        const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
         return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
-    gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], blockIdx.x,
-                                     gridDim.x, PDL, x, 1, in, ksplit, cd, 0, nw, eps);
+    gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], x, 1, in, ksplit,
+                                     cd, 0, nw, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -367,9 +352,10 @@ gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti
         int blk, out;
         float* y;
         const int i = multi_pick(m, b, blk, y, out);
-        const Q4Packed q = q4_of(i == 0 ? a0 : (i == 1 ? a1 : a2), in, out);
+        const Q4PackedArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
+        const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
         return Q4Block<Q4Packed>{q, q, lut, lut, y, out, blk};
     };
-    gemv_q4_body<Q4Packed, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], blockIdx.x,
-                                        gridDim.x, PDL, x, 1, in, ksplit, 0, 0, nw, eps);
+    gemv_q4_body<Q4Packed, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], x, 1, in,
+                                        ksplit, 0, 0, nw, eps);
 }
