@@ -31,64 +31,6 @@ fn decode_smem(group: usize, d: usize, buffers: usize) -> usize {
     4 * (group * d + 2 * d + buffers * DECODE_TILE * (key_row + d))
 }
 
-/// How the split-K decode attention cuts a token's keys: keys 0..=pos in
-/// as many ranges as the cache length has 32-key tiles, at most 32. Up to
-/// 1024 positions every range fits one tile, so each block stages its keys
-/// once and its warps attend without block-wide syncs; more ranges would
-/// mean more partials for the last block to merge. Longer caches give ranges
-/// of several tiles, copied through two buffers.
-struct DecodePlan {
-    /// Key ranges per token and KV head.
-    splits: usize,
-    /// Dynamic shared memory of a block, in bytes.
-    smem: usize,
-    /// Bytes of partial results per token.
-    partial_bytes: usize,
-}
-
-impl DecodePlan {
-    /// The plan for `heads` over a cache of `max_len` positions; an error
-    /// for head sizes the decode kernel does not take.
-    fn new(heads: HeadShape, max_len: usize) -> Result<DecodePlan> {
-        let d = heads.head_dim;
-        if d == 0 || !d.is_multiple_of(4) || d > DECODE_MAX_HEAD_DIM {
-            bail!(
-                "attention: the decode kernel needs a head size that is a multiple of 4 up to \
-                 {DECODE_MAX_HEAD_DIM}, not {d}"
-            );
-        }
-        let splits = max_len.div_ceil(DECODE_TILE).clamp(1, DECODE_MAX_SPLITS);
-        let buffers = if max_len.div_ceil(splits) > DECODE_TILE {
-            2
-        } else {
-            1
-        };
-        Ok(DecodePlan {
-            splits,
-            smem: decode_smem(heads.q_heads / heads.kv_heads, d, buffers),
-            partial_bytes: heads.q_heads * splits * (d + 4) * 4,
-        })
-    }
-}
-
-/// An error unless every sequence of the step fits its slot of the cache.
-fn check_fits(cache: &CudaKvCache, layout: &CudaLayout) -> Result<()> {
-    let s = cache.shape;
-    for c in &layout.host.seqs {
-        if c.slot >= s.slots || c.start + c.len > s.max_len {
-            bail!(
-                "KV cache overflow: slot {} positions {}..{} exceed {} slots x {} tokens",
-                c.slot,
-                c.start,
-                c.start + c.len,
-                s.slots,
-                s.max_len
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Whether `layout` is a decode step: one new token per sequence.
 pub fn is_decode(layout: &CudaLayout) -> bool {
     layout.host.seqs.iter().all(|c| c.len == 1)
@@ -127,7 +69,18 @@ pub fn attention(
     if q.rows != n || k.rows != n || v.rows != n {
         bail!("attention: {} query rows for a step of {n} tokens", q.rows);
     }
-    check_fits(cache, layout)?;
+    for c in &layout.host.seqs {
+        if c.slot >= s.slots || c.start + c.len > s.max_len {
+            bail!(
+                "KV cache overflow: slot {} positions {}..{} exceed {} slots x {} tokens",
+                c.slot,
+                c.start,
+                c.start + c.len,
+                s.slots,
+                s.max_len
+            );
+        }
+    }
     let (kc, vc) = (cache.k(layer), cache.v(layer));
     let (kp, vp, slots, pos) = (k.ptr(), v.ptr(), layout.slots(), layout.positions());
     let (kvd, ml) = (kv_dim as i32, s.max_len as i32);
@@ -191,11 +144,29 @@ pub fn attention(
         )?;
         return Ok(out);
     }
-    let plan = DecodePlan::new(heads, s.max_len)?;
-    let (splits, smem) = (plan.splits, plan.smem);
+    // Split-K decode: keys 0..=pos of each token in as many ranges as the
+    // cache length has 32-key tiles, at most 32. Up to 1024 positions every
+    // range fits one tile, so each block stages its keys once and its warps
+    // attend without block-wide syncs; more ranges would mean more partials
+    // for the last block to merge. Longer caches give ranges of several
+    // tiles, copied through two buffers.
+    if d == 0 || d % 4 != 0 || d > DECODE_MAX_HEAD_DIM {
+        bail!(
+            "attention: the decode kernel needs a head size that is a multiple of 4 up to \
+             {DECODE_MAX_HEAD_DIM}, not {d}"
+        );
+    }
+    let group = q_heads / kv_heads;
+    let splits = s.max_len.div_ceil(DECODE_TILE).clamp(1, DECODE_MAX_SPLITS);
+    let buffers = if s.max_len.div_ceil(splits) > DECODE_TILE {
+        2
+    } else {
+        1
+    };
+    let smem = decode_smem(group, d, buffers);
     gpu.reserve_dynamic_smem("attn_decode", smem as u32)?;
-    let threads = 32 * (q_heads / kv_heads).clamp(DECODE_MIN_WARPS, DECODE_MAX_WARPS);
-    let part = gpu.alloc(n * plan.partial_bytes)?;
+    let threads = 32 * group.clamp(DECODE_MIN_WARPS, DECODE_MAX_WARPS);
+    let part = gpu.alloc(n * q_heads * splits * (d + 4) * 4)?;
     let (pp, cp) = (part.ptr(), cache.counters());
     let fp = inv_freq.map_or(0, |f| f.ptr());
     let (di, sp) = (d as i32, splits as i32);
