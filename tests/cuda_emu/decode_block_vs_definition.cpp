@@ -287,8 +287,11 @@ static Appended reference_block(const Shape& s, int fmt, const Layer<Q4BnbArgs>&
 
 // One case: `layers` decoder blocks in format `fmt` (0 bnb no DQ, 1 bnb DQ,
 // 2 packed), compute dtype `cd`, `sm` SMs (for the host's ksplit rule),
-// `cap` blocks per GEMV launch (a one-wave cap).
-static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int cap) {
+// `cap` blocks per GEMV launch (a one-wave cap); with `mixed` every bnb
+// matrix has a code table of its own (as NF4 and FP4 matrices mixed in one
+// launch would).
+static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int cap,
+                     bool mixed = false) {
     arena_used = 0;
     const int qo = s.q_heads * s.D, kvo = s.kv_heads * s.D, G = s.q_heads / s.kv_heads;
     const int rows[7] = {qo, kvo, kvo, s.hidden, s.inter, s.inter, s.hidden};
@@ -301,6 +304,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     for (int l = 0; l < layers; l++) {
         float* code16 = rand_f(16, -1.f, 1.f);
         for (int i = 0; i < 7; i++) {
+            if (mixed && i > 0) code16 = rand_f(16, -1.f, 1.f);
             if (fmt == 2) lp[l].m[i] = make_packed(rows[i], ins[i], 32);
             else lb[l].m[i] = make_bnb(rows[i], ins[i], fmt == 1, code16);
         }
@@ -325,7 +329,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     const int ks_o = gemv_ksplit(sm, s.hidden, qo / 32, 4);
     const int ks_gu = gemv_ksplit(sm, s.inter, s.hidden / 32, 1);
     const int ks_down = gemv_ksplit(sm, s.hidden, s.inter / 32, 4);
-    auto staged = [](int in) { return (size_t)(in + in / 32) * 4; };
+    auto staged = [](int in) { return (size_t)(q4_pairs_at(in) + Q4_PAIR_FLOATS) * 4; };
 
     // The kernels, block after block.
     State a = fresh_state(s, layers, x0, kc0, vc0, splits);
@@ -391,9 +395,9 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     const double ex = rel_err(a.x, x);
     const double tol = fmt == 2 || cd == 0 ? 1e-5 : (cd == 1 ? 2e-3 : 1e-2);
     const bool ref_ok = ex < tol && ek < tol && ev < tol;
-    printf("%d layers, fmt %d cd %d, h%d i%d q%d kv%d D%d len%d pos%d, ks %d/%d/%d/%d, cap %d: "
+    printf("%d layers, fmt %d%s cd %d, h%d i%d q%d kv%d D%d len%d pos%d, ks %d/%d/%d/%d, cap %d: "
            "%s; reference x %.1e k %.1e v %.1e: %s\n",
-           layers, fmt, cd, s.hidden, s.inter, s.q_heads, s.kv_heads, s.D, s.max_len, s.pos,
+           layers, fmt, mixed ? " mixed codes" : "", cd, s.hidden, s.inter, s.q_heads, s.kv_heads, s.D, s.max_len, s.pos,
            ks_qkv, ks_o, ks_gu, ks_down, cap, ok ? "RAN" : "DID NOT RUN", ex, ek, ev,
            ref_ok ? "WITHIN" : "OUTSIDE");
     return ok && ref_ok;
@@ -406,6 +410,7 @@ int main() {
     const Shape small{128, 256, 4, 2, 32, 80, 45};
     ok &= run_case(small, 3, 1, 2, 2, 3);
     ok &= run_case(small, 2, 0, 0, 4, 5);
+    ok &= run_case(small, 1, 0, 0, 2, 3, true);
     ok &= run_case(small, 3, 2, 0, 2, 4);
     const Shape group4{256, 512, 8, 2, 64, 100, 99};
     ok &= run_case(group4, 2, 1, 1, 3, 6);

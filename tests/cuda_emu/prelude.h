@@ -61,6 +61,11 @@ inline T emu_shfl(T v, int src) {
     return r;
 }
 template <class T> inline T __shfl_sync(unsigned, T v, int src) { return emu_shfl(v, src); }
+inline bool __all_sync(unsigned, bool p) {
+    bool all = true;
+    for (int i = 0; i < 32; i++) all &= emu_shfl((int)p, i) != 0;
+    return all;
+}
 template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) {
     return emu_shfl(v, (threadIdx.x & 31) ^ o);
 }
@@ -76,6 +81,12 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline float __int_as_float(int u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned sel) {
+    const uint64_t v = (uint64_t)x | ((uint64_t)y << 32);
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++) r |= (unsigned)((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return r;
+}
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 
 // The inline-PTX helpers of common.cuh and attention.cu.

@@ -109,10 +109,12 @@ fn q4_kernel(
     Ok((name, tiling.single_row_q4(smem)))
 }
 
-/// Floats a single-row 4-bit kernel stages for an `in_f`-wide row: one pad
-/// word per 32 values.
+/// Dynamic shared memory of a single-row 4-bit kernel for an `in_f`-wide
+/// row, in floats: the staged row (one pad word per 32 values), 8-byte
+/// aligned, then the code-pair table (16 copies of 256 pairs; see
+/// `q4_pair_table` in gemv_q4.cu).
 fn q4_staged_floats(in_f: usize) -> usize {
-    in_f + in_f / 32
+    (in_f + in_f / 32).next_multiple_of(2) + 8192
 }
 
 /// Small batches: the GEMV of `x` with `w` into `y` (adding to `y` when

@@ -4,10 +4,12 @@
 // blocks and packed groups of at least 32 columns), so the lane sums
 // x·code over them and adds s * (sum - z * sum(x)) once. The 16 code values
 // (the NF4/FP4 table, or 0..15 for packed integers) sit in shared memory,
-// where 32 lanes read them without bank conflicts. Weight values are not
-// rounded to the weight dtype one by one as `gemv_bnb4` does: the products
-// stay in f32, a rounding difference within the dtype's bound. Single-row
-// launches need (in + in / 32) floats of dynamic shared memory.
+// where 32 lanes read them without bank conflicts; single rows look up the
+// codes of a whole byte at once in a table of code pairs (Q4Pairs). Weight
+// values are not rounded to the weight dtype one by one as `gemv_bnb4` does:
+// the products stay in f32, a rounding difference within the dtype's bound.
+// Single-row launches need q4_pairs_at(in) + Q4_PAIR_FLOATS floats of
+// dynamic shared memory.
 
 // bitsandbytes NF4/FP4: high nibble first; absmax per block of 2^bs_log2 >= 32
 // flattened weights, double-quantized when `codes` is set.
@@ -56,6 +58,72 @@ __device__ __forceinline__ int nibble(u32 word, int k) {
     return HI_FIRST ? (word >> (8 * (k >> 1) + ((k & 1) ? 0 : 4))) & 15 : (word >> (4 * k)) & 15;
 }
 
+// Where a single-row launch's code-pair tables start in its dynamic shared
+// memory, in floats: after the staged row (see q4_staged_floats in
+// matmul.rs), 8-byte aligned.
+__device__ __forceinline__ int q4_pairs_at(int in) { return (in + in / 32 + 1) & ~1; }
+
+// Floats of the code-pair tables: 4096 pairs.
+#define Q4_PAIR_FLOATS 8192
+
+// Code-pair tables of a single-row launch: entry e of a table holds the
+// codes of byte e's first and second weight, in 16 slots (entry e, slot c
+// at 16 e + c) that the distinct tables of `luts` (the three 16-entry
+// tables q4_tables fills) share: 16, 8 or 5 slots each for 1, 2 or 3
+// distinct tables, lane L reading slot L % that count of its table's. With
+// one table no two lanes of a half-warp read the same bank, whatever their
+// bytes. `tab[i]` is this lane's slot of the table of lut i.
+struct Q4Pairs {
+    const float2* tab[3];
+    __device__ __forceinline__ const float2* lane_tab(const float* luts, const float* lut) const {
+        const int i = (int)(lut - luts) >> 4;
+        return i == 0 ? tab[0] : (i == 1 ? tab[1] : tab[2]);
+    }
+};
+
+// x / (16 / ntab) for x < 64: the slots of `ntab` tables, 16, 8 or 5 each,
+// without an integer division.
+__device__ __forceinline__ int per_slots(int x, int ntab) {
+    return ntab == 1 ? x >> 4 : (ntab == 2 ? x >> 3 : (x * 13) >> 6);
+}
+
+// Fills the pair tables in `mem` from `luts`; callers sync before reading.
+// Each warp finds which tables are the same on its own; thread t of the 256
+// fills slot t % 16 of entries 16 i + t / 16 (i = 0..15), so the second
+// code of its pairs and its table stay fixed.
+template <bool HI_FIRST>
+__device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem) {
+    static_assert(GEMV_WARPS * 32 == 256, "the pair tables are filled by 256 threads");
+    const int l = threadIdx.x & 15;
+    const u32 a = __float_as_uint(luts[l]), b = __float_as_uint(luts[16 + l]);
+    const u32 c = __float_as_uint(luts[32 + l]);
+    const bool s10 = __all_sync(0xffffffffu, a == b), s20 = __all_sync(0xffffffffu, c == a);
+    const bool s21 = __all_sync(0xffffffffu, c == b);
+    const int id1 = s10 ? 0 : 1, id2 = s20 ? 0 : (s21 ? id1 : id1 + 1);
+    const int ntab = max(id1, id2) + 1;
+    const int k = ntab == 1 ? 16 : (ntab == 2 ? 8 : 5);
+    const int ti = min(per_slots(l, ntab), ntab - 1);
+    const float* lut = ti == 0 ? luts : (ti == id1 ? luts + 16 : luts + 32);
+    const float second = lut[threadIdx.x >> 4];
+    float2* t = (float2*)mem;
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        const float first = lut[i];
+        t[threadIdx.x + 256 * i] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
+    }
+    const int lane = threadIdx.x & 31, slot = lane - k * per_slots(lane, ntab);
+    Q4Pairs p;
+    p.tab[0] = t + slot;
+    p.tab[1] = t + id1 * k + slot;
+    p.tab[2] = t + id2 * k + slot;
+    return p;
+}
+
+// The code pair of byte b of `word` from this lane's slot of a table.
+__device__ __forceinline__ float2 q4_pair(const float2* tab, u32 word, int b) {
+    return tab[__byte_perm(word, 0, 0x4440 + b) << 4];
+}
+
 // One logical block of a 4-bit launch: its matrices (PAIR: gate, up) and
 // code tables, where it writes `out` rows, and its index among the blocks
 // of its matrix.
@@ -75,9 +143,15 @@ struct Q4Block {
 // wave of blocks that would wait for their first loads without overlapping
 // the previous kernel. Single-row instances (NB = 1) stage their input once
 // per block, RMS-normalized by `nw` when it is set.
+//
+// Single rows decode a byte (two weights) with one 8-byte shared-memory load
+// from a table of the 256 code pairs (Q4Pairs, built from `luts`, the 48
+// floats q4_tables fills); batched instances look up each 4-bit code in its
+// 16-entry table. The products are the same either way, bit for bit.
 template <class Q, int R, bool PAIR, int NB, class At>
-__device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __restrict__ x,
-                                             int n, int in, int ksplit, int cd, int acc,
+__device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __restrict__ luts,
+                                             const float* __restrict__ x, int n, int in,
+                                             int ksplit, int cd, int acc,
                                              const float* __restrict__ nw, float eps) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
     const int chunks = in >> 5;
@@ -102,6 +176,8 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     // The first weights are loaded before waiting for the preceding kernel
     // (weights never depend on it).
     if (c0 < chunks) load_round(L, g.rows, c0, wv, s, z);
+    Q4Pairs pairs{};
+    if (NB == 1) pairs = q4_pair_tables<Q::HI_FIRST>(luts, xsm + q4_pairs_at(in));
     pdl_start();
     // Single rows: the block stages x (normalized by `nw` when set, rounded
     // to `cd`) with one pad word per 32 values.
@@ -109,6 +185,8 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     for (int b = blockIdx.x; b < nblocks;) {
         const int row0 = g.row0;
         const int nb = b + gridDim.x;
+        const float2* tab_a = pairs.lane_tab(luts, L.lut_a);
+        const float2* tab_b = pairs.lane_tab(luts, L.lut_b);
         Q4Block<Q> Ln = L;
         GemvRows<R, PAIR> gn = g;
         // Single rows: whether the next logical block's first round is
@@ -147,9 +225,19 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                    const float* lut = (PAIR && r == 1) ? L.lut_b : L.lut_a;
+                    if (NB == 1) {
+                        const float2* tab = (PAIR && r == 1) ? tab_b : tab_a;
 #pragma unroll
-                    for (int k = 0; k < 8; k++) wf[r][k] = lut[nibble<Q::HI_FIRST>(word, k)];
+                        for (int b = 0; b < 4; b++) {
+                            const float2 pr = q4_pair(tab, word, b);
+                            wf[r][2 * b] = pr.x;
+                            wf[r][2 * b + 1] = pr.y;
+                        }
+                    } else {
+                        const float* lut = (PAIR && r == 1) ? L.lut_b : L.lut_a;
+#pragma unroll
+                        for (int k = 0; k < 8; k++) wf[r][k] = lut[nibble<Q::HI_FIRST>(word, k)];
+                    }
                 }
 #pragma unroll
                 for (int bb = 0; bb < NB; bb++) {
@@ -252,8 +340,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         q4_tables(lut, code16, code16, code16);                                                   \
         const Q4Bnb q{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };        \
-        gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), x, n, in, ksplit, cd,   \
-                                          acc, nullptr, 0.f);                                    \
+        gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit,   \
+                                          cd, acc, nullptr, 0.f);                                 \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB##_pair(                   \
         const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
@@ -270,8 +358,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Bnb qb{(const uint4*)packed2, absmax2, codes2, code2b, offset2, in, bs_log2b,     \
                        nbs_log2b};                                                                \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; }; \
-        gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), x, n, in, ksplit, cd, 0, \
-                                         nw, eps);                                               \
+        gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), lut, x, n, in, ksplit,    \
+                                         cd, 0, nw, eps);                                         \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -281,8 +369,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         q4_tables(lut, nullptr, nullptr, nullptr);                                                \
         const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                 \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{q, q, lut, lut, y, out, b}; };     \
-        gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), x, n, in, ksplit, 0, \
-                                             acc, nullptr, 0.f);                                 \
+        gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in,        \
+                                             ksplit, 0, acc, nullptr, 0.f);                       \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB##_pair(                \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -296,8 +384,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Packed qa{qw, scales, zeros, in, out, wpr, gsize};                                \
         const Q4Packed qb{qw2, scales2, zeros2, in, out, wpr2, gsize2};                           \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{qa, qb, lut, lut, y, out, b}; };   \
-        gemv_q4_body<Q4Packed, 2, true, NB>(at, q4_blocks(out, 1, ksplit), x, n, in, ksplit, 0,  \
-                                            0, nw, eps);                                         \
+        gemv_q4_body<Q4Packed, 2, true, NB>(at, q4_blocks(out, 1, ksplit), lut, x, n, in,         \
+                                            ksplit, 0, 0, nw, eps);                               \
     }
 
 GEMV_Q4(1)
@@ -338,8 +426,8 @@ gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
         const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
         return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
-    gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], x, 1, in, ksplit,
-                                     cd, 0, nw, eps);
+    gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x, 1, in,
+                                     ksplit, cd, 0, nw, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -356,6 +444,6 @@ gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti
         const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
         return Q4Block<Q4Packed>{q, q, lut, lut, y, out, blk};
     };
-    gemv_q4_body<Q4Packed, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], x, 1, in,
-                                        ksplit, 0, 0, nw, eps);
+    gemv_q4_body<Q4Packed, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x, 1,
+                                        in, ksplit, 0, 0, nw, eps);
 }
