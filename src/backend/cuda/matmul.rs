@@ -109,12 +109,15 @@ fn q4_kernel(
     Ok((name, tiling.single_row_q4(smem)))
 }
 
+/// Floats of a single-row 4-bit kernel's code-pair tables: 256 pairs in 16
+/// slots (`Q4_PAIR_FLOATS` in gemv_q4.cu, filled by `q4_pair_tables`).
+const Q4_PAIR_FLOATS: usize = 256 * 16 * 2;
+
 /// Dynamic shared memory of a single-row 4-bit kernel for an `in_f`-wide
 /// row, in floats: the staged row (one pad word per 32 values), 8-byte
-/// aligned, then the code-pair table (16 copies of 256 pairs; see
-/// `q4_pair_table` in gemv_q4.cu).
+/// aligned (`q4_pairs_at` in gemv_q4.cu), then the code-pair tables.
 fn q4_staged_floats(in_f: usize) -> usize {
-    (in_f + in_f / 32).next_multiple_of(2) + 8192
+    (in_f + in_f / 32).next_multiple_of(2) + Q4_PAIR_FLOATS
 }
 
 /// Small batches: the GEMV of `x` with `w` into `y` (adding to `y` when

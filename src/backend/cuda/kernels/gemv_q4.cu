@@ -63,7 +63,8 @@ __device__ __forceinline__ int nibble(u32 word, int k) {
 // matmul.rs), 8-byte aligned.
 __device__ __forceinline__ int q4_pairs_at(int in) { return (in + in / 32 + 1) & ~1; }
 
-// Floats of the code-pair tables: 4096 pairs.
+// Floats of the code-pair tables: 256 pairs in 16 slots (Q4_PAIR_FLOATS in
+// matmul.rs sizes the launch's shared memory with it).
 #define Q4_PAIR_FLOATS 8192
 
 // Code-pair tables of a single-row launch: entry e of a table holds the
