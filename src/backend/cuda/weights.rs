@@ -100,6 +100,14 @@ fn upload_slice<T>(gpu: &Gpu, data: &[T]) -> Result<RawAlloc> {
     Ok(buf)
 }
 
+/// A second-level code table of exactly 256 entries (zeros past the end of
+/// a shorter one; no u8 code reaches past 256).
+fn padded_code2(code: &[f32]) -> Vec<f32> {
+    let mut c = code.to_vec();
+    c.resize(256, 0.0);
+    c
+}
+
 fn upload_bnb4(gpu: &Gpu, m: &Bnb4Matrix) -> Result<CudaWeight> {
     let packed = upload_slice(gpu, &m.packed)?;
     let (absmax, codes, code2, offset, nbs) = match &m.absmax {
@@ -113,7 +121,8 @@ fn upload_bnb4(gpu: &Gpu, m: &Bnb4Matrix) -> Result<CudaWeight> {
         Absmax::Nested(n) => (
             upload_slice(gpu, &n.absmax)?,
             Some(upload_slice(gpu, &n.codes)?),
-            upload_slice(gpu, &n.code)?,
+            // The 4-bit kernels copy all 256 entries a u8 code can name.
+            upload_slice(gpu, &padded_code2(&n.code))?,
             n.offset,
             n.blocksize,
         ),

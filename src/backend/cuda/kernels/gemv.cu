@@ -85,6 +85,44 @@ __device__ __forceinline__ void stage_x(const float* __restrict__ x, const float
                                         float eps, float* xs, int in, int cd) {
     __shared__ float sh[33];
     const float4* x4 = (const float4*)x;
+    // A normalized row of at most 8 values per thread: each thread loads
+    // its values and their norm weights at once and keeps them in registers
+    // across the block sum (the same arithmetic as below).
+    if (nw && in <= 8 * (int)blockDim.x) {
+        const float4* n4 = (const float4*)nw;
+        float4 v[2], g[2];
+        float ss = 0.f;
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int i4 = threadIdx.x + u * blockDim.x;
+            if (i4 < in / 4) {
+                v[u] = x4[i4];
+                g[u] = n4[i4];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++)
+            if (threadIdx.x + u * blockDim.x < in / 4) {
+                ss = fmaf(v[u].x, v[u].x, ss);
+                ss = fmaf(v[u].y, v[u].y, ss);
+                ss = fmaf(v[u].z, v[u].z, ss);
+                ss = fmaf(v[u].w, v[u].w, ss);
+            }
+        const float inv = 1.0f / sqrtf(block_sum(ss, sh) / (float)in + eps);
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int i = 4 * (threadIdx.x + u * blockDim.x);
+            if (i < in) {
+                const float a[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+                const float w[4] = {g[u].x, g[u].y, g[u].z, g[u].w};
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    xs[PAD ? i + e + ((i + e) >> 5) : i + e] = rnd((a[e] * inv) * w[e], cd);
+            }
+        }
+        __syncthreads();
+        return;
+    }
     float ss = 0.f;
     for (int i0 = threadIdx.x; i0 < in / 4; i0 += 4 * blockDim.x) {
         float4 v[4];

@@ -309,6 +309,18 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     }
 }
 
+// Copies the second-level code tables of a launch's double-quantized
+// matrices (256 floats each; null: none) to shared memory `c2s`, 256 floats
+// apart, so that a scale waits for one global load (its code) instead of two
+// in a row; q4_tables' sync publishes them.
+__device__ __forceinline__ void q4_code2_tables(float* c2s, const float* a, const float* b,
+                                                const float* c) {
+    const int t = threadIdx.x;
+    if (a) c2s[t] = a[t];
+    if (b) c2s[256 + t] = b[t];
+    if (c) c2s[512 + t] = c[t];
+}
+
 // Loads the code tables of a launch's matrices (16 floats each; 0..15 for
 // packed integers, a null `code`) into shared memory.
 __device__ __forceinline__ void q4_tables(float* lut, const float* c0, const float* c1,
@@ -337,9 +349,10 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,       \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
         int acc, int cd) {                                                                        \
-        __shared__ float lut[48];                                                                 \
+        __shared__ float lut[48], c2s[256];                                                       \
+        q4_code2_tables(c2s, codes ? code2 : nullptr, nullptr, nullptr);                          \
         q4_tables(lut, code16, code16, code16);                                                   \
-        const Q4Bnb q{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
+        const Q4Bnb q{(const uint4*)packed, absmax, codes, c2s, offset, in, bs_log2, nbs_log2};   \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };        \
         gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit,   \
                                           cd, acc, nullptr, 0.f);                                 \
@@ -353,10 +366,11 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b, int wdt2,  \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
         int acc, int cd, const float* __restrict__ nw, float eps) {                               \
-        __shared__ float lut[48];                                                                 \
+        __shared__ float lut[48], c2s[512];                                                       \
+        q4_code2_tables(c2s, codes ? code2 : nullptr, codes2 ? code2b : nullptr, nullptr);        \
         q4_tables(lut, code16, code16b, code16b);                                                 \
-        const Q4Bnb qa{(const uint4*)packed, absmax, codes, code2, offset, in, bs_log2, nbs_log2}; \
-        const Q4Bnb qb{(const uint4*)packed2, absmax2, codes2, code2b, offset2, in, bs_log2b,     \
+        const Q4Bnb qa{(const uint4*)packed, absmax, codes, c2s, offset, in, bs_log2, nbs_log2};  \
+        const Q4Bnb qb{(const uint4*)packed2, absmax2, codes2, c2s + 256, offset2, in, bs_log2b,  \
                        nbs_log2b};                                                                \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; }; \
         gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), lut, x, n, in, ksplit,    \
@@ -417,14 +431,17 @@ extern "C" __global__ void __launch_bounds__(256)
 gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
                  const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
                  int ksplit, int cd) {
-    __shared__ float lut[48];
+    __shared__ float lut[48], c2s[768];
+    q4_code2_tables(c2s, a0.codes ? a0.code2 : nullptr, a1.codes ? a1.code2 : nullptr,
+                    a2.codes ? a2.code2 : nullptr);
     q4_tables(lut, a0.code16, a1.code16, a2.code16);
     const auto at = [&](int b) {
         int blk, out;
         float* y;
         const int i = multi_pick(m, b, blk, y, out);
         const Q4BnbArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
-        const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, a.code2, a.offset, in, a.bs_log2, a.nbs_log2};
+        const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, c2s + 256 * i, a.offset, in, a.bs_log2,
+                      a.nbs_log2};
         return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
     gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x, 1, in,
