@@ -105,7 +105,7 @@ static Q4BnbArgs make_bnb(int rows, int in, bool dq, float* code16) {
     const int bs_log2 = 6, nbs_log2 = 8;
     size_t nblk = ((size_t)rows * in) >> bs_log2;
     a.w = rand_words((size_t)rows * in / 8);
-    a.code16 = code16;
+    for (int k = 0; k < 16; k++) a.code16[k] = code16[k];
     a.bs_log2 = bs_log2;
     a.nbs_log2 = nbs_log2;
     if (dq) {
@@ -357,8 +357,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
                     gemv_q4packed_b1(w.w, w.scales, w.zeros, nullptr, w.wpr, w.gsize, x, y, 1, out, in, ks, acc);
                 } else {
                     const Q4BnbArgs& w = wb.m[i];
-                    gemv_q4bnb_b1(w.w, w.absmax, w.codes, w.code2, w.code16, w.offset, w.bs_log2,
-                                  w.nbs_log2, 0, x, y, 1, out, in, ks, acc, cd);
+                    gemv_q4bnb_b1(w, x, y, 1, out, in, ks, acc, cd);
                 }
             });
         };
@@ -371,10 +370,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
                                       s.hidden, ks_gu, 0, wp.ln2, eps);
             } else {
                 const Q4BnbArgs &g = wb.m[4], &u = wb.m[5];
-                gemv_q4bnb_b1_pair(g.w, g.absmax, g.codes, g.code2, g.code16, g.offset, g.bs_log2,
-                                   g.nbs_log2, 0, u.w, u.absmax, u.codes, u.code2, u.code16, u.offset,
-                                   u.bs_log2, u.nbs_log2, 0, a.x, a.act, 1, s.inter, s.hidden, ks_gu, 0,
-                                   cd, wb.ln2, eps);
+                gemv_q4bnb_b1_pair(g, u, a.x, a.act, 1, s.inter, s.hidden, ks_gu, 0, cd, wb.ln2, eps);
             }
         });
         gemv(6, a.act, a.x, s.hidden, s.inter, ks_down, 1);

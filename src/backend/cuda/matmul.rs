@@ -139,7 +139,8 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
                 let (name, tiling) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", WIDE)?;
-                g.launch(gpu, &name, params.args(), &[arg(&cd)], x, y, tiling)?;
+                let a = Q4BnbArgs::of(q);
+                g.launch(gpu, &name, vec![arg(&a)], &[arg(&cd)], x, y, tiling)?;
             } else {
                 let name = gemv_kernel("gemv_bnb4", x.rows, "");
                 g.launch(gpu, &name, params.args(), &[arg(&cd)], x, y, NARROW)?;
@@ -240,8 +241,9 @@ pub fn gate_up_silu(
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
                 let (name, tiling) =
                     q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", WIDE_PAIR)?;
+                let (qa, qb) = (Q4BnbArgs::of(a), Q4BnbArgs::of(b));
                 let post = [arg(&cd), nargs[0], nargs[1]];
-                g.launch(gpu, &name, pre, &post, x, &y, tiling)?;
+                g.launch(gpu, &name, vec![arg(&qa), arg(&qb)], &post, x, &y, tiling)?;
             } else if norm.is_none() {
                 let name = gemv_kernel("gemv_bnb4", x.rows, "_pair");
                 g.launch(gpu, &name, pre, &[arg(&cd)], x, &y, NARROW_PAIR)?;
@@ -294,7 +296,8 @@ fn stage_smem(gpu: &Gpu, name: &str, floats: usize) -> Result<u32> {
     Ok(smem)
 }
 
-/// One matrix of a `gemv_q4bnb_norm3` launch (`Q4BnbArgs` in gemv_q4.cu).
+/// One bitsandbytes matrix of a 4-bit GEMV launch (`Q4BnbArgs` in
+/// gemv_q4.cu), its 16 code values included.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Q4BnbArgs {
@@ -302,7 +305,7 @@ struct Q4BnbArgs {
     absmax: CUdeviceptr,
     codes: CUdeviceptr,
     code2: CUdeviceptr,
-    code16: CUdeviceptr,
+    code16: [f32; 16],
     offset: f32,
     bs_log2: i32,
     nested_bs_log2: i32,
@@ -316,7 +319,7 @@ impl Q4BnbArgs {
             absmax: q.absmax.ptr(),
             codes: opt_ptr(&q.codes),
             code2: q.code2.ptr(),
-            code16: q.code16.ptr(),
+            code16: q.code16_values,
             offset: q.offset,
             bs_log2: q.bs_log2 as i32,
             nested_bs_log2: q.nested_bs_log2 as i32,

@@ -27,6 +27,8 @@ pub struct CudaBnb4 {
     pub code2: RawAlloc,
     /// The 16-entry NF4/FP4 code.
     pub code16: RawAlloc,
+    /// The same code on the host (the 4-bit GEMVs take it as an argument).
+    pub code16_values: [f32; 16],
     pub offset: f32,
     pub bs_log2: u32,
     pub nested_bs_log2: u32,
@@ -135,6 +137,7 @@ fn upload_bnb4(gpu: &Gpu, m: &Bnb4Matrix) -> Result<CudaWeight> {
         codes,
         code2,
         code16: upload_slice(gpu, &m.code)?,
+        code16_values: m.code,
         offset,
         bs_log2: m.blocksize.trailing_zeros(),
         nested_bs_log2: nbs.trailing_zeros(),

@@ -25,11 +25,24 @@ struct Q4Bnb {
     __device__ __forceinline__ uint4 load(int row, int c) const {
         return w[(size_t)row * (in >> 5) + c];
     }
-    __device__ __forceinline__ void scale(int row, int c, float& s, float& z) const {
+    // The scale words of row `row`, chunk c, as loaded: the absmax, or with
+    // double quantization the block's code (its bits) and nested absmax;
+    // `finish_scale` turns them into the scale once they have arrived.
+    __device__ __forceinline__ void load_scale(int row, int c, float& s, float& z) const {
         const size_t b = ((size_t)row * in + (size_t)c * 32) >> bs_log2;
-        s = codes ? __fadd_rn(__fmul_rn(code2[codes[b]], absmax[b >> nbs_log2]), offset)
-                  : absmax[b];
-        z = 0.f;
+        if (codes) {
+            s = __uint_as_float(codes[b]);
+            z = absmax[b >> nbs_log2];
+        } else {
+            s = absmax[b];
+            z = 0.f;
+        }
+    }
+    __device__ __forceinline__ void finish_scale(float& s, float& z) const {
+        if (codes) {
+            s = __fadd_rn(__fmul_rn(code2[__float_as_uint(s)], z), offset);
+            z = 0.f;
+        }
     }
 };
 
@@ -45,10 +58,16 @@ struct Q4Packed {
     __device__ __forceinline__ uint4 load(int row, int c) const {
         return ((const uint4*)(w + (size_t)row * wpr))[c];
     }
-    __device__ __forceinline__ void scale(int row, int c, float& s, float& z) const {
+    // The f16 scale's and the zero's bits as loaded; `finish_scale`
+    // converts them once they have arrived.
+    __device__ __forceinline__ void load_scale(int row, int c, float& s, float& z) const {
         const size_t at = (size_t)((c * 32) / gsize) * out + row;
-        s = h2f(scales[at]);
-        z = (float)zeros[at];
+        s = __uint_as_float(scales[at]);
+        z = __uint_as_float(zeros[at]);
+    }
+    __device__ __forceinline__ void finish_scale(float& s, float& z) const {
+        s = h2f((u16)__float_as_uint(s));
+        z = (float)__float_as_uint(z);
     }
 };
 
@@ -160,14 +179,16 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     extern __shared__ float xsm[];
     const int lane = threadIdx.x & 31, kp = (threadIdx.x >> 5) % ksplit;
     const int c0 = kp * 32 + lane;
-    // Round c of logical block `blk`'s rows `rows`: the weights and scales.
+    // Round c of logical block `blk`'s rows `rows`: the weights and the
+    // scale words (finished when the round is computed, so that no load
+    // holds the thread up before then).
     auto load_round = [&](const Q4Block<Q>& blk, const int (&rows)[R], int c, uint4 (&w)[R],
                           float (&sc)[R], float (&zp)[R]) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
             const Q& q = (PAIR && r == 1) ? blk.qb : blk.qa;
             w[r] = q.load(rows[r], c);
-            q.scale(rows[r], c, sc[r], zp[r]);
+            q.load_scale(rows[r], c, sc[r], zp[r]);
         }
     };
     Q4Block<Q> L = at(blockIdx.x);
@@ -180,9 +201,15 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     Q4Pairs pairs{};
     if (NB == 1) pairs = q4_pair_tables<Q::HI_FIRST>(luts, xsm + q4_pairs_at(in));
     pdl_start();
+    // The second-level code tables (q4_code2_tables) have arrived; the
+    // barrier in stage_x, or this one, publishes them.
+    cp_async_wait_all();
     // Single rows: the block stages x (normalized by `nw` when set, rounded
     // to `cd`) with one pad word per 32 values.
-    if (NB == 1) stage_x<true>(x, nw, eps, xsm, in, cd);
+    if (NB == 1)
+        stage_x<true>(x, nw, eps, xsm, in, cd);
+    else
+        __syncthreads();
     for (int b = blockIdx.x; b < nblocks;) {
         const int row0 = g.row0;
         const int nb = b + gridDim.x;
@@ -277,13 +304,16 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                 }
             }
 #pragma unroll
-            for (int r = 0; r < R; r++)
+            for (int r = 0; r < R; r++) {
+                float sr = s[r], zr = z[r];
+                ((PAIR && r == 1) ? L.qb : L.qa).finish_scale(sr, zr);
 #pragma unroll
                 for (int bb = 0; bb < NB; bb++)
                     if (bb < n) {
-                        const float d = Q::HAS_ZERO ? fmaf(-z[r], xs[bb], dot[r][bb]) : dot[r][bb];
-                        accv[r][bb] = fmaf(s[r], d, accv[r][bb]);
+                        const float d = Q::HAS_ZERO ? fmaf(-zr, xs[bb], dot[r][bb]) : dot[r][bb];
+                        accv[r][bb] = fmaf(sr, d, accv[r][bb]);
                     }
+            }
             if (NB == 1 && (more || next_loading))
 #pragma unroll
                 for (int r = 0; r < R; r++) {
@@ -309,20 +339,21 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     }
 }
 
-// Copies the second-level code tables of a launch's double-quantized
-// matrices (256 floats each; null: none) to shared memory `c2s`, 256 floats
-// apart, so that a scale waits for one global load (its code) instead of two
-// in a row; q4_tables' sync publishes them.
+// Starts copying the second-level code tables of a launch's
+// double-quantized matrices (256 floats each; null: none) to shared memory
+// `c2s` (16-byte aligned), 256 floats apart, so that a scale waits for one
+// global load (its code) instead of two in a row; gemv_q4_body waits for
+// the copies after its programmatic-launch wait.
 __device__ __forceinline__ void q4_code2_tables(float* c2s, const float* a, const float* b,
                                                 const float* c) {
-    const int t = threadIdx.x;
-    if (a) c2s[t] = a[t];
-    if (b) c2s[256 + t] = b[t];
-    if (c) c2s[512 + t] = c[t];
+    const int t = threadIdx.x, i = t >> 6, k = 4 * (t & 63);
+    const float* src = i == 0 ? a : (i == 1 ? b : (i == 2 ? c : nullptr));
+    if (src) cp_async16(c2s + 256 * i + k, src + k);
 }
 
-// Loads the code tables of a launch's matrices (16 floats each; 0..15 for
-// packed integers, a null `code`) into shared memory.
+// Copies the code tables of a launch's matrices (16 floats each, from the
+// launch's parameters; 0..15 for packed integers, a null `code`) to shared
+// memory.
 __device__ __forceinline__ void q4_tables(float* lut, const float* c0, const float* c1,
                                           const float* c2) {
     const int t = threadIdx.x;
@@ -333,6 +364,33 @@ __device__ __forceinline__ void q4_tables(float* lut, const float* c0, const flo
     __syncthreads();
 }
 
+// One 4-bit matrix as a kernel argument, laid out as the structs
+// `Q4BnbArgs` and `Q4PackedArgs` in matmul.rs: bitsandbytes arguments carry
+// their 16 code values, so that a block reads its code table from the
+// launch's parameters rather than waiting on a global load.
+struct Q4BnbArgs {
+    const u32* w;
+    const float* absmax;
+    const u8* codes;
+    const float* code2;
+    float code16[16];
+    float offset;
+    int bs_log2, nbs_log2;
+};
+
+struct Q4PackedArgs {
+    const u32* w;
+    const u16* scales;
+    const u16* zeros;
+    int wpr, gsize;
+};
+
+// The GEMV view of bitsandbytes argument `a` whose second-level code table
+// is at `c2s` in shared memory.
+__device__ __forceinline__ Q4Bnb q4_bnb(const Q4BnbArgs& a, const float* c2s, int in) {
+    return Q4Bnb{(const uint4*)a.w, a.absmax, a.codes, c2s, a.offset, in, a.bs_log2, a.nbs_log2};
+}
+
 // Logical blocks of a launch with `out` rows: R rows per warp group (one
 // with PAIR), GEMV_WARPS / ksplit groups per block.
 __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit) {
@@ -340,38 +398,38 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
     return (out + per_block - 1) / per_block;
 }
 
-// Same leading arguments as gemv_bnb4 / gemv_packed4 (wdt is not needed);
-// the single-row pair kernels take an optional RMS-norm weight `nw`.
+// Experiment switch: blocks per SM the single-row bitsandbytes pair kernel
+// is compiled for.
+#ifndef QB_PAIR_MINB
+#define QB_PAIR_MINB 4
+#endif
+
+// bitsandbytes kernels take their matrices as Q4BnbArgs, packed ones the
+// leading arguments of gemv_packed4; the single-row pair kernels take an
+// optional RMS-norm weight `nw`.
 #define GEMV_Q4(NB)                                                                              \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB(                          \
-        const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
-        const u8* __restrict__ codes, const float* __restrict__ code2,                            \
-        const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,       \
-        const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
-        int acc, int cd) {                                                                        \
-        __shared__ float lut[48], c2s[256];                                                       \
-        q4_code2_tables(c2s, codes ? code2 : nullptr, nullptr, nullptr);                          \
-        q4_tables(lut, code16, code16, code16);                                                   \
-        const Q4Bnb q{(const uint4*)packed, absmax, codes, c2s, offset, in, bs_log2, nbs_log2};   \
+        const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y,  \
+        int n, int out, int in, int ksplit, int acc, int cd) {                                    \
+        __shared__ float lut[48];                                                                 \
+        __shared__ __align__(16) float c2s[256];                                                  \
+        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);                      \
+        q4_tables(lut, a.code16, a.code16, a.code16);                                             \
+        const Q4Bnb q = q4_bnb(a, c2s, in);                                                       \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };        \
         gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit,   \
                                           cd, acc, nullptr, 0.f);                                 \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB##_pair(                   \
-        const u32* __restrict__ packed, const float* __restrict__ absmax,                         \
-        const u8* __restrict__ codes, const float* __restrict__ code2,                            \
-        const float* __restrict__ code16, float offset, int bs_log2, int nbs_log2, int wdt,       \
-        const u32* __restrict__ packed2, const float* __restrict__ absmax2,                       \
-        const u8* __restrict__ codes2, const float* __restrict__ code2b,                          \
-        const float* __restrict__ code16b, float offset2, int bs_log2b, int nbs_log2b, int wdt2,  \
+    extern "C" __global__ void __launch_bounds__(256, NB == 1 ? QB_PAIR_MINB : 1) gemv_q4bnb_b##NB##_pair(                   \
+        const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
         int acc, int cd, const float* __restrict__ nw, float eps) {                               \
-        __shared__ float lut[48], c2s[512];                                                       \
-        q4_code2_tables(c2s, codes ? code2 : nullptr, codes2 ? code2b : nullptr, nullptr);        \
-        q4_tables(lut, code16, code16b, code16b);                                                 \
-        const Q4Bnb qa{(const uint4*)packed, absmax, codes, c2s, offset, in, bs_log2, nbs_log2};  \
-        const Q4Bnb qb{(const uint4*)packed2, absmax2, codes2, c2s + 256, offset2, in, bs_log2b,  \
-                       nbs_log2b};                                                                \
+        __shared__ float lut[48];                                                                 \
+        __shared__ __align__(16) float c2s[512];                                                  \
+        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr, nullptr); \
+        q4_tables(lut, a.code16, b2.code16, b2.code16);                                           \
+        const Q4Bnb qa = q4_bnb(a, c2s, in);                                                      \
+        const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);                                               \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; }; \
         gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), lut, x, n, in, ksplit,    \
                                          cd, 0, nw, eps);                                         \
@@ -387,7 +445,7 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in,        \
                                              ksplit, 0, acc, nullptr, 0.f);                       \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB##_pair(                \
+    extern "C" __global__ void __launch_bounds__(256, NB == 1 ? 3 : 1) gemv_q4packed_b##NB##_pair(                \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,           \
         const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                          \
@@ -406,32 +464,15 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
 GEMV_Q4(1)
 GEMV_Q4(8)
 
-// One 4-bit matrix of a three-matrix launch, as the kernel argument structs
-// `Q4BnbArgs` and `Q4PackedArgs` in matmul.rs lay it out.
-struct Q4BnbArgs {
-    const u32* w;
-    const float* absmax;
-    const u8* codes;
-    const float* code2;
-    const float* code16;
-    float offset;
-    int bs_log2, nbs_log2;
-};
-
-struct Q4PackedArgs {
-    const u32* w;
-    const u16* scales;
-    const u16* zeros;
-    int wpr, gsize;
-};
-
 // The Q, K and V projections of one RMS-normalized input row in one launch;
 // logical block b belongs to the matrix `multi_pick` names.
-extern "C" __global__ void __launch_bounds__(256)
-gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
+extern "C" __global__ void __launch_bounds__(256, 2)
+gemv_q4bnb_norm3(const __grid_constant__ Q4BnbArgs a0, const __grid_constant__ Q4BnbArgs a1,
+                 const __grid_constant__ Q4BnbArgs a2, GemvMulti m,
                  const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
                  int ksplit, int cd) {
-    __shared__ float lut[48], c2s[768];
+    __shared__ float lut[48];
+    __shared__ __align__(16) float c2s[768];
     q4_code2_tables(c2s, a0.codes ? a0.code2 : nullptr, a1.codes ? a1.code2 : nullptr,
                     a2.codes ? a2.code2 : nullptr);
     q4_tables(lut, a0.code16, a1.code16, a2.code16);
@@ -439,16 +480,14 @@ gemv_q4bnb_norm3(Q4BnbArgs a0, Q4BnbArgs a1, Q4BnbArgs a2, GemvMulti m,
         int blk, out;
         float* y;
         const int i = multi_pick(m, b, blk, y, out);
-        const Q4BnbArgs a = i == 0 ? a0 : (i == 1 ? a1 : a2);
-        const Q4Bnb q{(const uint4*)a.w, a.absmax, a.codes, c2s + 256 * i, a.offset, in, a.bs_log2,
-                      a.nbs_log2};
+        const Q4Bnb q = q4_bnb(i == 0 ? a0 : (i == 1 ? a1 : a2), c2s + 256 * i, in);
         return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
     gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x, 1, in,
                                      ksplit, cd, 0, nw, eps);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
 gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti m,
                     const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
                     int ksplit) {
