@@ -364,7 +364,7 @@ struct GemvMulti {
 /// structs (or pointers), padded to three by repeating the first.
 enum Norm3Weights {
     Dense([CUdeviceptr; 3]),
-    Bnb4([Q4BnbArgs; 3], i32),
+    Bnb4(Box<[Q4BnbArgs; 3]>, i32),
     Packed([Q4PackedArgs; 3]),
 }
 
@@ -406,7 +406,11 @@ fn norm3_kernel(
                 })
                 .collect::<Option<Vec<_>>>()?;
             let cd = dtype_mode(first.compute_dtype);
-            Some(("gemv_q4bnb_norm3", WIDE, Norm3Weights::Bnb4(pad(args), cd)))
+            Some((
+                "gemv_q4bnb_norm3",
+                WIDE,
+                Norm3Weights::Bnb4(Box::new(pad(args)), cd),
+            ))
         }
         CudaWeight::Packed(_) => {
             let args = ws
