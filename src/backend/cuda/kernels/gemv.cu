@@ -179,14 +179,26 @@ __device__ __forceinline__ int multi_pick(const GemvMulti& m, int b, int& blk, f
     return i;
 }
 
+// With `acc`, the value of y that this thread's lane adds its result to in
+// gemv_finish (0 for other lanes), read after the programmatic-launch wait
+// and well before the sums are ready, so that its latency overlaps them.
+template <int R, bool PAIR>
+__device__ __forceinline__ float gemv_y_before(const float* __restrict__ y, int n, int out,
+                                               int row0, int ksplit, int acc) {
+    const int lane = threadIdx.x & 31, kp = (threadIdx.x >> 5) % ksplit;
+    if (PAIR || !acc || kp != 0 || lane >= R * n) return 0.f;
+    const int r = lane / n, b = lane - r * n;
+    return row0 + r < out ? y[(size_t)b * out + row0 + r] : 0.f;
+}
+
 // The end of every GEMV: per-warp sums meet in shared memory across the
 // `ksplit` warps of a row group; one lane per (row, batch) writes the result
-// rounded to the compute dtype `cd`, adding it to y when `acc` (the residual
-// stream: y += x·Wᵀ). A PAIR writes silu(gate) * up.
+// rounded to the compute dtype `cd`, adding it to `yold` (gemv_y_before) when
+// `acc` (the residual stream: y += x·Wᵀ). A PAIR writes silu(gate) * up.
 template <int R, bool PAIR, int NB>
 __device__ __forceinline__ void gemv_finish(const float (&accv)[R][NB], float* __restrict__ y,
                                             int n, int out, int row0, int ksplit, int cd,
-                                            int acc) {
+                                            int acc, float yold) {
     __shared__ float red[GEMV_WARPS][R][NB];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int kp = warp % ksplit;
@@ -216,7 +228,7 @@ __device__ __forceinline__ void gemv_finish(const float (&accv)[R][NB], float* _
         for (int k = 0; k < ksplit; k++) s += red[warp + k][r][b];
         if (row0 + r < out) {
             float* yp = y + (size_t)b * out + row0 + r;
-            *yp = acc ? *yp + rnd(s, cd) : rnd(s, cd);
+            *yp = acc ? yold + rnd(s, cd) : rnd(s, cd);
         }
     }
 }
@@ -275,6 +287,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
     int c0 = kp * 32 * GEMV_UNROLL + lane;
     if (c0 < chunks) fetch_round(c0, cur);
     pdl_start();
+    const float yold = gemv_y_before<R, PAIR>(y, n, out, row0, ksplit, acc);
     extern __shared__ float xsm[];
     if (stage) {
         stage_x<false>(x, nw, eps, xsm, in, 0);
@@ -332,7 +345,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
 #pragma unroll
                 for (int r = 0; r < R; r++) cur[u][r] = nxt[u][r];
     }
-    gemv_finish<R, PAIR, NB>(accv, y, n, out, row0, ksplit, cd, acc);
+    gemv_finish<R, PAIR, NB>(accv, y, n, out, row0, ksplit, cd, acc, yold);
 }
 
 // Dense weights. The pair kernel (gate/up) and the three-matrix kernel

@@ -204,6 +204,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     // The second-level code tables (q4_code2_tables) have arrived; the
     // barrier in stage_x, or this one, publishes them.
     cp_async_wait_all();
+    float yold = gemv_y_before<R, PAIR>(L.y, n, L.out, g.row0, ksplit, acc);
     // Single rows: the block stages x (normalized by `nw` when set, rounded
     // to `cd`) with one pad word per 32 values.
     if (NB == 1)
@@ -324,7 +325,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
             else if (more)
                 load_round(L, g.rows, c + step, wv, s, z);
         }
-        gemv_finish<R, PAIR, NB>(accv, L.y, n, L.out, row0, ksplit, cd, acc);
+        gemv_finish<R, PAIR, NB>(accv, L.y, n, L.out, row0, ksplit, cd, acc, yold);
         b = nb;
         if (b >= nblocks) break;
         // The next logical block reuses gemv_finish's shared partial sums.
@@ -336,6 +337,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
         }
         L = Ln;
         g = gn;
+        yold = gemv_y_before<R, PAIR>(L.y, n, L.out, g.row0, ksplit, acc);
     }
 }
 
