@@ -393,7 +393,8 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     const bool ref_ok = ex < tol && ek < tol && ev < tol;
     printf("%d layers, fmt %d%s cd %d, h%d i%d q%d kv%d D%d len%d pos%d, ks %d/%d/%d/%d, cap %d: "
            "%s; reference x %.1e k %.1e v %.1e: %s\n",
-           layers, fmt, mixed ? " mixed codes" : "", cd, s.hidden, s.inter, s.q_heads, s.kv_heads, s.D, s.max_len, s.pos,
+           layers, fmt, mixed ? " mixed codes" : "", cd, s.hidden, s.inter, s.q_heads, s.kv_heads,
+           s.D, s.max_len, s.pos,
            ks_qkv, ks_o, ks_gu, ks_down, cap, ok ? "RAN" : "DID NOT RUN", ex, ek, ev,
            ref_ok ? "WITHIN" : "OUTSIDE");
     return ok && ref_ok;

@@ -74,6 +74,14 @@ __device__ __forceinline__ float rnd(float v, int mode) {
     return mode == 1 ? h2f(f2h(v)) : (mode == 2 ? bf2f(f2bf(v)) : v);
 }
 
+// ss plus the squares of v's four values, in order (the RMS norm's sum).
+__device__ __forceinline__ float sum_squares4(float4 v, float ss) {
+    ss = fmaf(v.x, v.x, ss);
+    ss = fmaf(v.y, v.y, ss);
+    ss = fmaf(v.z, v.z, ss);
+    return fmaf(v.w, v.w, ss);
+}
+
 // Stages the single input row `x` (`in` values, in % 4 == 0) of a one-row
 // GEMV in shared memory `xs`, rounded to the compute dtype `cd`. With `nw`
 // the row is first RMS-normalized and scaled by `nw` with the arithmetic of
@@ -102,12 +110,7 @@ __device__ __forceinline__ void stage_x(const float* __restrict__ x, const float
         }
 #pragma unroll
         for (int u = 0; u < 2; u++)
-            if (threadIdx.x + u * blockDim.x < in / 4) {
-                ss = fmaf(v[u].x, v[u].x, ss);
-                ss = fmaf(v[u].y, v[u].y, ss);
-                ss = fmaf(v[u].z, v[u].z, ss);
-                ss = fmaf(v[u].w, v[u].w, ss);
-            }
+            if (threadIdx.x + u * blockDim.x < in / 4) ss = sum_squares4(v[u], ss);
         const float inv = 1.0f / sqrtf(block_sum(ss, sh) / (float)in + eps);
 #pragma unroll
         for (int u = 0; u < 2; u++) {
@@ -138,10 +141,7 @@ __device__ __forceinline__ void stage_x(const float* __restrict__ x, const float
                 d[1] = nw ? v[u].y : rnd(v[u].y, cd);
                 d[2] = nw ? v[u].z : rnd(v[u].z, cd);
                 d[3] = nw ? v[u].w : rnd(v[u].w, cd);
-                ss = fmaf(v[u].x, v[u].x, ss);
-                ss = fmaf(v[u].y, v[u].y, ss);
-                ss = fmaf(v[u].z, v[u].z, ss);
-                ss = fmaf(v[u].w, v[u].w, ss);
+                ss = sum_squares4(v[u], ss);
             }
         }
     }
