@@ -72,14 +72,7 @@ fn compile_or_load(major: i32, minor: i32) -> Result<String> {
     }
     let arch = format!("compute_{major}{minor}");
     let version = nvrtc_version();
-    let source = format!(
-        "{}{}",
-        std::env::var("QUANTBENCH_XDEFS")
-            .unwrap_or_default()
-            .replace(';', "\n"),
-        SOURCE
-    );
-    let key = fnv1a(&[source.as_bytes(), arch.as_bytes(), version.as_bytes()]);
+    let key = fnv1a(&[SOURCE.as_bytes(), arch.as_bytes(), version.as_bytes()]);
     let path = cache_dir().map(|d| d.join(format!("kernels-{arch}-{key:016x}.ptx")));
     if let Some(p) = &path
         && let Ok(ptx) = std::fs::read_to_string(p)
@@ -87,7 +80,7 @@ fn compile_or_load(major: i32, minor: i32) -> Result<String> {
     {
         return Ok(ptx);
     }
-    let ptx = compile_source(&source, &arch)?;
+    let ptx = compile_source(SOURCE, &arch)?;
     if let Some(p) = &path {
         // A cache that cannot be written only costs the next run a compile.
         let tmp = p.with_extension(format!("tmp{}", std::process::id()));

@@ -400,12 +400,6 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
     return (out + per_block - 1) / per_block;
 }
 
-// Experiment switch: blocks per SM the single-row bitsandbytes pair kernel
-// is compiled for.
-#ifndef QB_PAIR_MINB
-#define QB_PAIR_MINB 4
-#endif
-
 // bitsandbytes kernels take their matrices as Q4BnbArgs, packed ones the
 // leading arguments of gemv_packed4; the single-row pair kernels take an
 // optional RMS-norm weight `nw`.
@@ -422,7 +416,7 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit,   \
                                           cd, acc, nullptr, 0.f);                                 \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, NB == 1 ? QB_PAIR_MINB : 1) gemv_q4bnb_b##NB##_pair(                   \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB##_pair(                   \
         const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
         int acc, int cd, const float* __restrict__ nw, float eps) {                               \
