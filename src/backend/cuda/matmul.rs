@@ -135,13 +135,13 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
             g.launch(gpu, &name, vec![arg(&p)], &[], x, y, NARROW)?;
         }
         CudaWeight::Bnb4(q) => {
-            let params = bnb4_params(q);
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
                 let (name, tiling) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", WIDE)?;
                 let a = Q4BnbArgs::of(q);
                 g.launch(gpu, &name, vec![arg(&a)], &[arg(&cd)], x, y, tiling)?;
             } else {
+                let params = bnb4_params(q);
                 let name = gemv_kernel("gemv_bnb4", x.rows, "");
                 g.launch(gpu, &name, params.args(), &[arg(&cd)], x, y, NARROW)?;
             }
@@ -234,9 +234,6 @@ pub fn gate_up_silu(
             g.launch(gpu, name, vec![arg(&a), arg(&b)], &nargs, x, &y, tiling)?;
         }
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
-            let (pa, pb) = (bnb4_params(a), bnb4_params(b));
-            let mut pre = pa.args();
-            pre.extend(pb.args());
             let cd = dtype_mode(a.compute_dtype);
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
                 let (name, tiling) =
@@ -245,6 +242,9 @@ pub fn gate_up_silu(
                 let post = [arg(&cd), nargs[0], nargs[1]];
                 g.launch(gpu, &name, vec![arg(&qa), arg(&qb)], &post, x, &y, tiling)?;
             } else if norm.is_none() {
+                let (pa, pb) = (bnb4_params(a), bnb4_params(b));
+                let mut pre = pa.args();
+                pre.extend(pb.args());
                 let name = gemv_kernel("gemv_bnb4", x.rows, "_pair");
                 g.launch(gpu, &name, pre, &[arg(&cd)], x, &y, NARROW_PAIR)?;
             } else {
