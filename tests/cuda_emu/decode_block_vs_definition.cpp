@@ -327,7 +327,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     const float eps = 1e-5f, scale = 1.f / sqrtf((float)s.D);
     const int ks_qkv = gemv_ksplit(sm, qo + 2 * kvo, s.hidden / 32, 4);
     const int ks_o = gemv_ksplit(sm, s.hidden, qo / 32, 4);
-    const int ks_gu = gemv_ksplit(sm, s.inter, s.hidden / 32, 1);
+    const int ks_gu = gemv_ksplit(sm, s.inter, s.hidden / 32, 2);  // Q4_PAIR_ROWS(1)
     const int ks_down = gemv_ksplit(sm, s.hidden, s.inter / 32, 4);
     auto staged = [](int in) { return (size_t)(q4_pairs_at(in) + Q4_PAIR_FLOATS) * 4; };
 
@@ -362,7 +362,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
             });
         };
         gemv(3, a.att, a.x, s.hidden, qo, ks_o, 1);
-        launch({(unsigned)std::min(q4_blocks_h(s.inter, 1, ks_gu), cap)}, 256, staged(s.hidden), [&] {
+        launch({(unsigned)std::min(q4_blocks_h(s.inter, 2, ks_gu), cap)}, 256, staged(s.hidden), [&] {
             if (fmt == 2) {
                 const Q4PackedArgs &g = wp.m[4], &u = wp.m[5];
                 gemv_q4packed_b1_pair(g.w, g.scales, g.zeros, nullptr, g.wpr, g.gsize, u.w, u.scales,

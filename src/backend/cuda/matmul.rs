@@ -99,15 +99,34 @@ fn q4_kernel(
     rows: usize,
     in_f: usize,
     suffix: &str,
-    tiling: GemvTiling,
+    tilings: Q4Tilings,
 ) -> Result<(String, GemvTiling)> {
     if rows > 1 {
-        return Ok((format!("{base}_b{GEMV_MAX_ROWS}{suffix}"), tiling));
+        return Ok((format!("{base}_b{GEMV_MAX_ROWS}{suffix}"), tilings.batch));
     }
     let name = format!("{base}_b1{suffix}");
     let smem = stage_smem(gpu, &name, q4_staged_floats(in_f))?;
-    Ok((name, tiling.single_row_q4(smem)))
+    Ok((name, tilings.single.single_row_q4(smem)))
 }
+
+/// The tilings of a 4-bit kernel family: its single-row and its batch
+/// instance.
+#[derive(Clone, Copy)]
+struct Q4Tilings {
+    single: GemvTiling,
+    batch: GemvTiling,
+}
+
+/// 4-bit single-matrix kernels: four rows per warp in both instances.
+const Q4_SINGLE: Q4Tilings = Q4Tilings {
+    single: WIDE,
+    batch: WIDE,
+};
+/// 4-bit pair kernels.
+const Q4_PAIR: Q4Tilings = Q4Tilings {
+    single: WIDE_PAIR_SINGLE,
+    batch: WIDE_PAIR,
+};
 
 /// Floats of a single-row 4-bit kernel's code-pair tables: 256 pairs in 16
 /// slots (`Q4_PAIR_FLOATS` in gemv_q4.cu, filled by `q4_pair_tables`).
@@ -137,7 +156,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
-                let (name, tiling) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", WIDE)?;
+                let (name, tiling) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", Q4_SINGLE)?;
                 let a = Q4BnbArgs::of(q);
                 g.launch(gpu, &name, vec![arg(&a)], &[arg(&cd)], x, y, tiling)?;
             } else {
@@ -149,7 +168,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Packed(q) => {
             let params = packed_params(q);
             if q4_packed_ok(q) {
-                let (name, tiling) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", WIDE)?;
+                let (name, tiling) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", Q4_SINGLE)?;
                 g.launch(gpu, &name, params.args(), &[], x, y, tiling)?;
             } else {
                 let name = gemv_kernel(&format!("gemv_packed{}", q.bits), x.rows, "");
@@ -236,8 +255,7 @@ pub fn gate_up_silu(
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let cd = dtype_mode(a.compute_dtype);
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
-                let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", WIDE_PAIR)?;
+                let (name, tiling) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", Q4_PAIR)?;
                 let (qa, qb) = (Q4BnbArgs::of(a), Q4BnbArgs::of(b));
                 let post = [arg(&cd), nargs[0], nargs[1]];
                 g.launch(gpu, &name, vec![arg(&qa), arg(&qb)], &post, x, &y, tiling)?;
@@ -257,7 +275,7 @@ pub fn gate_up_silu(
             pre.extend(pb.args());
             if q4_packed_ok(a) && q4_packed_ok(b) {
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", WIDE_PAIR)?;
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", Q4_PAIR)?;
                 g.launch(gpu, &name, pre, &nargs, x, &y, tiling)?;
             } else if norm.is_none() {
                 let name = gemv_kernel(&format!("gemv_packed{}", a.bits), x.rows, "_pair");
@@ -771,8 +789,12 @@ const NARROW: GemvTiling = GemvTiling::new(2, 8);
 const NARROW_PAIR: GemvTiling = GemvTiling::new(1, 8);
 /// 4-bit kernels (gemv_q4.cu): four rows per warp, 32 weights per lane.
 const WIDE: GemvTiling = GemvTiling::new(4, 32);
-/// 4-bit pair kernels: one row of each matrix per warp, 32 weights per lane.
+/// 4-bit pair kernels for batches: one row of each matrix per warp, 32
+/// weights per lane.
 const WIDE_PAIR: GemvTiling = GemvTiling::new(1, 32);
+/// 4-bit pair kernels for a single row: two rows of each matrix per warp
+/// (`Q4_PAIR_ROWS` in gemv_q4.cu).
+const WIDE_PAIR_SINGLE: GemvTiling = GemvTiling::new(2, 32);
 
 /// One GEMV product's shape and whether it adds to its output.
 struct Gemv {

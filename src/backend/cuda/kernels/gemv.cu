@@ -212,15 +212,19 @@ __device__ __forceinline__ void gemv_finish(const float (&accv)[R][NB], float* _
             }
     __syncthreads();
     if (PAIR) {
-        if (kp == 0 && lane < n && row0 < out) {
-            float g = 0.f, u = 0.f;
-            for (int k = 0; k < ksplit; k++) {
-                g += red[warp + k][0][lane];
-                u += red[warp + k][1][lane];
+        // R / 2 output rows: gate sums at even r, up sums at odd r.
+        if (kp == 0 && lane < (R / 2) * n) {
+            const int o = lane / n, b = lane - o * n;
+            if (row0 + o < out) {
+                float g = 0.f, u = 0.f;
+                for (int k = 0; k < ksplit; k++) {
+                    g += red[warp + k][2 * o][b];
+                    u += red[warp + k][2 * o + 1][b];
+                }
+                g = rnd(g, cd);
+                u = rnd(u, cd);
+                y[(size_t)b * out + row0 + o] = g / (1.0f + expf(-g)) * u;
             }
-            g = rnd(g, cd);
-            u = rnd(u, cd);
-            y[(size_t)lane * out + row0] = g / (1.0f + expf(-g)) * u;
         }
     } else if (kp == 0 && lane < R * n) {
         const int r = lane / n, b = lane - (lane / n) * n;
@@ -244,10 +248,10 @@ struct GemvRows {
     __device__ __forceinline__ GemvRows(int out, int ksplit, int blk) {
         lane = threadIdx.x & 31;
         warp = threadIdx.x >> 5;
-        row0 = (blk * (GEMV_WARPS / ksplit) + warp / ksplit) * (PAIR ? 1 : R);
+        row0 = (blk * (GEMV_WARPS / ksplit) + warp / ksplit) * (PAIR ? R / 2 : R);
         kp = warp % ksplit;
 #pragma unroll
-        for (int r = 0; r < R; r++) rows[r] = min(row0 + (PAIR ? 0 : r), out - 1);
+        for (int r = 0; r < R; r++) rows[r] = min(row0 + (PAIR ? r / 2 : r), out - 1);
     }
 };
 

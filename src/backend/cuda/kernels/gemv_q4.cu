@@ -173,7 +173,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                                              const float* __restrict__ x, int n, int in,
                                              int ksplit, int cd, int acc,
                                              const float* __restrict__ nw, float eps) {
-    static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
+    static_assert(!PAIR || R % 2 == 0, "a pair GEMV holds rows of both matrices");
     const int chunks = in >> 5;
     const int step = 32 * ksplit;
     extern __shared__ float xsm[];
@@ -186,7 +186,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                           float (&sc)[R], float (&zp)[R]) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const Q& q = (PAIR && r == 1) ? blk.qb : blk.qa;
+            const Q& q = (PAIR && (r & 1)) ? blk.qb : blk.qa;
             w[r] = q.load(rows[r], c);
             q.load_scale(rows[r], c, sc[r], zp[r]);
         }
@@ -255,7 +255,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                 for (int r = 0; r < R; r++) {
                     const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
                     if (NB == 1) {
-                        const float2* tab = (PAIR && r == 1) ? tab_b : tab_a;
+                        const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
 #pragma unroll
                         for (int b = 0; b < 4; b++) {
                             const float2 pr = q4_pair(tab, word, b);
@@ -263,7 +263,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                             wf[r][2 * b + 1] = pr.y;
                         }
                     } else {
-                        const float* lut = (PAIR && r == 1) ? L.lut_b : L.lut_a;
+                        const float* lut = (PAIR && (r & 1)) ? L.lut_b : L.lut_a;
 #pragma unroll
                         for (int k = 0; k < 8; k++) wf[r][k] = lut[nibble<Q::HI_FIRST>(word, k)];
                     }
@@ -307,7 +307,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 float sr = s[r], zr = z[r];
-                ((PAIR && r == 1) ? L.qb : L.qa).finish_scale(sr, zr);
+                ((PAIR && (r & 1)) ? L.qb : L.qa).finish_scale(sr, zr);
 #pragma unroll
                 for (int bb = 0; bb < NB; bb++)
                     if (bb < n) {
@@ -393,16 +393,23 @@ __device__ __forceinline__ Q4Bnb q4_bnb(const Q4BnbArgs& a, const float* c2s, in
     return Q4Bnb{(const uint4*)a.w, a.absmax, a.codes, c2s, a.offset, in, a.bs_log2, a.nbs_log2};
 }
 
-// Logical blocks of a launch with `out` rows: R rows per warp group (one
-// with PAIR), GEMV_WARPS / ksplit groups per block.
+// Logical blocks of a launch with `out` rows: `rows_per_group` output rows
+// per warp group, GEMV_WARPS / ksplit groups per block.
 __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit) {
     const int per_block = rows_per_group * (GEMV_WARPS / ksplit);
     return (out + per_block - 1) / per_block;
 }
 
+// Output rows of each matrix per warp in the pair kernels: two for a single
+// row (x is read once for four weight rows, and each warp has four
+// independent sums; compiled for two blocks per SM), one for batches.
+// `Q4_PAIR_ROWS_SINGLE` in matmul.rs.
+#define Q4_PAIR_ROWS(NB) ((NB) == 1 ? 2 : 1)
+#define Q4_PAIR_BOUNDS(NB) __launch_bounds__(256, (NB) == 1 ? 2 : 1)
+
 // bitsandbytes kernels take their matrices as Q4BnbArgs, packed ones the
-// leading arguments of gemv_packed4; the single-row pair kernels take an
-// optional RMS-norm weight `nw`.
+// leading arguments of gemv_packed4; the pair kernels take an optional
+// RMS-norm weight `nw`.
 #define GEMV_Q4(NB)                                                                              \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB(                          \
         const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y,  \
@@ -416,7 +423,7 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit,   \
                                           cd, acc, nullptr, 0.f);                                 \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB##_pair(                   \
+    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4bnb_b##NB##_pair(                      \
         const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
         int acc, int cd, const float* __restrict__ nw, float eps) {                               \
@@ -427,8 +434,9 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Bnb qa = q4_bnb(a, c2s, in);                                                      \
         const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);                                               \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; }; \
-        gemv_q4_body<Q4Bnb, 2, true, NB>(at, q4_blocks(out, 1, ksplit), lut, x, n, in, ksplit,    \
-                                         cd, 0, nw, eps);                                         \
+        gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(NB), true, NB>(at, q4_blocks(out, Q4_PAIR_ROWS(NB),   \
+                                                            ksplit), lut, x, n, in, ksplit, cd, 0, \
+                                                            nw, eps);                             \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -441,7 +449,7 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in,        \
                                              ksplit, 0, acc, nullptr, 0.f);                       \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, NB == 1 ? 3 : 1) gemv_q4packed_b##NB##_pair(                \
+    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4packed_b##NB##_pair(                   \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,           \
         const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                          \
@@ -453,8 +461,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Packed qa{qw, scales, zeros, in, out, wpr, gsize};                                \
         const Q4Packed qb{qw2, scales2, zeros2, in, out, wpr2, gsize2};                           \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{qa, qb, lut, lut, y, out, b}; };   \
-        gemv_q4_body<Q4Packed, 2, true, NB>(at, q4_blocks(out, 1, ksplit), lut, x, n, in,         \
-                                            ksplit, 0, 0, nw, eps);                               \
+        gemv_q4_body<Q4Packed, 2 * Q4_PAIR_ROWS(NB), true, NB>(                                  \
+            at, q4_blocks(out, Q4_PAIR_ROWS(NB), ksplit), lut, x, n, in, ksplit, 0, 0, nw, eps);  \
     }
 
 GEMV_Q4(1)
