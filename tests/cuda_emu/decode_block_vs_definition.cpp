@@ -327,7 +327,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     const float eps = 1e-5f, scale = 1.f / sqrtf((float)s.D);
     const int ks_qkv = gemv_ksplit(sm, qo + 2 * kvo, s.hidden / 32, 4);
     const int ks_o = gemv_ksplit(sm, s.hidden, qo / 32, 4);
-    const int ks_gu = gemv_ksplit(sm, s.inter, s.hidden / 32, 2);  // Q4_PAIR_ROWS(1)
+    const int ks_gu = 1;  // WIDE_PAIR_SINGLE in matmul.rs
     const int ks_down = gemv_ksplit(sm, s.hidden, s.inter / 32, 4);
     auto staged = [](int in) { return (size_t)(q4_pairs_at(in) + Q4_PAIR_FLOATS) * 4; };
 

@@ -470,7 +470,7 @@ pub fn norm_matmuls(
     let outs: Vec<usize> = ws.iter().map(|w| w.shape().0).collect();
     let rpw = tiling.rows_per_warp;
     let total: usize = outs.iter().sum();
-    let ksplit = gemv_ksplit(gpu, total, in_f / tiling.chunk, rpw, GEMV_UNROLL);
+    let ksplit = tiling.ksplit(gpu, total, in_f);
     let rows_per_block = rpw * (GEMV_WARPS / ksplit);
     let ys = outs
         .iter()
@@ -747,6 +747,8 @@ struct GemvTiling {
     /// Whether the kernel's blocks loop over logical blocks, so that the
     /// grid is capped at one wave (see `gemv_q4_body`).
     looping: bool,
+    /// Most warps that may share one row group (see `gemv_ksplit`).
+    max_ksplit: usize,
 }
 
 impl GemvTiling {
@@ -756,6 +758,15 @@ impl GemvTiling {
             chunk,
             smem: 0,
             looping: false,
+            max_ksplit: GEMV_WARPS,
+        }
+    }
+
+    /// The same tiling with each row group on one warp.
+    const fn unsplit(self) -> Self {
+        GemvTiling {
+            max_ksplit: 1,
+            ..self
         }
     }
 
@@ -770,6 +781,13 @@ impl GemvTiling {
             looping: true,
             ..self
         }
+    }
+
+    /// Warps that share one row group of a product with `out_f` rows of
+    /// `in_f` inputs.
+    fn ksplit(&self, gpu: &Gpu, out_f: usize, in_f: usize) -> usize {
+        let chunks = in_f / self.chunk;
+        gemv_ksplit(gpu, out_f, chunks, self.rows_per_warp, GEMV_UNROLL).min(self.max_ksplit)
     }
 
     /// The grid for `blocks` logical blocks of kernel `name`.
@@ -793,8 +811,9 @@ const WIDE: GemvTiling = GemvTiling::new(4, 32);
 /// weights per lane.
 const WIDE_PAIR: GemvTiling = GemvTiling::new(1, 32);
 /// 4-bit pair kernels for a single row: two rows of each matrix per warp
-/// (`Q4_PAIR_ROWS` in gemv_q4.cu).
-const WIDE_PAIR_SINGLE: GemvTiling = GemvTiling::new(2, 32);
+/// (`Q4_PAIR_ROWS` in gemv_q4.cu), each row group on one warp (measured
+/// faster than two warps per group, bench/RESULTS.md, fourteenth session).
+const WIDE_PAIR_SINGLE: GemvTiling = GemvTiling::new(2, 32).unsplit();
 
 /// One GEMV product's shape and whether it adds to its output.
 struct Gemv {
@@ -819,7 +838,7 @@ impl Gemv {
         tiling: GemvTiling,
     ) -> Result<()> {
         let rpw = tiling.rows_per_warp;
-        let ksplit = gemv_ksplit(gpu, self.out_f, self.in_f / tiling.chunk, rpw, GEMV_UNROLL);
+        let ksplit = tiling.ksplit(gpu, self.out_f, self.in_f);
         let groups_per_block = GEMV_WARPS / ksplit;
         let blocks = self.out_f.div_ceil(rpw * groups_per_block);
         let (xp, yp) = (x.ptr(), y.ptr());
