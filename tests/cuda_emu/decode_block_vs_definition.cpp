@@ -326,9 +326,9 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     const size_t att_smem = 4 * (G * s.D + 2 * s.D + buffers * 32 * (KS + s.D));
     const float eps = 1e-5f, scale = 1.f / sqrtf((float)s.D);
     const int ks_qkv = gemv_ksplit(sm, qo + 2 * kvo, s.hidden / 32, 4);
-    const int ks_o = gemv_ksplit(sm, s.hidden, qo / 32, 4);
+    const int ks_o = std::min(gemv_ksplit(sm, s.hidden, qo / 32, 4), 4);  // WIDE_SINGLE
     const int ks_gu = 1;  // WIDE_PAIR_SINGLE in matmul.rs
-    const int ks_down = gemv_ksplit(sm, s.hidden, s.inter / 32, 4);
+    const int ks_down = std::min(gemv_ksplit(sm, s.hidden, s.inter / 32, 4), 4);
     auto staged = [](int in) { return (size_t)(q4_pairs_at(in) + Q4_PAIR_FLOATS) * 4; };
 
     // The kernels, block after block.

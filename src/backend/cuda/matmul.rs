@@ -119,7 +119,7 @@ struct Q4Tilings {
 
 /// 4-bit single-matrix kernels: four rows per warp in both instances.
 const Q4_SINGLE: Q4Tilings = Q4Tilings {
-    single: WIDE,
+    single: WIDE_SINGLE,
     batch: WIDE,
 };
 /// 4-bit pair kernels.
@@ -762,12 +762,9 @@ impl GemvTiling {
         }
     }
 
-    /// The same tiling with each row group on one warp.
-    const fn unsplit(self) -> Self {
-        GemvTiling {
-            max_ksplit: 1,
-            ..self
-        }
+    /// The same tiling with at most `max_ksplit` warps per row group.
+    const fn split_at_most(self, max_ksplit: usize) -> Self {
+        GemvTiling { max_ksplit, ..self }
     }
 
     fn with_smem(self, smem: u32) -> Self {
@@ -813,7 +810,11 @@ const WIDE_PAIR: GemvTiling = GemvTiling::new(1, 32);
 /// 4-bit pair kernels for a single row: two rows of each matrix per warp
 /// (`Q4_PAIR_ROWS` in gemv_q4.cu), each row group on one warp (measured
 /// faster than two warps per group, bench/RESULTS.md, fourteenth session).
-const WIDE_PAIR_SINGLE: GemvTiling = GemvTiling::new(2, 32).unsplit();
+const WIDE_PAIR_SINGLE: GemvTiling = GemvTiling::new(2, 32).split_at_most(1);
+/// 4-bit single-matrix kernels for a single row: at most four warps per row
+/// group (for Llama-3.2-1B's down projection, 2048 rows of 8192, faster than
+/// eight: bench/RESULTS.md, fourteenth session).
+const WIDE_SINGLE: GemvTiling = WIDE.split_at_most(4);
 
 /// One GEMV product's shape and whether it adds to its output.
 struct Gemv {
