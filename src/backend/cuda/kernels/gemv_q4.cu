@@ -403,7 +403,7 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
 // Output rows of each matrix per warp in the pair kernels: two for a single
 // row (x is read once for four weight rows, and each warp has four
 // independent sums; compiled for two blocks per SM), one for batches.
-// `Q4_PAIR_ROWS_SINGLE` in matmul.rs.
+// `WIDE_PAIR_SINGLE` and `WIDE_PAIR` in matmul.rs.
 #define Q4_PAIR_ROWS(NB) ((NB) == 1 ? 2 : 1)
 #define Q4_PAIR_BOUNDS(NB) __launch_bounds__(256, (NB) == 1 ? 2 : 1)
 
