@@ -117,7 +117,8 @@ struct Q4Tilings {
     batch: GemvTiling,
 }
 
-/// 4-bit single-matrix kernels: four rows per warp in both instances.
+/// 4-bit single-matrix kernels: four rows per warp in both instances, a
+/// single row's row groups on at most four warps.
 const Q4_SINGLE: Q4Tilings = Q4Tilings {
     single: WIDE_SINGLE,
     batch: WIDE,
