@@ -79,15 +79,28 @@ pub fn matmul_add(gpu: &Gpu, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight)
 }
 
 /// Whether NF4/FP4 weights take the 32-weights-per-lane kernel: rows a
-/// multiple of 32 and blocks of at least 32.
+/// multiple of 32, blocks of at least 32, and 32-bit offsets
+/// ([`q4_offsets_fit`]).
 fn q4_bnb_ok(q: &CudaBnb4) -> bool {
-    q.cols.is_multiple_of(32) && q.bs_log2 >= 5
+    q.cols.is_multiple_of(32) && q.bs_log2 >= 5 && q4_offsets_fit(q.rows, q.cols)
 }
 
 /// Whether packed integers take the 32-weights-per-lane kernel: 4 bits,
-/// groups of whole 32-column chunks, no act-order permutation.
+/// groups of whole 32-column chunks, no act-order permutation, and 32-bit
+/// offsets ([`q4_offsets_fit`]).
 fn q4_packed_ok(q: &CudaPacked) -> bool {
-    q.bits == 4 && q.cols.is_multiple_of(32) && q.group_size.is_multiple_of(32) && q.g_idx.is_none()
+    q.bits == 4
+        && q.cols.is_multiple_of(32)
+        && q.group_size.is_multiple_of(32)
+        && q.g_idx.is_none()
+        && q4_offsets_fit(q.rows, q.cols)
+}
+
+/// Whether a `rows` x `cols` matrix has fewer than 2^32 weights: the
+/// 32-weights-per-lane kernels (gemv_q4.cu) index it with 32-bit offsets.
+fn q4_offsets_fit(rows: usize, cols: usize) -> bool {
+    rows.checked_mul(cols)
+        .is_some_and(|n| n <= u32::MAX as usize)
 }
 
 /// The 4-bit kernel instance for a batch of `rows` (one for single rows,
