@@ -792,6 +792,20 @@ fn smollm2_logits_and_greedy_generations_match() {
     model_logits_and_generations_match("smollm2-135m", 2e-3);
 }
 
+/// `model` quantized by `quant` on the CPU backend and on the GPU.
+fn quantized_models(model: &str, quant: &str) -> (Model<CpuBackend>, Model<CudaBackend>) {
+    let spec = QuantSpec::parse(quant).unwrap();
+    let loaded = quantbench::cli::common::load_quantized(
+        model,
+        Some(&spec),
+        quantbench::backend::Device::Cpu,
+    )
+    .unwrap();
+    let cpu = Model::new(CpuBackend::new(), &loaded.weights).unwrap();
+    let cuda = Model::new(gpu(), &loaded.weights).unwrap();
+    (cpu, cuda)
+}
+
 #[test]
 fn quantized_models_match_the_cpu() {
     for (model, quant, tol) in [
@@ -800,15 +814,7 @@ fn quantized_models_match_the_cpu() {
         ("synth:tiny", "int8", 1e-3),
         ("synth:smollm2-135m", "none", 2e-3),
     ] {
-        let spec = QuantSpec::parse(quant).unwrap();
-        let loaded = quantbench::cli::common::load_quantized(
-            model,
-            Some(&spec),
-            quantbench::backend::Device::Cpu,
-        )
-        .unwrap();
-        let cpu = Model::new(CpuBackend::new(), &loaded.weights).unwrap();
-        let cuda = Model::new(gpu(), &loaded.weights).unwrap();
+        let (cpu, cuda) = quantized_models(model, quant);
         let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 250).collect();
         let want = cpu.sequence_logits(&tokens).unwrap();
         let got = cuda.sequence_logits(&tokens).unwrap();
@@ -831,15 +837,7 @@ fn quantized_single_sequence_decode_matches_the_cpu() {
         ("synth:smollm2-135m", "nf4", 2e-2),
         ("synth:smollm2-135m", "rtn,bits=4,group_size=64", 2e-2),
     ] {
-        let spec = QuantSpec::parse(quant).unwrap();
-        let loaded = quantbench::cli::common::load_quantized(
-            model,
-            Some(&spec),
-            quantbench::backend::Device::Cpu,
-        )
-        .unwrap();
-        let cpu = Model::new(CpuBackend::new(), &loaded.weights).unwrap();
-        let cuda = Model::new(gpu(), &loaded.weights).unwrap();
+        let (cpu, cuda) = quantized_models(model, quant);
         let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 250).collect();
         let mut cc = cpu.new_cache(1, 64).unwrap();
         let mut gc = cuda.new_cache(1, 64).unwrap();
