@@ -99,6 +99,18 @@ inline u16 f2bf(float f) {
     u += 0x7fffu + ((u >> 16) & 1);
     return (u16)(u >> 16);
 }
+inline u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 d = 0;
+    for (int i = 0; i < 2; i++) {
+        const double v = (double)h2f((u16)(a >> (16 * i))) * (double)h2f((u16)(b >> (16 * i))) +
+                         (double)h2f((u16)(c >> (16 * i)));
+        const _Float16 h = (_Float16)v;  // one rounding, as fma.rn.f16x2
+        u16 r;
+        memcpy(&r, &h, 2);
+        d |= (u32)r << (16 * i);
+    }
+    return d;
+}
 inline float ld_cg(const float* p) { return *(const volatile float*)p; }
 inline float2 ld_cg2(const float* p) { return make_float2(ld_cg(p), ld_cg(p + 1)); }
 inline float4 ld_cg4(const float* p) {

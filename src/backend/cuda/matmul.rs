@@ -104,8 +104,9 @@ fn q4_offsets_fit(rows: usize, cols: usize) -> bool {
 }
 
 /// The 4-bit kernel instance for a batch of `rows` (one for single rows,
-/// one for up to eight) and its tiling: single rows stage x with one pad
-/// word per 32 values, and their blocks loop over logical blocks.
+/// one for up to eight) and its tiling: single rows stage x in shared
+/// memory, in f16 when `half` (see [`q4_half`]), and their blocks loop over
+/// logical blocks.
 fn q4_kernel(
     gpu: &Gpu,
     base: &str,
@@ -113,13 +114,27 @@ fn q4_kernel(
     in_f: usize,
     suffix: &str,
     tilings: Q4Tilings,
+    half: bool,
 ) -> Result<(String, GemvTiling)> {
     if rows > 1 {
         return Ok((format!("{base}_b{GEMV_MAX_ROWS}{suffix}"), tilings.batch));
     }
-    let name = format!("{base}_b1{suffix}");
-    let smem = stage_smem(gpu, &name, q4_staged_floats(in_f))?;
+    let tag = if half { "h1" } else { "b1" };
+    let name = format!("{base}_{tag}{suffix}");
+    let smem = stage_smem(gpu, &name, q4_staged_floats(in_f, half))?;
     Ok((name, tilings.single.single_row_q4(smem)))
+}
+
+/// Whether single rows meet packed integers in the half-precision kernels.
+const PACKED_HALF: bool = true;
+
+/// Whether a single row meets NF4/FP4 weights of compute dtype `cd`
+/// (`dtype_mode`) in the half-precision kernels (`H` in gemv_q4.cu): f16
+/// products summed in f16 over 32 weights, then in f32. Only for an f16 or
+/// bf16 compute dtype, which rounds at least as coarsely; f32 keeps f32
+/// products.
+fn q4_half(cd: i32) -> bool {
+    cd != 0
 }
 
 /// The tilings of a 4-bit kernel family: its single-row and its batch
@@ -147,10 +162,16 @@ const Q4_PAIR: Q4Tilings = Q4Tilings {
 const Q4_PAIR_FLOATS: usize = 256 * 16 * 2;
 
 /// Dynamic shared memory of a single-row 4-bit kernel for an `in_f`-wide
-/// row, in floats: the staged row (one pad word per 32 values), 8-byte
-/// aligned (`q4_pairs_at` in gemv_q4.cu), then the code-pair tables.
-fn q4_staged_floats(in_f: usize) -> usize {
-    (in_f + in_f / 32).next_multiple_of(2) + Q4_PAIR_FLOATS
+/// row, in floats (`q4_pairs_at` in gemv_q4.cu): the staged row (one pad
+/// word per 32 values, 8-byte aligned; in `half` kernels 20 words and a
+/// (sum, scale) pair per 32 values), then the code-pair tables.
+fn q4_staged_floats(in_f: usize, half: bool) -> usize {
+    let row = if half {
+        22 * (in_f / 32)
+    } else {
+        (in_f + in_f / 32).next_multiple_of(2)
+    };
+    row + Q4_PAIR_FLOATS
 }
 
 /// Small batches: the GEMV of `x` with `w` into `y` (adding to `y` when
@@ -170,7 +191,9 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
-                let (name, tiling) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", Q4_SINGLE)?;
+                let half = q4_half(cd);
+                let (name, tiling) =
+                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", Q4_SINGLE, half)?;
                 let a = Q4BnbArgs::of(q);
                 g.launch(gpu, &name, vec![arg(&a)], &[arg(&cd)], x, y, tiling)?;
             } else {
@@ -182,7 +205,8 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Packed(q) => {
             let params = packed_params(q);
             if q4_packed_ok(q) {
-                let (name, tiling) = q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", Q4_SINGLE)?;
+                let (name, tiling) =
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", Q4_SINGLE, PACKED_HALF)?;
                 g.launch(gpu, &name, params.args(), &[], x, y, tiling)?;
             } else {
                 let name = gemv_kernel(&format!("gemv_packed{}", q.bits), x.rows, "");
@@ -269,7 +293,9 @@ pub fn gate_up_silu(
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let cd = dtype_mode(a.compute_dtype);
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
-                let (name, tiling) = q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", Q4_PAIR)?;
+                let half = q4_half(cd);
+                let (name, tiling) =
+                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", Q4_PAIR, half)?;
                 let (qa, qb) = (Q4BnbArgs::of(a), Q4BnbArgs::of(b));
                 let post = [arg(&cd), nargs[0], nargs[1]];
                 g.launch(gpu, &name, vec![arg(&qa), arg(&qb)], &post, x, &y, tiling)?;
@@ -289,7 +315,7 @@ pub fn gate_up_silu(
             pre.extend(pb.args());
             if q4_packed_ok(a) && q4_packed_ok(b) {
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", Q4_PAIR)?;
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", Q4_PAIR, PACKED_HALF)?;
                 g.launch(gpu, &name, pre, &nargs, x, &y, tiling)?;
             } else if norm.is_none() {
                 let name = gemv_kernel(&format!("gemv_packed{}", a.bits), x.rows, "_pair");
@@ -401,11 +427,12 @@ enum Norm3Weights {
 }
 
 /// Which `*_norm3` kernel takes `ws` (all of one format that has one), its
-/// name, tiling and per-matrix arguments; `None` when there is none.
+/// name, tiling, per-matrix arguments and floats of staged input; `None`
+/// when there is none.
 fn norm3_kernel(
     ws: &[&CudaWeight],
     in_f: usize,
-) -> Option<(&'static str, GemvTiling, Norm3Weights)> {
+) -> Option<(&'static str, GemvTiling, Norm3Weights, usize)> {
     fn pad<T: Copy>(v: Vec<T>) -> [T; 3] {
         [v[0], *v.get(1).unwrap_or(&v[0]), *v.get(2).unwrap_or(&v[0])]
     }
@@ -423,7 +450,7 @@ fn norm3_kernel(
                 DType::F16 => "gemv_f16_norm3",
                 DType::BF16 => "gemv_bf16_norm3",
             };
-            Some((name, NARROW, Norm3Weights::Dense(pad(ptrs))))
+            Some((name, NARROW, Norm3Weights::Dense(pad(ptrs)), in_f))
         }
         CudaWeight::Bnb4(first) => {
             let args = ws
@@ -438,11 +465,14 @@ fn norm3_kernel(
                 })
                 .collect::<Option<Vec<_>>>()?;
             let cd = dtype_mode(first.compute_dtype);
-            Some((
-                "gemv_q4bnb_norm3",
-                WIDE,
-                Norm3Weights::Bnb4(Box::new(pad(args)), cd),
-            ))
+            let half = q4_half(cd);
+            let name = if half {
+                "gemv_q4bnb_norm3_h"
+            } else {
+                "gemv_q4bnb_norm3"
+            };
+            let weights = Norm3Weights::Bnb4(Box::new(pad(args)), cd);
+            Some((name, WIDE, weights, q4_staged_floats(in_f, half)))
         }
         CudaWeight::Packed(_) => {
             let args = ws
@@ -452,7 +482,13 @@ fn norm3_kernel(
                     _ => None,
                 })
                 .collect::<Option<Vec<_>>>()?;
-            Some(("gemv_q4packed_norm3", WIDE, Norm3Weights::Packed(pad(args))))
+            let name = if PACKED_HALF {
+                "gemv_q4packed_norm3_h"
+            } else {
+                "gemv_q4packed_norm3"
+            };
+            let floats = q4_staged_floats(in_f, PACKED_HALF);
+            Some((name, WIDE, Norm3Weights::Packed(pad(args)), floats))
         }
         _ => None,
     }
@@ -474,12 +510,13 @@ pub fn norm_matmuls(
     if ws.iter().any(|w| w.shape().1 != in_f) {
         return Ok(None);
     }
-    let Some((name, tiling, weights)) = norm3_kernel(ws, in_f) else {
+    let Some((name, tiling, weights, floats)) = norm3_kernel(ws, in_f) else {
         return Ok(None);
     };
+    let smem = stage_smem(gpu, name, floats)?;
     let tiling = match weights {
-        Norm3Weights::Dense(_) => tiling.with_smem(stage_smem(gpu, name, in_f)?),
-        _ => tiling.single_row_q4(stage_smem(gpu, name, q4_staged_floats(in_f))?),
+        Norm3Weights::Dense(_) => tiling.with_smem(smem),
+        _ => tiling.single_row_q4(smem),
     };
     let outs: Vec<usize> = ws.iter().map(|w| w.shape().0).collect();
     let rpw = tiling.rows_per_warp;

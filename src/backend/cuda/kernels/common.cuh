@@ -21,6 +21,23 @@ __device__ __forceinline__ u16 f2h(float f) {
     return h;
 }
 
+// Two f16 values in one word (x in the low half), as f16x2 arithmetic takes them.
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    return (u32)f2h(lo) | ((u32)f2h(hi) << 16);
+}
+
+// a * b + c on two f16 lanes at once, each rounded once.
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("{ fma.rn.f16x2 %0, %1, %2, %3; }" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// The sum of the two f16 values of a word, in f32.
+__device__ __forceinline__ float h2_sum(u32 v) {
+    return h2f((u16)(v & 0xffffu)) + h2f((u16)(v >> 16));
+}
+
 __device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 __device__ __forceinline__ u16 f2bf(float f) {

@@ -83,41 +83,71 @@ __device__ __forceinline__ int nibble(u32 word, int k) {
 
 // Where a single-row launch's code-pair tables start in its dynamic shared
 // memory, in floats: after the staged row (see q4_staged_floats in
-// matmul.rs), 8-byte aligned.
-__device__ __forceinline__ int q4_pairs_at(int in) { return (in + in / 32 + 1) & ~1; }
+// matmul.rs), 8-byte aligned. Half-precision launches (H) stage the row as
+// Q4_XH_WORDS words per 32 values, then a (sum, scale) pair per 32 values
+// (q4_staged_floats_h).
+#define Q4_XH_WORDS 20
 
-// Floats of the code-pair tables: 256 pairs in 16 slots (Q4_PAIR_FLOATS in
-// matmul.rs sizes the launch's shared memory with it).
+// Packed integers in half-precision rounds are looked up as q - 8 (and the
+// zero as z - 8), so that the f16 sums over a run hold sum x (q - 8), not
+// sum x q, whose difference with z sum x would cancel most of their bits.
+#define Q4_H_CODE_BIAS 8
+
+template <bool H>
+__device__ __forceinline__ int q4_pairs_at(int in) {
+    return H ? (Q4_XH_WORDS + 2) * (in >> 5) : (in + in / 32 + 1) & ~1;
+}
+
+// Floats of the code-pair tables: 256 pairs in 16 slots of two floats, or
+// with H in 32 slots of one f16 pair (Q4_PAIR_FLOATS in matmul.rs sizes the
+// launch's shared memory with it).
 #define Q4_PAIR_FLOATS 8192
 
 // Code-pair tables of a single-row launch: entry e of a table holds the
-// codes of byte e's first and second weight, in 16 slots (entry e, slot c
-// at 16 e + c) that the distinct tables of `luts` (the three 16-entry
-// tables q4_tables fills) share: 16, 8 or 5 slots each for 1, 2 or 3
-// distinct tables, lane L reading slot L % that count of its table's. With
-// one table no two lanes of a half-warp read the same bank, whatever their
-// bytes. `tab[i]` is this lane's slot of the table of lut i.
+// codes of byte e's first and second weight (E: float2, or with H two f16
+// values in a word, the first in the low half), in S slots (16, or 32 with
+// H: entry e, slot c at S e + c) that the distinct tables of `luts` (the
+// three 16-entry tables q4_tables fills) share: S, S / 2 or S / 3 slots
+// each for 1, 2 or 3 distinct tables, lane L reading slot L % that count
+// of its table's. With one table no two lanes that the hardware serves
+// together read the same bank, whatever their bytes. `tab[i]` is this
+// lane's slot of the table of lut i.
+template <class E>
 struct Q4Pairs {
-    const float2* tab[3];
-    __device__ __forceinline__ const float2* lane_tab(const float* luts, const float* lut) const {
+    const E* tab[3];
+    __device__ __forceinline__ const E* lane_tab(const float* luts, const float* lut) const {
         const int i = (int)(lut - luts) >> 4;
         return i == 0 ? tab[0] : (i == 1 ? tab[1] : tab[2]);
     }
 };
 
-// x / (16 / ntab) for x < 64: the slots of `ntab` tables, 16, 8 or 5 each,
-// without an integer division.
+// x / (S / ntab) for x < 64 and S = 16 (S = 32 with H): the slots of
+// `ntab` tables, without an integer division.
+template <bool H>
 __device__ __forceinline__ int per_slots(int x, int ntab) {
+    if (H) return ntab == 1 ? x >> 5 : (ntab == 2 ? x >> 4 : (x * 13) >> 7);
     return ntab == 1 ? x >> 4 : (ntab == 2 ? x >> 3 : (x * 13) >> 6);
 }
 
 // Fills the pair tables in `mem` from `luts`; callers sync before reading.
 // Each warp finds which tables are the same on its own; thread t of the 256
-// fills slot t % 16 of entries 16 i + t / 16 (i = 0..15), so the second
-// code of its pairs and its table stay fixed.
-template <bool HI_FIRST>
-__device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem) {
+// fills slot t % S of entries S i / 16 + t / S (i = 0..15, or 0..31 with
+// H), so its table stays fixed.
+template <bool H>
+struct Q4PairEntry {
+    typedef float2 T;
+};
+template <>
+struct Q4PairEntry<true> {
+    typedef u32 T;
+};
+
+template <bool HI_FIRST, bool H>
+__device__ __forceinline__ Q4Pairs<typename Q4PairEntry<H>::T> q4_pair_tables(const float* luts,
+                                                                              float* mem) {
     static_assert(GEMV_WARPS * 32 == 256, "the pair tables are filled by 256 threads");
+    typedef typename Q4PairEntry<H>::T E;
+    constexpr int S = H ? 32 : 16;
     const int l = threadIdx.x & 15;
     const u32 a = __float_as_uint(luts[l]), b = __float_as_uint(luts[16 + l]);
     const u32 c = __float_as_uint(luts[32 + l]);
@@ -125,27 +155,110 @@ __device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem)
     const bool s21 = __all_sync(0xffffffffu, c == b);
     const int id1 = s10 ? 0 : 1, id2 = s20 ? 0 : (s21 ? id1 : id1 + 1);
     const int ntab = max(id1, id2) + 1;
-    const int k = ntab == 1 ? 16 : (ntab == 2 ? 8 : 5);
-    const int ti = min(per_slots(l, ntab), ntab - 1);
+    const int k = S / ntab;
+    const int slot_here = threadIdx.x % S;
+    const int ti = min(per_slots<H>(slot_here, ntab), ntab - 1);
     const float* lut = ti == 0 ? luts : (ti == id1 ? luts + 16 : luts + 32);
-    const float second = lut[threadIdx.x >> 4];
-    float2* t = (float2*)mem;
+    E* t = (E*)mem;
 #pragma unroll
-    for (int i = 0; i < 16; i++) {
-        const float first = lut[i];
-        t[threadIdx.x + 256 * i] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
+    for (int i = 0; i < S; i++) {
+        const int e = threadIdx.x / S + (256 / S) * i;
+        const float first = lut[e >> 4], second = lut[e & 15];
+        if constexpr (H)
+            t[S * e + slot_here] = HI_FIRST ? pack_h2(first, second) : pack_h2(second, first);
+        else
+            t[S * e + slot_here] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
     }
-    const int lane = threadIdx.x & 31, slot = lane - k * per_slots(lane, ntab);
-    Q4Pairs p;
+    const int lane = threadIdx.x & 31, slot = lane - k * per_slots<H>(lane, ntab);
+    Q4Pairs<E> p;
     p.tab[0] = t + slot;
     p.tab[1] = t + id1 * k + slot;
     p.tab[2] = t + id2 * k + slot;
     return p;
 }
 
-// The code pair of byte b of `word` from this lane's slot of a table.
-__device__ __forceinline__ float2 q4_pair(const float2* tab, u32 word, int b) {
-    return tab[__byte_perm(word, 0, 0x4440 + b) << 4];
+// The code pair of byte b of `word` from this lane's slot of a table of S
+// slots.
+template <class E>
+__device__ __forceinline__ E q4_pair(const E* tab, u32 word, int b) {
+    constexpr int SHIFT = sizeof(E) == 4 ? 5 : 4;
+    return tab[__byte_perm(word, 0, 0x4440 + b) << SHIFT];
+}
+
+// Stages the single input row `x` of a half-precision launch (in % 32 == 0)
+// in shared memory: RMS-normalized by `nw` when set and rounded to the
+// compute dtype `cd` as stage_x does, then each run of 32 values scaled by
+// a power of two that brings its largest magnitude into [1, 2) and stored
+// as f16 (Q4_XH_WORDS words per run: 16 of values, 4 of padding, so that 16-byte
+// reads of consecutive runs by consecutive lanes meet no bank conflict);
+// `info` gets each run's f32 sum and the power of two that undoes the
+// scale. The scale keeps f16 products and their sums over a run far from
+// overflow whatever the activations' range.
+__device__ __forceinline__ void stage_xh(const float* __restrict__ x, const float* __restrict__ nw,
+                                         float eps, u32* xh, float2* info, int in, int cd) {
+    __shared__ float sh[33];
+    const float4* x4 = (const float4*)x;
+    const float4* n4 = (const float4*)nw;
+    const int n = in >> 2, bd = blockDim.x, tid = threadIdx.x;
+    // Rows of at most 16 values per thread are loaded once, before the sum.
+    const bool held = n <= 4 * bd;
+    float4 v[4], g[4];
+    auto load = [&](int i0) {
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int i = i0 + u * bd + tid;
+            if (i < n) {
+                v[u] = x4[i];
+                if (nw) g[u] = n4[i];
+            }
+        }
+    };
+    float inv = 1.f;
+    if (held) load(0);
+    if (nw) {
+        float ss = 0.f;
+        if (held) {
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (u * bd + tid < n) ss = sum_squares4(v[u], ss);
+        } else {
+            for (int i = tid; i < n; i += bd) ss = sum_squares4(x4[i], ss);
+        }
+        inv = 1.0f / sqrtf(block_sum(ss, sh) / (float)in + eps);
+    }
+    for (int i0 = 0; i0 < n; i0 += 4 * bd) {
+        if (!held) load(i0);
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            if (i0 + u * bd >= n) break;
+            const int i = i0 + u * bd + tid;
+            float a[4] = {0.f, 0.f, 0.f, 0.f};
+            if (i < n) {
+                const float xv[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+                const float gv[4] = {g[u].x, g[u].y, g[u].z, g[u].w};
+#pragma unroll
+                for (int e = 0; e < 4; e++) a[e] = rnd(nw ? (xv[e] * inv) * gv[e] : xv[e], cd);
+            }
+            // The 8 threads of a run (consecutive lanes) meet by shuffles.
+            float m = fmaxf(fmaxf(fabsf(a[0]), fabsf(a[1])), fmaxf(fabsf(a[2]), fabsf(a[3])));
+            float s = (a[0] + a[1]) + (a[2] + a[3]);
+#pragma unroll
+            for (int o = 1; o < 8; o <<= 1) {
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+                s += __shfl_xor_sync(0xffffffffu, s, o);
+            }
+            // 2^-e with 2^e <= m < 2^(e+1); none for zero or subnormal runs.
+            const u32 pow2 = __float_as_uint(m) & 0x7f800000u;
+            const float up = pow2 ? __uint_as_float(0x7f000000u - pow2) : 1.f;
+            if (i < n) {
+                u32* d = xh + (i >> 3) * Q4_XH_WORDS + 2 * (i & 7);
+                d[0] = pack_h2(a[0] * up, a[1] * up);
+                d[1] = pack_h2(a[2] * up, a[3] * up);
+                if ((i & 7) == 0) info[i >> 3] = make_float2(s, pow2 ? __uint_as_float(pow2) : 1.f);
+            }
+        }
+    }
+    __syncthreads();
 }
 
 // One logical block of a 4-bit launch: its matrices (PAIR: gate, up) and
@@ -168,19 +281,26 @@ struct Q4Block {
 // the previous kernel. Single-row instances (NB = 1) stage their input once
 // per block, RMS-normalized by `nw` when it is set.
 //
-// Single rows decode a byte (two weights) with one 8-byte shared-memory load
-// from a table of the 256 code pairs (Q4Pairs, built from `luts`, the 48
-// floats q4_tables fills); batched instances look up each 4-bit code in its
-// 16-entry table. The products are the same either way, bit for bit.
-template <class Q, int R, bool PAIR, int NB, class At>
+// Single rows decode a byte (two weights) with one shared-memory load from a
+// table of the 256 code pairs (Q4Pairs, built from `luts`, the 48 floats
+// q4_tables fills); batched instances look up each 4-bit code in its
+// 16-entry table. The products are the same either way, bit for bit. With
+// H (single rows whose compute dtype is f16 or bf16) the pairs and the
+// staged row are f16 (stage_xh): a lane's 32 products of a round are summed
+// in f16 pairs, then in f32 with the run's scale.
+template <class Q, int R, bool PAIR, int NB, bool H, class At>
 __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __restrict__ luts,
                                              const float* __restrict__ x, int n, int in,
                                              int ksplit, int cd, int acc,
                                              const float* __restrict__ nw, float eps) {
     static_assert(!PAIR || R % 2 == 0, "a pair GEMV holds rows of both matrices");
+    static_assert(!H || NB == 1, "half-precision rounds are for single rows");
+    typedef typename Q4PairEntry<H>::T E;
     const int chunks = in >> 5;
     const int step = 32 * ksplit;
     extern __shared__ float xsm[];
+    const u32* xh = (const u32*)xsm;
+    const float2* xinfo = (const float2*)(xsm + Q4_XH_WORDS * chunks);
     const int lane = threadIdx.x & 31, kp = (threadIdx.x >> 5) % ksplit;
     const int c0 = kp * 32 + lane;
     // Round c of logical block `blk`'s rows `rows`: the weights and the
@@ -202,8 +322,8 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     // The first weights are loaded before waiting for the preceding kernel
     // (weights never depend on it).
     if (c0 < chunks) load_round(L, g.rows, c0, wv, s, z);
-    Q4Pairs pairs{};
-    if (NB == 1) pairs = q4_pair_tables<Q::HI_FIRST>(luts, xsm + q4_pairs_at(in));
+    Q4Pairs<E> pairs{};
+    if (NB == 1) pairs = q4_pair_tables<Q::HI_FIRST, H>(luts, xsm + q4_pairs_at<H>(in));
     pdl_start();
     // The second-level code tables (q4_code2_tables) have arrived; the
     // barrier in stage_x, or this one, publishes them.
@@ -211,15 +331,17 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     float yold = gemv_y_before<R, PAIR>(L.y, n, L.out, g.row0, ksplit, acc);
     // Single rows: the block stages x (normalized by `nw` when set, rounded
     // to `cd`) with one pad word per 32 values.
-    if (NB == 1)
+    if (H)
+        stage_xh(x, nw, eps, (u32*)xsm, (float2*)xinfo, in, cd);
+    else if (NB == 1)
         stage_x<true>(x, nw, eps, xsm, in, cd);
     else
         __syncthreads();
     for (int b = blockIdx.x; b < nblocks;) {
         const int row0 = g.row0;
         const int nb = b + gridDim.x;
-        const float2* tab_a = pairs.lane_tab(luts, L.lut_a);
-        const float2* tab_b = pairs.lane_tab(luts, L.lut_b);
+        const E* tab_a = pairs.lane_tab(luts, L.lut_a);
+        const E* tab_b = pairs.lane_tab(luts, L.lut_b);
         Q4Block<Q> Ln = L;
         GemvRows<R, PAIR> gn = g;
         // Single rows: whether the next logical block's first round is
@@ -245,79 +367,110 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                 load_round(Ln, gn.rows, c0, wn, sn, zn);
                 next_loading = true;
             }
-            float dot[R][NB], xs[NB];
+            if constexpr (H) {
+                // Byte b of word j holds the weights of columns 8 j + 2 b and
+                // + 1, whose f16 values are half word b of x's 16 bytes.
+                const uint4* xr = (const uint4*)(xh + c * Q4_XH_WORDS);
+                u32 hsum[R];
 #pragma unroll
-            for (int bb = 0; bb < NB; bb++) {
-                xs[bb] = 0.f;
+                for (int r = 0; r < R; r++) hsum[r] = 0u;
 #pragma unroll
-                for (int r = 0; r < R; r++) dot[r][bb] = 0.f;
-            }
+                for (int j = 0; j < 4; j++) {
+                    const uint4 xv = xr[j];
+                    const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                float wf[R][8];
+                    for (int r = 0; r < R; r++) {
+                        const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+                        const E* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
+#pragma unroll
+                        for (int b = 0; b < 4; b++) hsum[r] = hfma2(q4_pair(tab, word, b), xw[b], hsum[r]);
+                    }
+                }
+                const float2 run = xinfo[c];
 #pragma unroll
                 for (int r = 0; r < R; r++) {
-                    const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                    if (NB == 1) {
-                        const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
-#pragma unroll
-                        for (int b = 0; b < 4; b++) {
-                            const float2 pr = q4_pair(tab, word, b);
-                            wf[r][2 * b] = pr.x;
-                            wf[r][2 * b + 1] = pr.y;
-                        }
-                    } else {
-                        const float* lut = (PAIR && (r & 1)) ? L.lut_b : L.lut_a;
-#pragma unroll
-                        for (int k = 0; k < 8; k++) wf[r][k] = lut[nibble<Q::HI_FIRST>(word, k)];
-                    }
+                    float sr = s[r], zr = z[r];
+                    ((PAIR && (r & 1)) ? L.qb : L.qa).finish_scale(sr, zr);
+                    const float dotf = h2_sum(hsum[r]) * run.y;
+                    const float zb = zr - (float)Q4_H_CODE_BIAS;
+                    const float d = Q::HAS_ZERO ? fmaf(-zb, run.x, dotf) : dotf;
+                    accv[r][0] = fmaf(sr, d, accv[r][0]);
                 }
+            } else {
+                float dot[R][NB], xs[NB];
 #pragma unroll
                 for (int bb = 0; bb < NB; bb++) {
-                    if (bb < n) {
-                        float4 x0, x1;
-                        if (NB == 1) {
-                            const float* xp = xsm + c * 33 + 8 * j;
-                            x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
-                            x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
-                        } else {
-                            const float4* xp =
-                                (const float4*)(x + (size_t)bb * in + (size_t)c * 32 + 8 * j);
-                            x0 = xp[0];
-                            x1 = xp[1];
-                        }
-                        if (cd && NB != 1) {
-                            x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
-                            x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
-                        }
-                        if (Q::HAS_ZERO)
-                            xs[bb] += ((x0.x + x0.y) + (x0.z + x0.w)) + ((x1.x + x1.y) + (x1.z + x1.w));
+                    xs[bb] = 0.f;
 #pragma unroll
-                        for (int r = 0; r < R; r++) {
-                            float a = dot[r][bb];
-                            a = fmaf(wf[r][0], x0.x, a);
-                            a = fmaf(wf[r][1], x0.y, a);
-                            a = fmaf(wf[r][2], x0.z, a);
-                            a = fmaf(wf[r][3], x0.w, a);
-                            a = fmaf(wf[r][4], x1.x, a);
-                            a = fmaf(wf[r][5], x1.y, a);
-                            a = fmaf(wf[r][6], x1.z, a);
-                            a = fmaf(wf[r][7], x1.w, a);
-                            dot[r][bb] = a;
+                    for (int r = 0; r < R; r++) dot[r][bb] = 0.f;
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float wf[R][8];
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+                        if (NB == 1) {
+                            const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
+#pragma unroll
+                            for (int b = 0; b < 4; b++) {
+                                const float2 pr = q4_pair(tab, word, b);
+                                wf[r][2 * b] = pr.x;
+                                wf[r][2 * b + 1] = pr.y;
+                            }
+                        } else {
+                            const float* lut = (PAIR && (r & 1)) ? L.lut_b : L.lut_a;
+#pragma unroll
+                            for (int k = 0; k < 8; k++) wf[r][k] = lut[nibble<Q::HI_FIRST>(word, k)];
+                        }
+                    }
+#pragma unroll
+                    for (int bb = 0; bb < NB; bb++) {
+                        if (bb < n) {
+                            float4 x0, x1;
+                            if (NB == 1) {
+                                const float* xp = xsm + c * 33 + 8 * j;
+                                x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
+                                x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
+                            } else {
+                                const float4* xp =
+                                    (const float4*)(x + (size_t)bb * in + (size_t)c * 32 + 8 * j);
+                                x0 = xp[0];
+                                x1 = xp[1];
+                            }
+                            if (cd && NB != 1) {
+                                x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
+                                x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
+                            }
+                            if (Q::HAS_ZERO)
+                                xs[bb] += ((x0.x + x0.y) + (x0.z + x0.w)) + ((x1.x + x1.y) + (x1.z + x1.w));
+#pragma unroll
+                            for (int r = 0; r < R; r++) {
+                                float a = dot[r][bb];
+                                a = fmaf(wf[r][0], x0.x, a);
+                                a = fmaf(wf[r][1], x0.y, a);
+                                a = fmaf(wf[r][2], x0.z, a);
+                                a = fmaf(wf[r][3], x0.w, a);
+                                a = fmaf(wf[r][4], x1.x, a);
+                                a = fmaf(wf[r][5], x1.y, a);
+                                a = fmaf(wf[r][6], x1.z, a);
+                                a = fmaf(wf[r][7], x1.w, a);
+                                dot[r][bb] = a;
+                            }
                         }
                     }
                 }
-            }
 #pragma unroll
-            for (int r = 0; r < R; r++) {
-                float sr = s[r], zr = z[r];
-                ((PAIR && (r & 1)) ? L.qb : L.qa).finish_scale(sr, zr);
+                for (int r = 0; r < R; r++) {
+                    float sr = s[r], zr = z[r];
+                    ((PAIR && (r & 1)) ? L.qb : L.qa).finish_scale(sr, zr);
 #pragma unroll
-                for (int bb = 0; bb < NB; bb++)
-                    if (bb < n) {
-                        const float d = Q::HAS_ZERO ? fmaf(-zr, xs[bb], dot[r][bb]) : dot[r][bb];
-                        accv[r][bb] = fmaf(sr, d, accv[r][bb]);
-                    }
+                    for (int bb = 0; bb < NB; bb++)
+                        if (bb < n) {
+                            const float d = Q::HAS_ZERO ? fmaf(-zr, xs[bb], dot[r][bb]) : dot[r][bb];
+                            accv[r][bb] = fmaf(sr, d, accv[r][bb]);
+                        }
+                }
             }
             if (NB == 1 && (more || next_loading))
 #pragma unroll
@@ -358,14 +511,15 @@ __device__ __forceinline__ void q4_code2_tables(float* c2s, const float* a, cons
 }
 
 // Copies the code tables of a launch's matrices (16 floats each, from the
-// launch's parameters; 0..15 for packed integers, a null `code`) to shared
-// memory.
+// launch's parameters; for packed integers, a null `code`, 0..15, or with H
+// -8..7) to shared memory.
+template <bool H>
 __device__ __forceinline__ void q4_tables(float* lut, const float* c0, const float* c1,
                                           const float* c2) {
     const int t = threadIdx.x;
     if (t < 48) {
         const float* c = t < 16 ? c0 : (t < 32 ? c1 : c2);
-        lut[t] = c ? c[t & 15] : (float)(t & 15);
+        lut[t] = c ? c[t & 15] : (float)((t & 15) - (H ? Q4_H_CODE_BIAS : 0));
     }
     __syncthreads();
 }
@@ -413,47 +567,48 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
 
 // bitsandbytes kernels take their matrices as Q4BnbArgs, packed ones the
 // leading arguments of gemv_packed4; the pair kernels take an optional
-// RMS-norm weight `nw`.
-#define GEMV_Q4(NB)                                                                              \
-    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_b##NB(                          \
+// RMS-norm weight `nw`. Instances: b1 single rows, b8 batches, h1 single
+// rows in half precision (H in gemv_q4_body).
+#define GEMV_Q4(TAG, NB, H)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_##TAG(                          \
         const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y,  \
         int n, int out, int in, int ksplit, int acc, int cd) {                                    \
         __shared__ float lut[48];                                                                 \
         __shared__ __align__(16) float c2s[256];                                                  \
         q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);                      \
-        q4_tables(lut, a.code16, a.code16, a.code16);                                             \
+        q4_tables<H>(lut, a.code16, a.code16, a.code16);                                          \
         const Q4Bnb q = q4_bnb(a, c2s, in);                                                       \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };        \
-        gemv_q4_body<Q4Bnb, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit,   \
+        gemv_q4_body<Q4Bnb, 4, false, NB, H>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit,   \
                                           cd, acc, nullptr, 0.f);                                 \
     }                                                                                             \
-    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4bnb_b##NB##_pair(                      \
+    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4bnb_##TAG##_pair(                      \
         const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
         int acc, int cd, const float* __restrict__ nw, float eps) {                               \
         __shared__ float lut[48];                                                                 \
         __shared__ __align__(16) float c2s[512];                                                  \
         q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr, nullptr); \
-        q4_tables(lut, a.code16, b2.code16, b2.code16);                                           \
+        q4_tables<H>(lut, a.code16, b2.code16, b2.code16);                                        \
         const Q4Bnb qa = q4_bnb(a, c2s, in);                                                      \
         const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);                                               \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; }; \
-        gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(NB), true, NB>(at, q4_blocks(out, Q4_PAIR_ROWS(NB),   \
+        gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(NB), true, NB, H>(at, q4_blocks(out, Q4_PAIR_ROWS(NB),   \
                                                             ksplit), lut, x, n, in, ksplit, cd, 0, \
                                                             nw, eps);                             \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                       \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_##TAG(                       \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,           \
         float* __restrict__ y, int n, int out, int in, int ksplit, int acc) {                     \
         __shared__ float lut[48];                                                                 \
-        q4_tables(lut, nullptr, nullptr, nullptr);                                                \
+        q4_tables<H>(lut, nullptr, nullptr, nullptr);                                             \
         const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                 \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{q, q, lut, lut, y, out, b}; };     \
-        gemv_q4_body<Q4Packed, 4, false, NB>(at, q4_blocks(out, 4, ksplit), lut, x, n, in,        \
+        gemv_q4_body<Q4Packed, 4, false, NB, H>(at, q4_blocks(out, 4, ksplit), lut, x, n, in,        \
                                              ksplit, 0, acc, nullptr, 0.f);                       \
     }                                                                                             \
-    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4packed_b##NB##_pair(                   \
+    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4packed_##TAG##_pair(                   \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
         const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,           \
         const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                          \
@@ -461,29 +616,32 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         float* __restrict__ y, int n, int out, int in, int ksplit, int acc,                       \
         const float* __restrict__ nw, float eps) {                                                \
         __shared__ float lut[48];                                                                 \
-        q4_tables(lut, nullptr, nullptr, nullptr);                                                \
+        q4_tables<H>(lut, nullptr, nullptr, nullptr);                                             \
         const Q4Packed qa{qw, scales, zeros, in, out, wpr, gsize};                                \
         const Q4Packed qb{qw2, scales2, zeros2, in, out, wpr2, gsize2};                           \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{qa, qb, lut, lut, y, out, b}; };   \
-        gemv_q4_body<Q4Packed, 2 * Q4_PAIR_ROWS(NB), true, NB>(                                  \
+        gemv_q4_body<Q4Packed, 2 * Q4_PAIR_ROWS(NB), true, NB, H>(                                  \
             at, q4_blocks(out, Q4_PAIR_ROWS(NB), ksplit), lut, x, n, in, ksplit, 0, 0, nw, eps);  \
     }
 
-GEMV_Q4(1)
-GEMV_Q4(8)
+GEMV_Q4(b1, 1, false)
+GEMV_Q4(b8, 8, false)
+GEMV_Q4(h1, 1, true)
 
 // The Q, K and V projections of one RMS-normalized input row in one launch;
-// logical block b belongs to the matrix `multi_pick` names.
-extern "C" __global__ void __launch_bounds__(256, 2)
-gemv_q4bnb_norm3(const __grid_constant__ Q4BnbArgs a0, const __grid_constant__ Q4BnbArgs a1,
-                 const __grid_constant__ Q4BnbArgs a2, GemvMulti m,
-                 const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
-                 int ksplit, int cd) {
+// logical block b belongs to the matrix `multi_pick` names. The `_h`
+// kernels take the half-precision rounds (H in gemv_q4_body).
+template <bool H>
+__device__ __forceinline__ void q4bnb_norm3(const Q4BnbArgs& a0, const Q4BnbArgs& a1,
+                                            const Q4BnbArgs& a2, const GemvMulti& m,
+                                            const float* __restrict__ x,
+                                            const float* __restrict__ nw, float eps, int in,
+                                            int ksplit, int cd) {
     __shared__ float lut[48];
     __shared__ __align__(16) float c2s[768];
     q4_code2_tables(c2s, a0.codes ? a0.code2 : nullptr, a1.codes ? a1.code2 : nullptr,
                     a2.codes ? a2.code2 : nullptr);
-    q4_tables(lut, a0.code16, a1.code16, a2.code16);
+    q4_tables<H>(lut, a0.code16, a1.code16, a2.code16);
     const auto at = [&](int b) {
         int blk, out;
         float* y;
@@ -491,16 +649,18 @@ gemv_q4bnb_norm3(const __grid_constant__ Q4BnbArgs a0, const __grid_constant__ Q
         const Q4Bnb q = q4_bnb(i == 0 ? a0 : (i == 1 ? a1 : a2), c2s + 256 * i, in);
         return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
-    gemv_q4_body<Q4Bnb, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x, 1, in,
-                                     ksplit, cd, 0, nw, eps);
+    gemv_q4_body<Q4Bnb, 4, false, 1, H>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x, 1,
+                                        in, ksplit, cd, 0, nw, eps);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2)
-gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti m,
-                    const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
-                    int ksplit) {
+template <bool H>
+__device__ __forceinline__ void q4packed_norm3(const Q4PackedArgs& a0, const Q4PackedArgs& a1,
+                                               const Q4PackedArgs& a2, const GemvMulti& m,
+                                               const float* __restrict__ x,
+                                               const float* __restrict__ nw, float eps, int in,
+                                               int ksplit) {
     __shared__ float lut[48];
-    q4_tables(lut, nullptr, nullptr, nullptr);
+    q4_tables<H>(lut, nullptr, nullptr, nullptr);
     const auto at = [&](int b) {
         int blk, out;
         float* y;
@@ -509,6 +669,22 @@ gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti
         const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
         return Q4Block<Q4Packed>{q, q, lut, lut, y, out, blk};
     };
-    gemv_q4_body<Q4Packed, 4, false, 1>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x, 1,
-                                        in, ksplit, 0, 0, nw, eps);
+    gemv_q4_body<Q4Packed, 4, false, 1, H>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x,
+                                           1, in, ksplit, 0, 0, nw, eps);
 }
+
+#define GEMV_Q4_NORM3(SUFFIX, H)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4bnb_norm3##SUFFIX(               \
+        const __grid_constant__ Q4BnbArgs a0, const __grid_constant__ Q4BnbArgs a1,               \
+        const __grid_constant__ Q4BnbArgs a2, GemvMulti m, const float* __restrict__ x,           \
+        const float* __restrict__ nw, float eps, int in, int ksplit, int cd) {                    \
+        q4bnb_norm3<H>(a0, a1, a2, m, x, nw, eps, in, ksplit, cd);                                \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4packed_norm3##SUFFIX(            \
+        Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti m,                           \
+        const float* __restrict__ x, const float* __restrict__ nw, float eps, int in, int ksplit) { \
+        q4packed_norm3<H>(a0, a1, a2, m, x, nw, eps, in, ksplit);                                 \
+    }
+
+GEMV_Q4_NORM3(, false)
+GEMV_Q4_NORM3(_h, true)
