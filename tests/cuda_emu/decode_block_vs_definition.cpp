@@ -5,9 +5,9 @@
 // them, on random 4-bit weights, activations and KV caches, against the
 // block computed in double precision from its definition. Cases cover both
 // weight formats, double quantization, compute-dtype rounding, split rows
-// (ksplit > 1) on Llama-3.2-1B shapes, grids capped below each launch's
-// logical blocks (blocks looping over several), and caches long enough for
-// multi-tile key ranges. Prints one line per case and exits non-zero when a
+// (ksplit > 1) on Llama-3.2-1B shapes, the half-precision single-row
+// NF4/FP4 kernels, grids capped below each launch's logical blocks (blocks
+// looping over several), and caches long enough for multi-tile key ranges. Prints one line per case and exits non-zero when a
 // case is outside its bound.
 #include "kernels.cpp"
 
@@ -289,7 +289,9 @@ static Appended reference_block(const Shape& s, int fmt, const Layer<Q4BnbArgs>&
 // 2 packed), compute dtype `cd`, `sm` SMs (for the host's ksplit rule),
 // `cap` blocks per GEMV launch (a one-wave cap); with `mixed` every bnb
 // matrix has a code table of its own (as NF4 and FP4 matrices mixed in one
-// launch would).
+// launch would); with `half` the bnb GEMVs take the half-precision kernels
+// (`_h1`, `norm3_h`), as the host launches them for an f16 or bf16 compute
+// dtype.
 static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int cap,
                      bool mixed = false, bool half = false) {
     arena_used = 0;
@@ -344,8 +346,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
         int tot = 0;
         for (int i = 0; i < 3; i++) tot += (m.blocks[i] = q4_blocks_h(m.out[i], 4, ks_qkv));
         launch({(unsigned)std::min(tot, cap)}, 256, staged(s.hidden), [&] {
-            if (fmt == 2 && half) gemv_q4packed_norm3_h(wp.m[0], wp.m[1], wp.m[2], m, a.x, wp.ln1, eps, s.hidden, ks_qkv);
-            else if (fmt == 2) gemv_q4packed_norm3(wp.m[0], wp.m[1], wp.m[2], m, a.x, wp.ln1, eps, s.hidden, ks_qkv);
+            if (fmt == 2) gemv_q4packed_norm3(wp.m[0], wp.m[1], wp.m[2], m, a.x, wp.ln1, eps, s.hidden, ks_qkv);
             else if (half) gemv_q4bnb_norm3_h(wb.m[0], wb.m[1], wb.m[2], m, a.x, wb.ln1, eps, s.hidden, ks_qkv, cd);
             else gemv_q4bnb_norm3(wb.m[0], wb.m[1], wb.m[2], m, a.x, wb.ln1, eps, s.hidden, ks_qkv, cd);
         });
@@ -358,8 +359,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
             launch({(unsigned)std::min(q4_blocks_h(out, 4, ks), cap)}, 256, staged(in), [&] {
                 if (fmt == 2) {
                     const Q4PackedArgs& w = wp.m[i];
-                    (half ? gemv_q4packed_h1 : gemv_q4packed_b1)(w.w, w.scales, w.zeros, nullptr, w.wpr,
-                                                                 w.gsize, x, y, 1, out, in, ks, acc);
+                    gemv_q4packed_b1(w.w, w.scales, w.zeros, nullptr, w.wpr, w.gsize, x, y, 1, out, in, ks, acc);
                 } else {
                     const Q4BnbArgs& w = wb.m[i];
                     (half ? gemv_q4bnb_h1 : gemv_q4bnb_b1)(w, x, y, 1, out, in, ks, acc, cd);
@@ -370,9 +370,9 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
         launch({(unsigned)std::min(q4_blocks_h(s.inter, 2, ks_gu), cap)}, 256, staged(s.hidden), [&] {
             if (fmt == 2) {
                 const Q4PackedArgs &g = wp.m[4], &u = wp.m[5];
-                (half ? gemv_q4packed_h1_pair : gemv_q4packed_b1_pair)(
-                    g.w, g.scales, g.zeros, nullptr, g.wpr, g.gsize, u.w, u.scales, u.zeros, nullptr,
-                    u.wpr, u.gsize, a.x, a.act, 1, s.inter, s.hidden, ks_gu, 0, wp.ln2, eps);
+                gemv_q4packed_b1_pair(g.w, g.scales, g.zeros, nullptr, g.wpr, g.gsize, u.w, u.scales,
+                                      u.zeros, nullptr, u.wpr, u.gsize, a.x, a.act, 1, s.inter,
+                                      s.hidden, ks_gu, 0, wp.ln2, eps);
             } else {
                 const Q4BnbArgs &g = wb.m[4], &u = wb.m[5];
                 (half ? gemv_q4bnb_h1_pair : gemv_q4bnb_b1_pair)(g, u, a.x, a.act, 1, s.inter, s.hidden,
@@ -423,12 +423,11 @@ int main() {
     const Shape llama1b{2048, 8192, 32, 8, 64, 640, 530};
     ok &= run_case(llama1b, 2, 1, 1, 132, 7);
     ok &= run_case(llama1b, 1, 2, 0, 132, 9);
-    // Half-precision single-row kernels.
+    // Half-precision single-row kernels (NF4/FP4 with an f16 or bf16
+    // compute dtype).
     ok &= run_case(small, 2, 1, 2, 2, 3, false, true);
     ok &= run_case(small, 1, 0, 1, 2, 3, true, true);
-    ok &= run_case(small, 2, 2, 0, 2, 4, false, true);
     ok &= run_case(llama1b, 1, 1, 2, 132, 7, false, true);
-    ok &= run_case(llama1b, 1, 2, 0, 132, 9, false, true);
     printf(ok ? "ALL WITHIN\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

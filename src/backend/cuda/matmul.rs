@@ -125,9 +125,6 @@ fn q4_kernel(
     Ok((name, tilings.single.single_row_q4(smem)))
 }
 
-/// Whether single rows meet packed integers in the half-precision kernels.
-const PACKED_HALF: bool = true;
-
 /// Whether a single row meets NF4/FP4 weights of compute dtype `cd`
 /// (`dtype_mode`) in the half-precision kernels (`H` in gemv_q4.cu): f16
 /// products summed in f16 over 32 weights, then in f32. Only for an f16 or
@@ -158,16 +155,17 @@ const Q4_PAIR: Q4Tilings = Q4Tilings {
 };
 
 /// Floats of a single-row 4-bit kernel's code-pair tables: 256 pairs in 16
-/// slots (`Q4_PAIR_FLOATS` in gemv_q4.cu, filled by `q4_pair_tables`).
+/// slots of two floats, or 32 slots of two f16 values (`Q4_PAIR_FLOATS` in
+/// gemv_q4.cu, filled by `q4_pair_tables`).
 const Q4_PAIR_FLOATS: usize = 256 * 16 * 2;
 
 /// Dynamic shared memory of a single-row 4-bit kernel for an `in_f`-wide
 /// row, in floats (`q4_pairs_at` in gemv_q4.cu): the staged row (one pad
 /// word per 32 values, 8-byte aligned; in `half` kernels 20 words and a
-/// (sum, scale) pair per 32 values), then the code-pair tables.
+/// scale per 32 values), then the code-pair tables.
 fn q4_staged_floats(in_f: usize, half: bool) -> usize {
     let row = if half {
-        22 * (in_f / 32)
+        21 * (in_f / 32)
     } else {
         (in_f + in_f / 32).next_multiple_of(2)
     };
@@ -206,7 +204,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
             let params = packed_params(q);
             if q4_packed_ok(q) {
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", Q4_SINGLE, PACKED_HALF)?;
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", Q4_SINGLE, false)?;
                 g.launch(gpu, &name, params.args(), &[], x, y, tiling)?;
             } else {
                 let name = gemv_kernel(&format!("gemv_packed{}", q.bits), x.rows, "");
@@ -315,7 +313,7 @@ pub fn gate_up_silu(
             pre.extend(pb.args());
             if q4_packed_ok(a) && q4_packed_ok(b) {
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", Q4_PAIR, PACKED_HALF)?;
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", Q4_PAIR, false)?;
                 g.launch(gpu, &name, pre, &nargs, x, &y, tiling)?;
             } else if norm.is_none() {
                 let name = gemv_kernel(&format!("gemv_packed{}", a.bits), x.rows, "_pair");
@@ -482,13 +480,13 @@ fn norm3_kernel(
                     _ => None,
                 })
                 .collect::<Option<Vec<_>>>()?;
-            let name = if PACKED_HALF {
-                "gemv_q4packed_norm3_h"
-            } else {
-                "gemv_q4packed_norm3"
-            };
-            let floats = q4_staged_floats(in_f, PACKED_HALF);
-            Some((name, WIDE, Norm3Weights::Packed(pad(args)), floats))
+            let weights = Norm3Weights::Packed(pad(args));
+            Some((
+                "gemv_q4packed_norm3",
+                WIDE,
+                weights,
+                q4_staged_floats(in_f, false),
+            ))
         }
         _ => None,
     }

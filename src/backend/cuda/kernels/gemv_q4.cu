@@ -84,18 +84,12 @@ __device__ __forceinline__ int nibble(u32 word, int k) {
 // Where a single-row launch's code-pair tables start in its dynamic shared
 // memory, in floats: after the staged row (see q4_staged_floats in
 // matmul.rs), 8-byte aligned. Half-precision launches (H) stage the row as
-// Q4_XH_WORDS words per 32 values, then a (sum, scale) pair per 32 values
-// (q4_staged_floats_h).
+// Q4_XH_WORDS words per 32 values, then a scale per 32 values (stage_xh).
 #define Q4_XH_WORDS 20
-
-// Packed integers in half-precision rounds are looked up as q - 8 (and the
-// zero as z - 8), so that the f16 sums over a run hold sum x (q - 8), not
-// sum x q, whose difference with z sum x would cancel most of their bits.
-#define Q4_H_CODE_BIAS 8
 
 template <bool H>
 __device__ __forceinline__ int q4_pairs_at(int in) {
-    return H ? (Q4_XH_WORDS + 2) * (in >> 5) : (in + in / 32 + 1) & ~1;
+    return H ? (Q4_XH_WORDS + 1) * (in >> 5) : (in + in / 32 + 1) & ~1;
 }
 
 // Floats of the code-pair tables: 256 pairs in 16 slots of two floats, or
@@ -189,13 +183,14 @@ __device__ __forceinline__ E q4_pair(const E* tab, u32 word, int b) {
 // in shared memory: RMS-normalized by `nw` when set and rounded to the
 // compute dtype `cd` as stage_x does, then each run of 32 values scaled by
 // a power of two that brings its largest magnitude into [1, 2) and stored
-// as f16 (Q4_XH_WORDS words per run: 16 of values, 4 of padding, so that 16-byte
-// reads of consecutive runs by consecutive lanes meet no bank conflict);
-// `info` gets each run's f32 sum and the power of two that undoes the
-// scale. The scale keeps f16 products and their sums over a run far from
-// overflow whatever the activations' range.
+// as f16 (Q4_XH_WORDS words per run: 16 of values, 4 of padding, so that
+// 16-byte reads of consecutive runs by consecutive lanes meet no bank
+// conflict); `scale` gets the power of two that undoes each run's. The
+// scale keeps f16 products and their sums over a run far from overflow,
+// whatever the activations' range, and their relative precision that of
+// f16.
 __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const float* __restrict__ nw,
-                                         float eps, u32* xh, float2* info, int in, int cd) {
+                                         float eps, u32* xh, float* scale, int in, int cd) {
     __shared__ float sh[33];
     const float4* x4 = (const float4*)x;
     const float4* n4 = (const float4*)nw;
@@ -241,12 +236,8 @@ __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const floa
             }
             // The 8 threads of a run (consecutive lanes) meet by shuffles.
             float m = fmaxf(fmaxf(fabsf(a[0]), fabsf(a[1])), fmaxf(fabsf(a[2]), fabsf(a[3])));
-            float s = (a[0] + a[1]) + (a[2] + a[3]);
 #pragma unroll
-            for (int o = 1; o < 8; o <<= 1) {
-                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-                s += __shfl_xor_sync(0xffffffffu, s, o);
-            }
+            for (int o = 1; o < 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
             // 2^-e with 2^e <= m < 2^(e+1); none for zero or subnormal runs.
             const u32 pow2 = __float_as_uint(m) & 0x7f800000u;
             const float up = pow2 ? __uint_as_float(0x7f000000u - pow2) : 1.f;
@@ -254,7 +245,7 @@ __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const floa
                 u32* d = xh + (i >> 3) * Q4_XH_WORDS + 2 * (i & 7);
                 d[0] = pack_h2(a[0] * up, a[1] * up);
                 d[1] = pack_h2(a[2] * up, a[3] * up);
-                if ((i & 7) == 0) info[i >> 3] = make_float2(s, pow2 ? __uint_as_float(pow2) : 1.f);
+                if ((i & 7) == 0) scale[i >> 3] = pow2 ? __uint_as_float(pow2) : 1.f;
             }
         }
     }
@@ -294,13 +285,13 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                                              int ksplit, int cd, int acc,
                                              const float* __restrict__ nw, float eps) {
     static_assert(!PAIR || R % 2 == 0, "a pair GEMV holds rows of both matrices");
-    static_assert(!H || NB == 1, "half-precision rounds are for single rows");
+    static_assert(!H || (NB == 1 && !Q::HAS_ZERO), "half-precision rounds are for single rows of codes without zeros");
     typedef typename Q4PairEntry<H>::T E;
     const int chunks = in >> 5;
     const int step = 32 * ksplit;
     extern __shared__ float xsm[];
     const u32* xh = (const u32*)xsm;
-    const float2* xinfo = (const float2*)(xsm + Q4_XH_WORDS * chunks);
+    const float* xscale = xsm + Q4_XH_WORDS * chunks;
     const int lane = threadIdx.x & 31, kp = (threadIdx.x >> 5) % ksplit;
     const int c0 = kp * 32 + lane;
     // Round c of logical block `blk`'s rows `rows`: the weights and the
@@ -332,7 +323,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     // Single rows: the block stages x (normalized by `nw` when set, rounded
     // to `cd`) with one pad word per 32 values.
     if (H)
-        stage_xh(x, nw, eps, (u32*)xsm, (float2*)xinfo, in, cd);
+        stage_xh(x, nw, eps, (u32*)xsm, (float*)xscale, in, cd);
     else if (NB == 1)
         stage_x<true>(x, nw, eps, xsm, in, cd);
     else
@@ -386,15 +377,12 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                         for (int b = 0; b < 4; b++) hsum[r] = hfma2(q4_pair(tab, word, b), xw[b], hsum[r]);
                     }
                 }
-                const float2 run = xinfo[c];
+                const float run = xscale[c];
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     float sr = s[r], zr = z[r];
                     ((PAIR && (r & 1)) ? L.qb : L.qa).finish_scale(sr, zr);
-                    const float dotf = h2_sum(hsum[r]) * run.y;
-                    const float zb = zr - (float)Q4_H_CODE_BIAS;
-                    const float d = Q::HAS_ZERO ? fmaf(-zb, run.x, dotf) : dotf;
-                    accv[r][0] = fmaf(sr, d, accv[r][0]);
+                    accv[r][0] = fmaf(sr, h2_sum(hsum[r]) * run, accv[r][0]);
                 }
             } else {
                 float dot[R][NB], xs[NB];
@@ -511,15 +499,14 @@ __device__ __forceinline__ void q4_code2_tables(float* c2s, const float* a, cons
 }
 
 // Copies the code tables of a launch's matrices (16 floats each, from the
-// launch's parameters; for packed integers, a null `code`, 0..15, or with H
-// -8..7) to shared memory.
-template <bool H>
+// launch's parameters; 0..15 for packed integers, a null `code`) to shared
+// memory.
 __device__ __forceinline__ void q4_tables(float* lut, const float* c0, const float* c1,
                                           const float* c2) {
     const int t = threadIdx.x;
     if (t < 48) {
         const float* c = t < 16 ? c0 : (t < 32 ? c1 : c2);
-        lut[t] = c ? c[t & 15] : (float)((t & 15) - (H ? Q4_H_CODE_BIAS : 0));
+        lut[t] = c ? c[t & 15] : (float)(t & 15);
     }
     __syncthreads();
 }
@@ -565,72 +552,77 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
 #define Q4_PAIR_ROWS(NB) ((NB) == 1 ? 2 : 1)
 #define Q4_PAIR_BOUNDS(NB) __launch_bounds__(256, (NB) == 1 ? 2 : 1)
 
-// bitsandbytes kernels take their matrices as Q4BnbArgs, packed ones the
-// leading arguments of gemv_packed4; the pair kernels take an optional
-// RMS-norm weight `nw`. Instances: b1 single rows, b8 batches, h1 single
-// rows in half precision (H in gemv_q4_body).
-#define GEMV_Q4(TAG, NB, H)                                                                              \
-    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_##TAG(                          \
-        const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y,  \
-        int n, int out, int in, int ksplit, int acc, int cd) {                                    \
-        __shared__ float lut[48];                                                                 \
-        __shared__ __align__(16) float c2s[256];                                                  \
-        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);                      \
-        q4_tables<H>(lut, a.code16, a.code16, a.code16);                                          \
-        const Q4Bnb q = q4_bnb(a, c2s, in);                                                       \
-        const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };        \
-        gemv_q4_body<Q4Bnb, 4, false, NB, H>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit,   \
-                                          cd, acc, nullptr, 0.f);                                 \
-    }                                                                                             \
-    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4bnb_##TAG##_pair(                      \
-        const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                \
-        const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,   \
-        int acc, int cd, const float* __restrict__ nw, float eps) {                               \
-        __shared__ float lut[48];                                                                 \
-        __shared__ __align__(16) float c2s[512];                                                  \
+// bitsandbytes kernels take their matrices as Q4BnbArgs, the pair kernels an
+// optional RMS-norm weight `nw`. Instances: b1 single rows, b8 batches, h1
+// single rows in half precision (H in gemv_q4_body).
+#define GEMV_Q4BNB(TAG, NB, H)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_##TAG(                            \
+        const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y,   \
+        int n, int out, int in, int ksplit, int acc, int cd) {                                     \
+        __shared__ float lut[48];                                                                  \
+        __shared__ __align__(16) float c2s[256];                                                   \
+        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);                       \
+        q4_tables(lut, a.code16, a.code16, a.code16);                                              \
+        const Q4Bnb q = q4_bnb(a, c2s, in);                                                        \
+        const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };          \
+        gemv_q4_body<Q4Bnb, 4, false, NB, H>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit, \
+                                          cd, acc, nullptr, 0.f);                                  \
+    }                                                                                              \
+    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4bnb_##TAG##_pair(                         \
+        const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                 \
+        const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,    \
+        int acc, int cd, const float* __restrict__ nw, float eps) {                                \
+        __shared__ float lut[48];                                                                  \
+        __shared__ __align__(16) float c2s[512];                                                   \
         q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr, nullptr); \
-        q4_tables<H>(lut, a.code16, b2.code16, b2.code16);                                        \
-        const Q4Bnb qa = q4_bnb(a, c2s, in);                                                      \
-        const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);                                               \
-        const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; }; \
-        gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(NB), true, NB, H>(at, q4_blocks(out, Q4_PAIR_ROWS(NB),   \
+        q4_tables(lut, a.code16, b2.code16, b2.code16);                                            \
+        const Q4Bnb qa = q4_bnb(a, c2s, in);                                                       \
+        const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);                                                \
+        const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; };   \
+        gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(NB), true, NB, H>(at, q4_blocks(out, Q4_PAIR_ROWS(NB), \
                                                             ksplit), lut, x, n, in, ksplit, cd, 0, \
-                                                            nw, eps);                             \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_##TAG(                       \
-        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
-        const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,           \
-        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) {                     \
-        __shared__ float lut[48];                                                                 \
-        q4_tables<H>(lut, nullptr, nullptr, nullptr);                                             \
-        const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                 \
-        const auto at = [&](int b) { return Q4Block<Q4Packed>{q, q, lut, lut, y, out, b}; };     \
-        gemv_q4_body<Q4Packed, 4, false, NB, H>(at, q4_blocks(out, 4, ksplit), lut, x, n, in,        \
-                                             ksplit, 0, acc, nullptr, 0.f);                       \
-    }                                                                                             \
-    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4packed_##TAG##_pair(                   \
-        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
-        const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,           \
-        const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                          \
-        const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,        \
-        float* __restrict__ y, int n, int out, int in, int ksplit, int acc,                       \
-        const float* __restrict__ nw, float eps) {                                                \
-        __shared__ float lut[48];                                                                 \
-        q4_tables<H>(lut, nullptr, nullptr, nullptr);                                             \
-        const Q4Packed qa{qw, scales, zeros, in, out, wpr, gsize};                                \
-        const Q4Packed qb{qw2, scales2, zeros2, in, out, wpr2, gsize2};                           \
-        const auto at = [&](int b) { return Q4Block<Q4Packed>{qa, qb, lut, lut, y, out, b}; };   \
-        gemv_q4_body<Q4Packed, 2 * Q4_PAIR_ROWS(NB), true, NB, H>(                                  \
-            at, q4_blocks(out, Q4_PAIR_ROWS(NB), ksplit), lut, x, n, in, ksplit, 0, 0, nw, eps);  \
+                                                            nw, eps);                              \
     }
 
-GEMV_Q4(b1, 1, false)
-GEMV_Q4(b8, 8, false)
-GEMV_Q4(h1, 1, true)
+// Packed kernels take the leading arguments of gemv_packed4, the pair
+// kernels an optional RMS-norm weight `nw`.
+#define GEMV_Q4PACKED(NB)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_b##NB(                         \
+        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
+        const u32* __restrict__ g_idx, int wpr, int gsize, const float* __restrict__ x,            \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc) {                      \
+        __shared__ float lut[48];                                                                  \
+        q4_tables(lut, nullptr, nullptr, nullptr);                                                 \
+        const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                  \
+        const auto at = [&](int b) { return Q4Block<Q4Packed>{q, q, lut, lut, y, out, b}; };       \
+        gemv_q4_body<Q4Packed, 4, false, NB, false>(at, q4_blocks(out, 4, ksplit), lut, x, n, in,  \
+                                             ksplit, 0, acc, nullptr, 0.f);                        \
+    }                                                                                              \
+    extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4packed_b##NB##_pair(                      \
+        const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
+        const u32* __restrict__ g_idx, int wpr, int gsize, const u32* __restrict__ qw2,            \
+        const u16* __restrict__ scales2, const u16* __restrict__ zeros2,                           \
+        const u32* __restrict__ g_idx2, int wpr2, int gsize2, const float* __restrict__ x,         \
+        float* __restrict__ y, int n, int out, int in, int ksplit, int acc,                        \
+        const float* __restrict__ nw, float eps) {                                                 \
+        __shared__ float lut[48];                                                                  \
+        q4_tables(lut, nullptr, nullptr, nullptr);                                                 \
+        const Q4Packed qa{qw, scales, zeros, in, out, wpr, gsize};                                 \
+        const Q4Packed qb{qw2, scales2, zeros2, in, out, wpr2, gsize2};                            \
+        const auto at = [&](int b) { return Q4Block<Q4Packed>{qa, qb, lut, lut, y, out, b}; };     \
+        gemv_q4_body<Q4Packed, 2 * Q4_PAIR_ROWS(NB), true, NB, false>(                             \
+            at, q4_blocks(out, Q4_PAIR_ROWS(NB), ksplit), lut, x, n, in, ksplit, 0, 0, nw, eps);   \
+    }
+
+GEMV_Q4BNB(b1, 1, false)
+GEMV_Q4BNB(b8, 8, false)
+GEMV_Q4BNB(h1, 1, true)
+GEMV_Q4PACKED(1)
+GEMV_Q4PACKED(8)
 
 // The Q, K and V projections of one RMS-normalized input row in one launch;
-// logical block b belongs to the matrix `multi_pick` names. The `_h`
-// kernels take the half-precision rounds (H in gemv_q4_body).
+// logical block b belongs to the matrix `multi_pick` names;
+// gemv_q4bnb_norm3_h takes the half-precision rounds (H in gemv_q4_body).
 template <bool H>
 __device__ __forceinline__ void q4bnb_norm3(const Q4BnbArgs& a0, const Q4BnbArgs& a1,
                                             const Q4BnbArgs& a2, const GemvMulti& m,
@@ -641,7 +633,7 @@ __device__ __forceinline__ void q4bnb_norm3(const Q4BnbArgs& a0, const Q4BnbArgs
     __shared__ __align__(16) float c2s[768];
     q4_code2_tables(c2s, a0.codes ? a0.code2 : nullptr, a1.codes ? a1.code2 : nullptr,
                     a2.codes ? a2.code2 : nullptr);
-    q4_tables<H>(lut, a0.code16, a1.code16, a2.code16);
+    q4_tables(lut, a0.code16, a1.code16, a2.code16);
     const auto at = [&](int b) {
         int blk, out;
         float* y;
@@ -653,14 +645,23 @@ __device__ __forceinline__ void q4bnb_norm3(const Q4BnbArgs& a0, const Q4BnbArgs
                                         in, ksplit, cd, 0, nw, eps);
 }
 
-template <bool H>
-__device__ __forceinline__ void q4packed_norm3(const Q4PackedArgs& a0, const Q4PackedArgs& a1,
-                                               const Q4PackedArgs& a2, const GemvMulti& m,
-                                               const float* __restrict__ x,
-                                               const float* __restrict__ nw, float eps, int in,
-                                               int ksplit) {
+#define GEMV_Q4BNB_NORM3(SUFFIX, H)                                                                \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4bnb_norm3##SUFFIX(                 \
+        const __grid_constant__ Q4BnbArgs a0, const __grid_constant__ Q4BnbArgs a1,                \
+        const __grid_constant__ Q4BnbArgs a2, GemvMulti m, const float* __restrict__ x,            \
+        const float* __restrict__ nw, float eps, int in, int ksplit, int cd) {                     \
+        q4bnb_norm3<H>(a0, a1, a2, m, x, nw, eps, in, ksplit, cd);                                 \
+    }
+
+GEMV_Q4BNB_NORM3(, false)
+GEMV_Q4BNB_NORM3(_h, true)
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti m,
+                    const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
+                    int ksplit) {
     __shared__ float lut[48];
-    q4_tables<H>(lut, nullptr, nullptr, nullptr);
+    q4_tables(lut, nullptr, nullptr, nullptr);
     const auto at = [&](int b) {
         int blk, out;
         float* y;
@@ -669,22 +670,6 @@ __device__ __forceinline__ void q4packed_norm3(const Q4PackedArgs& a0, const Q4P
         const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
         return Q4Block<Q4Packed>{q, q, lut, lut, y, out, blk};
     };
-    gemv_q4_body<Q4Packed, 4, false, 1, H>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x,
-                                           1, in, ksplit, 0, 0, nw, eps);
+    gemv_q4_body<Q4Packed, 4, false, 1, false>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x,
+                                               1, in, ksplit, 0, 0, nw, eps);
 }
-
-#define GEMV_Q4_NORM3(SUFFIX, H)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4bnb_norm3##SUFFIX(               \
-        const __grid_constant__ Q4BnbArgs a0, const __grid_constant__ Q4BnbArgs a1,               \
-        const __grid_constant__ Q4BnbArgs a2, GemvMulti m, const float* __restrict__ x,           \
-        const float* __restrict__ nw, float eps, int in, int ksplit, int cd) {                    \
-        q4bnb_norm3<H>(a0, a1, a2, m, x, nw, eps, in, ksplit, cd);                                \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4packed_norm3##SUFFIX(            \
-        Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti m,                           \
-        const float* __restrict__ x, const float* __restrict__ nw, float eps, int in, int ksplit) { \
-        q4packed_norm3<H>(a0, a1, a2, m, x, nw, eps, in, ksplit);                                 \
-    }
-
-GEMV_Q4_NORM3(, false)
-GEMV_Q4_NORM3(_h, true)
