@@ -825,7 +825,8 @@ fn quantized_models_match_the_cpu() {
 }
 
 /// Single-sequence decode steps of 4-bit models (the single-row 4-bit
-/// kernels, which batched steps do not take) against the CPU, step by step.
+/// kernels, which batched steps do not take; with a bf16 compute dtype the
+/// half-precision ones) against the CPU, step by step.
 /// synth:smollm2-135m stores bf16 weights, which the CPU reference rounds
 /// each dequantized NF4 weight to while the single-row kernels keep f32
 /// products (see gemv_q4.cu), and prefills with f16 tensor-core attention:
@@ -835,6 +836,7 @@ fn quantized_single_sequence_decode_matches_the_cpu() {
     for (model, quant, tol) in [
         ("synth:tiny", "nf4", 1e-3),
         ("synth:smollm2-135m", "nf4", 2e-2),
+        ("synth:smollm2-135m", "nf4,compute_dtype=bf16", 2e-2),
         ("synth:smollm2-135m", "rtn,bits=4,group_size=64", 2e-2),
     ] {
         let (cpu, cuda) = quantized_models(model, quant);
