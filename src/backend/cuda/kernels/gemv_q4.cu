@@ -7,8 +7,10 @@
 // where 32 lanes read them without bank conflicts; single rows look up the
 // codes of a whole byte at once in a table of code pairs (Q4Pairs). Weight
 // values are not rounded to the weight dtype one by one as `gemv_bnb4` does:
-// the products stay in f32, a rounding difference within the dtype's bound.
-// Single-row launches need q4_pairs_at(in) + Q4_PAIR_FLOATS floats of
+// the products stay in f32, a rounding difference within the dtype's bound;
+// single NF4/FP4 rows of an f16 or bf16 compute dtype take f16 products
+// summed in f16 over 32 weights instead (the `h1` and `norm3_h` kernels).
+// Single-row launches need q4_pairs_at<H>(in) + Q4_PAIR_FLOATS floats of
 // dynamic shared memory.
 
 // bitsandbytes NF4/FP4: high nibble first; absmax per block of 2^bs_log2 >= 32
@@ -123,10 +125,8 @@ __device__ __forceinline__ int per_slots(int x, int ntab) {
     return ntab == 1 ? x >> 4 : (ntab == 2 ? x >> 3 : (x * 13) >> 6);
 }
 
-// Fills the pair tables in `mem` from `luts`; callers sync before reading.
-// Each warp finds which tables are the same on its own; thread t of the 256
-// fills slot t % S of entries S i / 16 + t / S (i = 0..15, or 0..31 with
-// H), so its table stays fixed.
+// The entry type of the code-pair tables: float2, or with H a word of two
+// f16 values.
 template <bool H>
 struct Q4PairEntry {
     typedef float2 T;
@@ -136,6 +136,10 @@ struct Q4PairEntry<true> {
     typedef u32 T;
 };
 
+// Fills the pair tables in `mem` from `luts`; callers sync before reading.
+// Each warp finds which tables are the same on its own; thread t of the 256
+// fills slot t % S of entries (256 / S) i + t / S (i < S), so its slot and
+// table stay fixed.
 template <bool HI_FIRST, bool H>
 __device__ __forceinline__ Q4Pairs<typename Q4PairEntry<H>::T> q4_pair_tables(const float* luts,
                                                                               float* mem) {
@@ -285,7 +289,8 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                                              int ksplit, int cd, int acc,
                                              const float* __restrict__ nw, float eps) {
     static_assert(!PAIR || R % 2 == 0, "a pair GEMV holds rows of both matrices");
-    static_assert(!H || (NB == 1 && !Q::HAS_ZERO), "half-precision rounds are for single rows of codes without zeros");
+    static_assert(!H || (NB == 1 && !Q::HAS_ZERO),
+                  "half-precision rounds are for single rows of codes without zeros");
     typedef typename Q4PairEntry<H>::T E;
     const int chunks = in >> 5;
     const int step = 32 * ksplit;
@@ -321,7 +326,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     cp_async_wait_all();
     float yold = gemv_y_before<R, PAIR>(L.y, n, L.out, g.row0, ksplit, acc);
     // Single rows: the block stages x (normalized by `nw` when set, rounded
-    // to `cd`) with one pad word per 32 values.
+    // to `cd`) with one pad word per 32 values, or with H in f16 (stage_xh).
     if (H)
         stage_xh(x, nw, eps, (u32*)xsm, (float*)xscale, in, cd);
     else if (NB == 1)
