@@ -127,9 +127,9 @@ fn q4_kernel(
 
 /// Whether a single row meets NF4/FP4 weights of compute dtype `cd`
 /// (`dtype_mode`) in the half-precision kernels (`H` in gemv_q4.cu): f16
-/// products summed in f16 over 32 weights, then in f32. Only for an f16 or
-/// bf16 compute dtype, which rounds at least as coarsely; f32 keeps f32
-/// products.
+/// products summed in f16 pairs over each lane's 32 weights, then in f32.
+/// Only for an f16 or bf16 compute dtype, which already rounds activations
+/// and products to 2^-11 relative or coarser; f32 keeps f32 products.
 fn q4_half(cd: i32) -> bool {
     cd != 0
 }
