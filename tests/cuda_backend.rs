@@ -636,6 +636,79 @@ fn q4_gemv_matches_on_llama_shapes() {
     matmul_case("fp4 8192x8192", &lw, 2e-2, 2e-2, 42);
 }
 
+/// A block's whole MLP added to the residual (`norm_mlp_add`, one fused
+/// launch for single NF4/FP4 rows) against the CPU's norm, gate/up/SiLU and
+/// down product: the change to the residual is compared, three launches in
+/// a row on the same row (the launches share an arrival counter).
+fn mlp_case(what: &str, ws: [&LinearWeight; 3], tol: f64, seed: u64) {
+    let (c, g) = (CpuBackend::new(), gpu());
+    let mut rng = StdRng::seed_from_u64(seed);
+    let hidden = ws[0].shape().1;
+    let cw: Vec<_> = ws.iter().map(|w| c.upload_weight(w).unwrap()).collect();
+    let gw: Vec<_> = ws.iter().map(|w| g.upload_weight(w).unwrap()).collect();
+    let nw: Vec<f32> = (0..hidden).map(|_| rng.random_range(0.5f32..1.5)).collect();
+    let (cn, gn) = (c.upload_vector(&nw).unwrap(), g.upload_vector(&nw).unwrap());
+    let eps = 1e-5;
+    for n in [1, 2] {
+        let x = randn(&mut rng, n * hidden, 2.0);
+        let (mut cx, mut gx) = pair(&g, n, hidden, &x);
+        for launch in 0..3 {
+            let before = cx.data.clone();
+            c.norm_mlp_add(&mut cx, &cn, eps, &cw[0], &cw[1], &cw[2])
+                .unwrap();
+            let (_, _, gb) = g.to_host(&gx).unwrap();
+            g.norm_mlp_add(&mut gx, &gn, eps, &gw[0], &gw[1], &gw[2])
+                .unwrap();
+            let (_, _, ga) = g.to_host(&gx).unwrap();
+            let want: Vec<f32> = cx.data.iter().zip(&before).map(|(a, b)| a - b).collect();
+            let got: Vec<f32> = ga.iter().zip(&gb).map(|(a, b)| a - b).collect();
+            assert!(
+                got.iter().all(|v| v.is_finite()),
+                "{what}: non-finite output"
+            );
+            let e = rel_err(&got, &want);
+            println!(
+                "norm_mlp_add {what} n={n} launch {launch}: relative error {e:.2e} (bound {tol:.0e})"
+            );
+            assert!(
+                e <= tol,
+                "norm_mlp_add {what} n={n} launch {launch}: relative error {e:e} > {tol:e}"
+            );
+            // The next launch starts from the same residual on both sides.
+            gx = g.tensor_from_host(n, hidden, &cx.data).unwrap();
+        }
+    }
+}
+
+#[test]
+fn fused_mlp_matches_the_cpu() {
+    let mut rng = StdRng::seed_from_u64(50);
+    // (hidden, intermediate): SmolLM2-135M, Llama-3.2-1B, and more chunks
+    // than an H100 holds blocks at once (blocks then take several chunks).
+    for (hidden, inter) in [(576, 1536), (2048, 8192), (256, 16384)] {
+        let wg = randn(&mut rng, inter * hidden, 1.0 / (hidden as f32).sqrt());
+        let wu = randn(&mut rng, inter * hidden, 1.0 / (hidden as f32).sqrt());
+        let wd = randn(&mut rng, hidden * inter, 1.0 / (inter as f32).sqrt());
+        for (t, dq, cd) in [
+            (Bnb4Type::Nf4, true, DType::F32),
+            (Bnb4Type::Nf4, true, DType::F16),
+            (Bnb4Type::Fp4, false, DType::BF16),
+        ] {
+            let g = bnb4(&wg, inter, hidden, t, dq, cd);
+            let u = bnb4(&wu, inter, hidden, t, dq, cd);
+            let d = bnb4(&wd, hidden, inter, t, dq, cd);
+            // Two products in a row, each within the 4-bit GEMV's bound.
+            let tol = if cd == DType::BF16 {
+                3e-2
+            } else {
+                2.0 * Q4_BF16_WEIGHT_BOUND
+            };
+            let what = format!("{} {hidden}x{inter}", g.format_name());
+            mlp_case(&what, [&g, &u, &d], tol, 51);
+        }
+    }
+}
+
 #[test]
 fn int8_matmul_matches_with_outliers() {
     let mut rng = StdRng::seed_from_u64(10);
