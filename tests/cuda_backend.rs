@@ -706,6 +706,12 @@ fn fused_mlp_matches_the_cpu() {
             let what = format!("{} {hidden}x{inter}", g.format_name());
             mlp_case(&what, [&g, &u, &d], tol, 51);
         }
+        // Packed 4-bit (GPTQ/AWQ layouts): exact f32 products.
+        let gs = if hidden % 128 == 0 { 128 } else { 64 };
+        let g = packed(&mut rng, inter, hidden, 4, gs, false);
+        let u = packed(&mut rng, inter, hidden, 4, gs, false);
+        let d = packed(&mut rng, hidden, inter, 4, gs, false);
+        mlp_case(&format!("packed4 g{gs} {hidden}x{inter}"), [&g, &u, &d], 1e-5, 52);
     }
 }
 

@@ -291,7 +291,7 @@ static Appended reference_block(const Shape& s, int fmt, const Layer<Q4BnbArgs>&
 // matrix has a code table of its own (as NF4 and FP4 matrices mixed in one
 // launch would); with `half` the bnb GEMVs take the half-precision kernels
 // (`_h1`, `norm3_h`), as the host launches them for an f16 or bf16 compute
-// dtype; with `fused` (bnb only) the MLP is one launch (`gemv_q4bnb_*_mlp`:
+// dtype; with `fused` the MLP is one launch (`gemv_q4bnb_*_mlp`:
 // gate/up, SiLU and down split over the blocks, added to the residual).
 static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int cap,
                      bool mixed = false, bool half = false, bool fused = false) {
@@ -372,11 +372,16 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
             });
         };
         gemv(3, a.att, a.x, s.hidden, qo, ks_o, 1);
-        if (fused && fmt != 2) {
+        if (fused) {
             launch({(unsigned)std::min(s.inter / 32, cap)}, 256, mlp_smem, [&] {
-                const Q4BnbArgs &g = wb.m[4], &u = wb.m[5], &d = wb.m[6];
-                (half ? gemv_q4bnb_h1_mlp : gemv_q4bnb_b1_mlp)(g, u, d, a.x, a.act, s.inter, s.hidden, cd,
-                                                             wb.ln2, eps, counter);
+                if (fmt == 2) {
+                    gemv_q4packed_b1_mlp(wp.m[4], wp.m[5], wp.m[6], a.x, a.act, s.inter, s.hidden, wp.ln2,
+                                         eps, counter);
+                } else {
+                    const Q4BnbArgs &g = wb.m[4], &u = wb.m[5], &d = wb.m[6];
+                    (half ? gemv_q4bnb_h1_mlp : gemv_q4bnb_b1_mlp)(g, u, d, a.x, a.act, s.inter, s.hidden,
+                                                                 cd, wb.ln2, eps, counter);
+                }
             });
             continue;
         }
@@ -448,6 +453,8 @@ int main() {
     ok &= run_case(small, 2, 1, 1, 2, 5, false, true, true);
     ok &= run_case(llama1b, 1, 1, 0, 132, 7, false, false, true);
     ok &= run_case(llama1b, 1, 0, 2, 132, 9, false, true, true);
+    ok &= run_case(small, 2, 2, 0, 2, 3, false, false, true);
+    ok &= run_case(llama1b, 1, 2, 0, 132, 9, false, false, true);
     printf(ok ? "ALL WITHIN\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

@@ -104,6 +104,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv_q4bnb_norm3_h",
     "gemv_q4bnb_b1_mlp",
     "gemv_q4bnb_h1_mlp",
+    "gemv_q4packed_b1_mlp",
     "int8_gemm_quant",
     "int8_gemm_outliers",
     "int8_gemm_dequant",

@@ -88,7 +88,7 @@ pub(super) fn q4_bnb_ok(q: &CudaBnb4) -> bool {
 /// Whether packed integers take the 32-weights-per-lane kernel: 4 bits,
 /// groups of whole 32-column chunks, no act-order permutation, and 32-bit
 /// offsets ([`q4_offsets_fit`]).
-fn q4_packed_ok(q: &CudaPacked) -> bool {
+pub(super) fn q4_packed_ok(q: &CudaPacked) -> bool {
     q.bits == 4
         && q.cols.is_multiple_of(32)
         && q.group_size.is_multiple_of(32)
@@ -386,7 +386,7 @@ impl Q4BnbArgs {
 /// One matrix of a `gemv_q4packed_norm3` launch (`Q4PackedArgs`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Q4PackedArgs {
+pub(super) struct Q4PackedArgs {
     w: CUdeviceptr,
     scales: CUdeviceptr,
     zeros: CUdeviceptr,
@@ -396,7 +396,7 @@ struct Q4PackedArgs {
 
 impl Q4PackedArgs {
     /// The arguments describing `q`.
-    fn of(q: &CudaPacked) -> Self {
+    pub(super) fn of(q: &CudaPacked) -> Self {
         Q4PackedArgs {
             w: q.qweight.ptr(),
             scales: q.scales.ptr(),

@@ -27,8 +27,22 @@ struct Q4Bnb {
     int in, bs_log2, nbs_log2;
     static constexpr bool HI_FIRST = true;
     static constexpr bool HAS_ZERO = false;
-    __device__ __forceinline__ uint4 load(int row, int c) const {
-        return w[(u32)row * (u32)(in >> 5) + (u32)c];
+    __device__ __forceinline__ const uint4* word_at(int row, int c) const {
+        return w + (u32)row * (u32)(in >> 5) + (u32)c;
+    }
+    __device__ __forceinline__ uint4 load(int row, int c) const { return *word_at(row, c); }
+    // The 4-byte-aligned words that hold load_scale's two values (`b` null
+    // when there is one), and load_scale's values from those words.
+    __device__ __forceinline__ void scale_words(int row, int c, const u32*& a, const u32*& b) const {
+        const u32 i = ((u32)row * (u32)in + (u32)c * 32u) >> bs_log2;
+        a = codes ? (const u32*)(codes + (i & ~3u)) : (const u32*)(absmax + i);
+        b = codes ? (const u32*)(absmax + (i >> nbs_log2)) : nullptr;
+    }
+    __device__ __forceinline__ void scale_from_words(int row, int c, u32 a, u32 b, float& s,
+                                                     float& z) const {
+        const u32 i = ((u32)row * (u32)in + (u32)c * 32u) >> bs_log2;
+        s = __uint_as_float(codes ? (a >> (8 * (i & 3u))) & 0xffu : a);
+        z = __uint_as_float(b);
     }
     // The scale words of row `row`, chunk c, as loaded: the absmax, or with
     // double quantization the block's code (its bits) and nested absmax;
@@ -61,8 +75,21 @@ struct Q4Packed {
     int in, out, wpr, gsize;
     static constexpr bool HI_FIRST = false;
     static constexpr bool HAS_ZERO = true;
-    __device__ __forceinline__ uint4 load(int row, int c) const {
-        return ((const uint4*)w)[((u32)row * (u32)wpr >> 2) + (u32)c];
+    __device__ __forceinline__ const uint4* word_at(int row, int c) const {
+        return (const uint4*)w + ((u32)row * (u32)wpr >> 2) + (u32)c;
+    }
+    __device__ __forceinline__ uint4 load(int row, int c) const { return *word_at(row, c); }
+    // As Q4Bnb's: the words holding the scale and the zero.
+    __device__ __forceinline__ void scale_words(int row, int c, const u32*& a, const u32*& b) const {
+        const u32 at = (u32)((c * 32) / gsize) * (u32)out + (u32)row;
+        a = (const u32*)(scales + (at & ~1u));
+        b = (const u32*)(zeros + (at & ~1u));
+    }
+    __device__ __forceinline__ void scale_from_words(int row, int c, u32 a, u32 b, float& s,
+                                                     float& z) const {
+        const u32 sh = 16 * (((u32)((c * 32) / gsize) * (u32)out + (u32)row) & 1u);
+        s = __uint_as_float((a >> sh) & 0xffffu);
+        z = __uint_as_float((b >> sh) & 0xffffu);
     }
     // The f16 scale's and the zero's bits as loaded; `finish_scale`
     // converts them once they have arrived.
@@ -720,9 +747,9 @@ __device__ __forceinline__ void red_add4(float* y, float4 v) {
 // reads are contiguous),
 // `dsc` two scale words per slot (the 4-byte word holding the absmax code
 // and the nested absmax, or the absmax), `hs` the 32 activations.
-template <bool H>
+template <class Q, bool H>
 struct Q4MlpHooks {
-    Q4Bnb d;
+    Q d;
     const float* luts;
     const float* __restrict__ h;
     float* x;
@@ -748,14 +775,11 @@ struct Q4MlpHooks {
             for (int j = 0; j < 4; j++) {
                 const int r = r4 + j;
                 const int slot = this->slot(r4, j);
-                cp_async16((float*)(dw + slot), (const float*)(d.w + (u32)r * (u32)(d.in >> 5) + (u32)c));
-                const u32 b = ((u32)r * (u32)d.in + (u32)c * 32u) >> d.bs_log2;
-                if (d.codes) {
-                    cp_async4(dsc + 2 * slot, d.codes + (b & ~3u));
-                    cp_async4(dsc + 2 * slot + 1, d.absmax + (b >> d.nbs_log2));
-                } else {
-                    cp_async4(dsc + 2 * slot, d.absmax + b);
-                }
+                cp_async16((float*)(dw + slot), (const float*)d.word_at(r, c));
+                const u32 *sa, *sb;
+                d.scale_words(r, c, sa, sb);
+                cp_async4(dsc + 2 * slot, sa);
+                if (sb) cp_async4(dsc + 2 * slot + 1, sb);
             }
         }
     }
@@ -779,9 +803,12 @@ struct Q4MlpHooks {
         waited = true;
         cp_async_wait_all();
         __syncthreads();
-        float hv[32];
+        float hv[32], hsum = 0.f;
 #pragma unroll
-        for (int i = 0; i < 32; i++) hv[i] = hs[i];
+        for (int i = 0; i < 32; i++) {
+            hv[i] = hs[i];
+            hsum += hv[i];
+        }
         const auto* tab = pairs.lane_tab(luts, luts + 32);
         for (int r4 = 4 * t; r4 < hidden; r4 += Q4_MLP_PASS) {
             float s4[4];
@@ -808,16 +835,10 @@ struct Q4MlpHooks {
                         dot = fmaf(w0, hv[8 * q + 2 * e], dot);
                         dot = fmaf(w1, hv[8 * q + 2 * e + 1], dot);
                     }
-                float s, z = 0.f;
-                if (d.codes) {
-                    const u32 bi = ((u32)r * (u32)d.in + (u32)c * 32u) >> d.bs_log2;
-                    s = __uint_as_float((dsc[2 * slot] >> (8 * (bi & 3u))) & 0xffu);
-                    z = __uint_as_float(dsc[2 * slot + 1]);
-                } else {
-                    s = __uint_as_float(dsc[2 * slot]);
-                }
+                float s, z;
+                d.scale_from_words(r, c, dsc[2 * slot], dsc[2 * slot + 1], s, z);
                 d.finish_scale(s, z);
-                s4[j] = s * dot;
+                s4[j] = s * (Q::HAS_ZERO ? fmaf(-z, hsum, dot) : dot);
             }
             red_add4(x + r4, make_float4(s4[0], s4[1], s4[2], s4[3]));
         }
@@ -853,7 +874,7 @@ struct Q4MlpHooks {
             return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, h, inter, 2 * (i + (k >> 1) * G) + (k & 1)}; \
         };                                                                                         \
         float* tail = xsm + ((q4_pairs_at<H>(hidden) + Q4_PAIR_FLOATS + 3) & ~3);                  \
-        Q4MlpHooks<H> hooks{q4_bnb(d, c2s + 512, inter), lut, h, x, counter, (uint4*)tail,         \
+        Q4MlpHooks<Q4Bnb, H> hooks{q4_bnb(d, c2s + 512, inter), lut, h, x, counter, (uint4*)tail,  \
                             (u32*)(tail + 4 * hidden), tail + 6 * hidden, hidden, nchunks, cd,     \
                             0ull, false};                                                          \
         const int nblocks = 2 * G * ((nchunks + G - 1) / G);                                       \
@@ -863,6 +884,30 @@ struct Q4MlpHooks {
 
 GEMV_Q4BNB_MLP(b1, false)
 GEMV_Q4BNB_MLP(h1, true)
+
+// The fused MLP for packed 4-bit weights (GPTQ/AWQ layouts without g_idx).
+extern "C" __global__ void Q4_PAIR_BOUNDS(1)
+gemv_q4packed_b1_mlp(const __grid_constant__ Q4PackedArgs a, const __grid_constant__ Q4PackedArgs b2,
+                     const __grid_constant__ Q4PackedArgs d, float* x, float* __restrict__ h,
+                     int inter, int hidden, const float* __restrict__ nw, float eps, u64* counter) {
+    __shared__ float lut[48];
+    extern __shared__ float xsm[];
+    q4_tables(lut, nullptr, nullptr, nullptr);
+    const Q4Packed qa{a.w, a.scales, a.zeros, hidden, inter, a.wpr, a.gsize};
+    const Q4Packed qb{b2.w, b2.scales, b2.zeros, hidden, inter, b2.wpr, b2.gsize};
+    const Q4Packed qd{d.w, d.scales, d.zeros, inter, hidden, d.wpr, d.gsize};
+    const int G = gridDim.x, nchunks = inter >> 5;
+    const auto at = [&](int b) {
+        const int k = b / G, i = b - k * G;
+        return Q4Block<Q4Packed>{qa, qb, lut, lut, h, inter, 2 * (i + (k >> 1) * G) + (k & 1)};
+    };
+    float* tail = xsm + ((q4_pairs_at<false>(hidden) + Q4_PAIR_FLOATS + 3) & ~3);
+    Q4MlpHooks<Q4Packed, false> hooks{qd, lut, h, x, counter, (uint4*)tail, (u32*)(tail + 4 * hidden),
+                                      tail + 6 * hidden, hidden, nchunks, 0, 0ull, false};
+    const int nblocks = 2 * G * ((nchunks + G - 1) / G);
+    gemv_q4_body<Q4Packed, 2 * Q4_PAIR_ROWS(1), true, 1, false>(at, nblocks, lut, x, 1, hidden, 1, 0,
+                                                                0, nw, eps, hooks);
+}
 
 // The Q, K and V projections of one RMS-normalized input row in one launch;
 // logical block b belongs to the matrix `multi_pick` names;
