@@ -711,7 +711,12 @@ fn fused_mlp_matches_the_cpu() {
         let g = packed(&mut rng, inter, hidden, 4, gs, false);
         let u = packed(&mut rng, inter, hidden, 4, gs, false);
         let d = packed(&mut rng, hidden, inter, 4, gs, false);
-        mlp_case(&format!("packed4 g{gs} {hidden}x{inter}"), [&g, &u, &d], 1e-5, 52);
+        mlp_case(
+            &format!("packed4 g{gs} {hidden}x{inter}"),
+            [&g, &u, &d],
+            1e-5,
+            52,
+        );
     }
 }
 

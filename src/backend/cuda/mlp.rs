@@ -6,8 +6,8 @@ use anyhow::Result;
 
 use super::gpu::{Arg, Gpu, arg};
 use super::matmul::{
-    FusedNorm, GEMV_WARPS, Q4BnbArgs, Q4PackedArgs, dtype_mode, q4_bnb_ok, q4_half,
-    q4_packed_ok, q4_staged_floats,
+    FusedNorm, GEMV_WARPS, Q4BnbArgs, Q4PackedArgs, dtype_mode, q4_bnb_ok, q4_half, q4_packed_ok,
+    q4_staged_floats,
 };
 use super::tensor::CudaTensor;
 use super::weights::CudaWeight;
@@ -18,7 +18,7 @@ const CHUNK: usize = 32;
 
 /// The three matrices of a fused launch as kernel arguments.
 enum MlpWeights {
-    Bnb4([Q4BnbArgs; 3], i32),
+    Bnb4(Box<[Q4BnbArgs; 3]>, i32),
     Packed([Q4PackedArgs; 3]),
 }
 
@@ -41,13 +41,13 @@ fn mlp_kernel(
             } else {
                 "gemv_q4bnb_b1_mlp"
             };
-            let args = [g, u, d].map(|q| Q4BnbArgs::of(q));
+            let args = Box::new([g, u, d].map(Q4BnbArgs::of));
             Some((name, MlpWeights::Bnb4(args, cd), half))
         }
         (CudaWeight::Packed(g), CudaWeight::Packed(u), CudaWeight::Packed(d))
             if [g, u, d].iter().all(|q| q4_packed_ok(q)) =>
         {
-            let args = [g, u, d].map(|q| Q4PackedArgs::of(q));
+            let args = [g, u, d].map(Q4PackedArgs::of);
             Some(("gemv_q4packed_b1_mlp", MlpWeights::Packed(args), false))
         }
         _ => None,
