@@ -147,21 +147,6 @@ pub trait Backend: Send + Sync {
         let h = self.rms_norm(x, norm, eps)?;
         self.gate_up_silu(&h, gate, up)
     }
-    /// `x += down(gate_up_silu(rms_norm(x, norm)))`: a block's whole MLP
-    /// added to the residual stream; backends may fuse it.
-    #[allow(clippy::too_many_arguments)]
-    fn norm_mlp_add(
-        &self,
-        x: &mut Self::Tensor,
-        norm: &Self::Vector,
-        eps: f32,
-        gate: &Self::Weight,
-        up: &Self::Weight,
-        down: &Self::Weight,
-    ) -> Result<()> {
-        let act = self.norm_gate_up_silu(x, norm, eps, gate, up)?;
-        self.matmul_add(x, &act, down)
-    }
     /// `silu(x·Gᵀ) * (x·Uᵀ)`: the MLP's gate and up projections and its
     /// activation; backends may fuse them.
     fn gate_up_silu(

@@ -220,23 +220,23 @@ impl<B: Backend> Model<B> {
             bail!("block {l}: the backend did not return three Q/K/V projections");
         };
         let attn = b.rope_attention(&mut q, &mut k, &v, &self.inv_freq, cache, l, heads, layout)?;
-        let (gate, up, down) = (&layer.gate_proj, &layer.up_proj, &layer.down_proj);
-        match observe.as_mut() {
+        let act = match observe.as_mut() {
             Some(obs) => {
                 obs(LinearInput::O, &attn)?;
                 b.matmul_add(x, &attn, &layer.o_proj)?;
                 let h = b.rms_norm(x, &layer.post_attention_layernorm, eps)?;
                 obs(LinearInput::GateUp, &h)?;
-                let act = b.gate_up_silu(&h, gate, up)?;
+                let act = b.gate_up_silu(&h, &layer.gate_proj, &layer.up_proj)?;
                 obs(LinearInput::Down, &act)?;
-                b.matmul_add(x, &act, down)
+                act
             }
             None => {
                 b.matmul_add(x, &attn, &layer.o_proj)?;
                 let norm = &layer.post_attention_layernorm;
-                b.norm_mlp_add(x, norm, eps, gate, up, down)
+                b.norm_gate_up_silu(x, norm, eps, &layer.gate_proj, &layer.up_proj)?
             }
-        }
+        };
+        b.matmul_add(x, &act, &layer.down_proj)
     }
 
     /// Final norm and lm_head: logits `[rows, vocab]`.

@@ -291,10 +291,9 @@ static Appended reference_block(const Shape& s, int fmt, const Layer<Q4BnbArgs>&
 // matrix has a code table of its own (as NF4 and FP4 matrices mixed in one
 // launch would); with `half` the bnb GEMVs take the half-precision kernels
 // (`_h1`, `norm3_h`), as the host launches them for an f16 or bf16 compute
-// dtype; with `fused` the MLP is one launch (`gemv_q4bnb_*_mlp`:
-// gate/up, SiLU and down split over the blocks, added to the residual).
+// dtype.
 static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int cap,
-                     bool mixed = false, bool half = false, bool fused = false) {
+                     bool mixed = false, bool half = false) {
     arena_used = 0;
     const int qo = s.q_heads * s.D, kvo = s.kv_heads * s.D, G = s.q_heads / s.kv_heads;
     const int rows[7] = {qo, kvo, kvo, s.hidden, s.inter, s.inter, s.hidden};
@@ -335,10 +334,6 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     auto staged = [&](int in) {
         return (size_t)((half ? q4_pairs_at<true>(in) : q4_pairs_at<false>(in)) + Q4_PAIR_FLOATS) * 4;
     };
-    // The fused MLP's shared memory (norm_mlp_add in mlp.rs) and its
-    // arrival counter.
-    const size_t mlp_smem = ((staged(s.hidden) / 4 + 3) & ~size_t(3)) * 4 + (6 * s.hidden + 32) * 4;
-    u64* counter = dalloc<u64>(1);
 
     // The kernels, block after block.
     State a = fresh_state(s, layers, x0, kc0, vc0, splits);
@@ -372,19 +367,6 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
             });
         };
         gemv(3, a.att, a.x, s.hidden, qo, ks_o, 1);
-        if (fused) {
-            launch({(unsigned)std::min(s.inter / 32, cap)}, 256, mlp_smem, [&] {
-                if (fmt == 2) {
-                    gemv_q4packed_b1_mlp(wp.m[4], wp.m[5], wp.m[6], a.x, a.act, s.inter, s.hidden, wp.ln2,
-                                         eps, counter);
-                } else {
-                    const Q4BnbArgs &g = wb.m[4], &u = wb.m[5], &d = wb.m[6];
-                    (half ? gemv_q4bnb_h1_mlp : gemv_q4bnb_b1_mlp)(g, u, d, a.x, a.act, s.inter, s.hidden,
-                                                                 cd, wb.ln2, eps, counter);
-                }
-            });
-            continue;
-        }
         launch({(unsigned)std::min(q4_blocks_h(s.inter, 2, ks_gu), cap)}, 256, staged(s.hidden), [&] {
             if (fmt == 2) {
                 const Q4PackedArgs &g = wp.m[4], &u = wp.m[5];
@@ -416,9 +398,9 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     // Half-precision kernels: f16 products summed in f16 over 32 weights.
     const double tol = half ? (cd == 2 ? 1e-2 : 5e-3) : (fmt == 2 || cd == 0 ? 1e-5 : (cd == 1 ? 2e-3 : 1e-2));
     const bool ref_ok = ex < tol && ek < tol && ev < tol;
-    printf("%d layers, fmt %d%s%s%s cd %d, h%d i%d q%d kv%d D%d len%d pos%d, ks %d/%d/%d/%d, cap %d: "
+    printf("%d layers, fmt %d%s%s cd %d, h%d i%d q%d kv%d D%d len%d pos%d, ks %d/%d/%d/%d, cap %d: "
            "%s; reference x %.1e k %.1e v %.1e: %s\n",
-           layers, fmt, mixed ? " mixed codes" : "", half ? " half" : "", fused ? " fused MLP" : "", cd, s.hidden, s.inter, s.q_heads, s.kv_heads,
+           layers, fmt, mixed ? " mixed codes" : "", half ? " half" : "", cd, s.hidden, s.inter, s.q_heads, s.kv_heads,
            s.D, s.max_len, s.pos,
            ks_qkv, ks_o, ks_gu, ks_down, cap, ok ? "RAN" : "DID NOT RUN", ex, ek, ev,
            ref_ok ? "WITHIN" : "OUTSIDE");
@@ -446,15 +428,6 @@ int main() {
     ok &= run_case(small, 2, 1, 2, 2, 3, false, true);
     ok &= run_case(small, 1, 0, 1, 2, 3, true, true);
     ok &= run_case(llama1b, 1, 1, 2, 132, 7, false, true);
-    // The fused MLP launch, blocks looping over several chunks (cap) or
-    // one chunk each.
-    ok &= run_case(small, 3, 1, 2, 2, 3, false, false, true);
-    ok &= run_case(small, 2, 0, 0, 4, 8, true, false, true);
-    ok &= run_case(small, 2, 1, 1, 2, 5, false, true, true);
-    ok &= run_case(llama1b, 1, 1, 0, 132, 7, false, false, true);
-    ok &= run_case(llama1b, 1, 0, 2, 132, 9, false, true, true);
-    ok &= run_case(small, 2, 2, 0, 2, 3, false, false, true);
-    ok &= run_case(llama1b, 1, 2, 0, 132, 9, false, false, true);
     printf(ok ? "ALL WITHIN\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

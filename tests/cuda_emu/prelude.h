@@ -13,7 +13,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
-#include <sched.h>
 #include <vector>
 
 #define __device__
@@ -120,18 +119,3 @@ inline float4 ld_cg4(const float* p) {
 inline void pdl_start() {}
 inline void cp_async16(float* dst, const float* src) { memcpy(dst, src, 16); }
 inline void cp_async_wait_all() {}
-inline void cp_async4(void* dst, const void* src) { memcpy(dst, src, 4); }
-// Device memory is shared between the block processes: GCC atomics on it.
-inline u64 atom_add_release(u64* p, u64 v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-inline u64 ld_acquire(const u64* p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
-inline void spin_pause() { sched_yield(); }
-inline void red_add4(float* y, float4 v) {
-    const float a[4] = {v.x, v.y, v.z, v.w};
-    for (int i = 0; i < 4; i++) {
-        u32* w = (u32*)(y + i);
-        u32 old = __atomic_load_n(w, __ATOMIC_RELAXED), sum;
-        do {
-            sum = __float_as_uint(__uint_as_float(old) + a[i]);
-        } while (!__atomic_compare_exchange_n(w, &old, sum, true, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
-    }
-}

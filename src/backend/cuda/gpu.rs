@@ -52,9 +52,6 @@ pub struct Gpu {
     pub total_mem: usize,
     /// Whether launches allow programmatic dependent launch.
     pdl: bool,
-    /// The arrival counter of the kernels that wait for all their blocks
-    /// once (`q4_arrive` in gemv_q4.cu): one u64, zero at first.
-    arrivals: RawAlloc,
 }
 
 // SAFETY: every driver handle here is used through the one stream with the
@@ -109,10 +106,7 @@ impl Gpu {
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let pool = Pool::new(stats.clone());
-        let arrivals = RawAlloc::new(&stats, 8)?;
-        unsafe { result::memset_d8_async(arrivals.ptr(), 0, 8, stream.cu_stream()) }?;
         Ok(Gpu {
-            arrivals,
             pdl: pdl_enabled(major),
             name: ctx.name()?,
             total_mem: ctx.total_mem()?,
@@ -125,11 +119,6 @@ impl Gpu {
             stats,
             pools: Mutex::new(vec![pool]),
         })
-    }
-
-    /// The device address of the arrival counter (see the `arrivals` field).
-    pub fn arrivals(&self) -> CUdeviceptr {
-        self.arrivals.ptr()
     }
 
     /// Makes the context current on this thread.

@@ -27,7 +27,7 @@ pub fn dtype_mode(d: DType) -> i32 {
 /// Largest batch the GEMV kernels take.
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Warps per GEMV block (matches `GEMV_WARPS` in gemv.cu).
-pub(super) const GEMV_WARPS: usize = 8;
+const GEMV_WARPS: usize = 8;
 /// Chunks of 8 weights each lane loads per round in the format-generic GEMV
 /// kernels (matches `GEMV_UNROLL` in gemv.cu). On an H100 (Llama-3.2-1B
 /// shapes, batch 1) 1 decoded fastest: 1.77 ms per token against 1.89 (2)
@@ -81,14 +81,14 @@ pub fn matmul_add(gpu: &Gpu, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight)
 /// Whether NF4/FP4 weights take the 32-weights-per-lane kernel: rows a
 /// multiple of 32, blocks of at least 32, and 32-bit offsets
 /// ([`q4_offsets_fit`]).
-pub(super) fn q4_bnb_ok(q: &CudaBnb4) -> bool {
+fn q4_bnb_ok(q: &CudaBnb4) -> bool {
     q.cols.is_multiple_of(32) && q.bs_log2 >= 5 && q4_offsets_fit(q.rows, q.cols)
 }
 
 /// Whether packed integers take the 32-weights-per-lane kernel: 4 bits,
 /// groups of whole 32-column chunks, no act-order permutation, and 32-bit
 /// offsets ([`q4_offsets_fit`]).
-pub(super) fn q4_packed_ok(q: &CudaPacked) -> bool {
+fn q4_packed_ok(q: &CudaPacked) -> bool {
     q.bits == 4
         && q.cols.is_multiple_of(32)
         && q.group_size.is_multiple_of(32)
@@ -130,7 +130,7 @@ fn q4_kernel(
 /// products summed in f16 pairs over each lane's 32 weights, then in f32.
 /// Only for an f16 or bf16 compute dtype, which already rounds activations
 /// and products to 2^-11 relative or coarser; f32 keeps f32 products.
-pub(super) fn q4_half(cd: i32) -> bool {
+fn q4_half(cd: i32) -> bool {
     cd != 0
 }
 
@@ -163,7 +163,7 @@ const Q4_PAIR_FLOATS: usize = 256 * 16 * 2;
 /// row, in floats (`q4_pairs_at` in gemv_q4.cu): the staged row (one pad
 /// word per 32 values, 8-byte aligned; in `half` kernels 20 words and a
 /// scale per 32 values), then the code-pair tables.
-pub(super) fn q4_staged_floats(in_f: usize, half: bool) -> usize {
+fn q4_staged_floats(in_f: usize, half: bool) -> usize {
     let row = if half {
         21 * (in_f / 32)
     } else {
@@ -356,7 +356,7 @@ fn stage_smem(gpu: &Gpu, name: &str, floats: usize) -> Result<u32> {
 /// gemv_q4.cu), its 16 code values included.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(super) struct Q4BnbArgs {
+struct Q4BnbArgs {
     w: CUdeviceptr,
     absmax: CUdeviceptr,
     codes: CUdeviceptr,
@@ -369,7 +369,7 @@ pub(super) struct Q4BnbArgs {
 
 impl Q4BnbArgs {
     /// The arguments describing `q`.
-    pub(super) fn of(q: &CudaBnb4) -> Self {
+    fn of(q: &CudaBnb4) -> Self {
         Q4BnbArgs {
             w: q.packed.ptr(),
             absmax: q.absmax.ptr(),
@@ -386,7 +386,7 @@ impl Q4BnbArgs {
 /// One matrix of a `gemv_q4packed_norm3` launch (`Q4PackedArgs`).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(super) struct Q4PackedArgs {
+struct Q4PackedArgs {
     w: CUdeviceptr,
     scales: CUdeviceptr,
     zeros: CUdeviceptr,
@@ -396,7 +396,7 @@ pub(super) struct Q4PackedArgs {
 
 impl Q4PackedArgs {
     /// The arguments describing `q`.
-    pub(super) fn of(q: &CudaPacked) -> Self {
+    fn of(q: &CudaPacked) -> Self {
         Q4PackedArgs {
             w: q.qweight.ptr(),
             scales: q.scales.ptr(),

@@ -20,7 +20,6 @@ mod kernels;
 mod layout;
 mod matmul;
 pub mod memory;
-mod mlp;
 mod ops;
 mod solver;
 mod tensor;
@@ -174,24 +173,6 @@ impl Backend for CudaBackend {
         }
         let h = ops::rms_norm(&self.gpu, x, norm, eps)?;
         self.gate_up_silu(&h, gate, up)
-    }
-
-    fn norm_mlp_add(
-        &self,
-        x: &mut CudaTensor,
-        norm: &CudaTensor,
-        eps: f32,
-        gate: &CudaWeight,
-        up: &CudaWeight,
-        down: &CudaWeight,
-    ) -> Result<()> {
-        self.gpu.bind()?;
-        let fused = FusedNorm { weight: norm, eps };
-        if mlp::norm_mlp_add(&self.gpu, x, fused, gate, up, down)? {
-            return Ok(());
-        }
-        let act = self.norm_gate_up_silu(x, norm, eps, gate, up)?;
-        self.matmul_add(x, &act, down)
     }
 
     fn matmul_add(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight) -> Result<()> {

@@ -47,18 +47,6 @@ __device__ __forceinline__ void cp_async16(float* dst, const float* src) {
 #endif
 }
 
-// The same for 4 bytes (both addresses 4-byte aligned).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;"
-                 :
-                 : "r"((u32)__cvta_generic_to_shared(dst)), "l"(src)
-                 : "memory");
-#else
-    *(u32*)dst = *(const u32*)src;
-#endif
-}
-
 __device__ __forceinline__ void cp_async_wait_all() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_all;" ::: "memory");

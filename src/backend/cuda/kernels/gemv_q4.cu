@@ -27,22 +27,8 @@ struct Q4Bnb {
     int in, bs_log2, nbs_log2;
     static constexpr bool HI_FIRST = true;
     static constexpr bool HAS_ZERO = false;
-    __device__ __forceinline__ const uint4* word_at(int row, int c) const {
-        return w + (u32)row * (u32)(in >> 5) + (u32)c;
-    }
-    __device__ __forceinline__ uint4 load(int row, int c) const { return *word_at(row, c); }
-    // The 4-byte-aligned words that hold load_scale's two values (`b` null
-    // when there is one), and load_scale's values from those words.
-    __device__ __forceinline__ void scale_words(int row, int c, const u32*& a, const u32*& b) const {
-        const u32 i = ((u32)row * (u32)in + (u32)c * 32u) >> bs_log2;
-        a = codes ? (const u32*)(codes + (i & ~3u)) : (const u32*)(absmax + i);
-        b = codes ? (const u32*)(absmax + (i >> nbs_log2)) : nullptr;
-    }
-    __device__ __forceinline__ void scale_from_words(int row, int c, u32 a, u32 b, float& s,
-                                                     float& z) const {
-        const u32 i = ((u32)row * (u32)in + (u32)c * 32u) >> bs_log2;
-        s = __uint_as_float(codes ? (a >> (8 * (i & 3u))) & 0xffu : a);
-        z = __uint_as_float(b);
+    __device__ __forceinline__ uint4 load(int row, int c) const {
+        return w[(u32)row * (u32)(in >> 5) + (u32)c];
     }
     // The scale words of row `row`, chunk c, as loaded: the absmax, or with
     // double quantization the block's code (its bits) and nested absmax;
@@ -75,21 +61,8 @@ struct Q4Packed {
     int in, out, wpr, gsize;
     static constexpr bool HI_FIRST = false;
     static constexpr bool HAS_ZERO = true;
-    __device__ __forceinline__ const uint4* word_at(int row, int c) const {
-        return (const uint4*)w + ((u32)row * (u32)wpr >> 2) + (u32)c;
-    }
-    __device__ __forceinline__ uint4 load(int row, int c) const { return *word_at(row, c); }
-    // As Q4Bnb's: the words holding the scale and the zero.
-    __device__ __forceinline__ void scale_words(int row, int c, const u32*& a, const u32*& b) const {
-        const u32 at = (u32)((c * 32) / gsize) * (u32)out + (u32)row;
-        a = (const u32*)(scales + (at & ~1u));
-        b = (const u32*)(zeros + (at & ~1u));
-    }
-    __device__ __forceinline__ void scale_from_words(int row, int c, u32 a, u32 b, float& s,
-                                                     float& z) const {
-        const u32 sh = 16 * (((u32)((c * 32) / gsize) * (u32)out + (u32)row) & 1u);
-        s = __uint_as_float((a >> sh) & 0xffffu);
-        z = __uint_as_float((b >> sh) & 0xffffu);
+    __device__ __forceinline__ uint4 load(int row, int c) const {
+        return ((const uint4*)w)[((u32)row * (u32)wpr >> 2) + (u32)c];
     }
     // The f16 scale's and the zero's bits as loaded; `finish_scale`
     // converts them once they have arrived.
@@ -283,13 +256,6 @@ __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const floa
     __syncthreads();
 }
 
-// gemv_q4_body's hooks for a plain GEMV: nothing more.
-struct Q4NoHooks {
-    __device__ __forceinline__ void staged() {}
-    template <class P>
-    __device__ __forceinline__ void done(int, const P&) {}
-};
-
 // One logical block of a 4-bit launch: its matrices (PAIR: gate, up) and
 // code tables, where it writes `out` rows, and its index among the blocks
 // of its matrix.
@@ -317,16 +283,11 @@ struct Q4Block {
 // H (single rows whose compute dtype is f16 or bf16) the pairs and the
 // staged row are f16 (stage_xh): a lane's 32 products of a round are summed
 // in f16 pairs, then in f32 with the run's scale.
-//
-// `hooks` (Q4NoHooks, or Q4MlpHooks for the fused MLP) runs more work in
-// the same launch: `staged()` once the row is staged, `done(b, pairs)`
-// after logical block b's results are written; every thread calls both.
-template <class Q, int R, bool PAIR, int NB, bool H, class At, class Hooks>
+template <class Q, int R, bool PAIR, int NB, bool H, class At>
 __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __restrict__ luts,
                                              const float* __restrict__ x, int n, int in,
                                              int ksplit, int cd, int acc,
-                                             const float* __restrict__ nw, float eps,
-                                             Hooks& hooks) {
+                                             const float* __restrict__ nw, float eps) {
     static_assert(!PAIR || R % 2 == 0, "a pair GEMV holds rows of both matrices");
     static_assert(!H || (NB == 1 && !Q::HAS_ZERO),
                   "half-precision rounds are for single rows of codes without zeros");
@@ -372,7 +333,6 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
         stage_x<true>(x, nw, eps, xsm, in, cd);
     else
         __syncthreads();
-    hooks.staged();
     for (int b = blockIdx.x; b < nblocks;) {
         const int row0 = g.row0;
         const int nb = b + gridDim.x;
@@ -516,7 +476,6 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                 load_round(L, g.rows, c + step, wv, s, z);
         }
         gemv_finish<R, PAIR, NB>(accv, L.y, n, L.out, row0, ksplit, cd, acc, yold);
-        hooks.done(b, pairs);
         b = nb;
         if (b >= nblocks) break;
         // The next logical block reuses gemv_finish's shared partial sums.
@@ -611,9 +570,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         q4_tables(lut, a.code16, a.code16, a.code16);                                              \
         const Q4Bnb q = q4_bnb(a, c2s, in);                                                        \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };          \
-        Q4NoHooks no_hooks;                                                                        \
         gemv_q4_body<Q4Bnb, 4, false, NB, H>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit, \
-                                          cd, acc, nullptr, 0.f, no_hooks);                        \
+                                          cd, acc, nullptr, 0.f);                                  \
     }                                                                                              \
     extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4bnb_##TAG##_pair(                         \
         const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                 \
@@ -626,10 +584,9 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Bnb qa = q4_bnb(a, c2s, in);                                                       \
         const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);                                                \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; };   \
-        Q4NoHooks no_hooks;                                                                         \
         gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(NB), true, NB, H>(at, q4_blocks(out, Q4_PAIR_ROWS(NB), \
                                                             ksplit), lut, x, n, in, ksplit, cd, 0, \
-                                                            nw, eps, no_hooks);                    \
+                                                            nw, eps);                              \
     }
 
 // Packed kernels take the leading arguments of gemv_packed4, the pair
@@ -643,9 +600,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         q4_tables(lut, nullptr, nullptr, nullptr);                                                 \
         const Q4Packed q{qw, scales, zeros, in, out, wpr, gsize};                                  \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{q, q, lut, lut, y, out, b}; };       \
-        Q4NoHooks no_hooks;                                                                        \
         gemv_q4_body<Q4Packed, 4, false, NB, false>(at, q4_blocks(out, 4, ksplit), lut, x, n, in,  \
-                                             ksplit, 0, acc, nullptr, 0.f, no_hooks);              \
+                                             ksplit, 0, acc, nullptr, 0.f);                        \
     }                                                                                              \
     extern "C" __global__ void Q4_PAIR_BOUNDS(NB) gemv_q4packed_b##NB##_pair(                      \
         const u32* __restrict__ qw, const u16* __restrict__ scales, const u16* __restrict__ zeros, \
@@ -659,10 +615,8 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const Q4Packed qa{qw, scales, zeros, in, out, wpr, gsize};                                 \
         const Q4Packed qb{qw2, scales2, zeros2, in, out, wpr2, gsize2};                            \
         const auto at = [&](int b) { return Q4Block<Q4Packed>{qa, qb, lut, lut, y, out, b}; };     \
-        Q4NoHooks no_hooks;                                                                        \
         gemv_q4_body<Q4Packed, 2 * Q4_PAIR_ROWS(NB), true, NB, false>(                             \
-            at, q4_blocks(out, Q4_PAIR_ROWS(NB), ksplit), lut, x, n, in, ksplit, 0, 0, nw, eps,    \
-            no_hooks);                                                                             \
+            at, q4_blocks(out, Q4_PAIR_ROWS(NB), ksplit), lut, x, n, in, ksplit, 0, 0, nw, eps);   \
     }
 
 GEMV_Q4BNB(b1, 1, false)
@@ -670,244 +624,6 @@ GEMV_Q4BNB(b8, 8, false)
 GEMV_Q4BNB(h1, 1, true)
 GEMV_Q4PACKED(1)
 GEMV_Q4PACKED(8)
-
-// The fused MLP of one row (gemv_q4bnb_{b1,h1}_mlp): x += down(silu(gate(n))
-// ⊙ up(n)) with n = rms_norm(x), in one launch. Each block computes whole
-// chunks of 32 activations (two logical blocks of the pair GEMV: 8 warps of
-// 2 rows each) and multiplies them at once by the matching 32 columns of
-// down, one 16-byte word and one scale per row, adding its partial sums to
-// x with atomic vector adds (split-K). The sum over chunks therefore runs
-// in no fixed order, and the projection's sum is not rounded to a 16-bit
-// compute dtype before it meets the residual (the activations are, as the
-// down GEMV's staging rounds them). Blocks read x while staging it and
-// must all have done so before any adds to it: a grid-wide arrival counter
-// (q4_arrive / q4_wait_all_arrived), which no block waits on in practice,
-// since each arrives right after staging and adds only after its own gate/up
-// rounds. The grid is one wave of resident blocks (the host caps it), so
-// every block can arrive.
-
-// Arrivals per launch: block 0 adds Q4_ARRIVALS - gridDim.x + 1 and every
-// other block 1, so each launch moves the counter by exactly Q4_ARRIVALS
-// and a block finds its launch's end from its own ticket.
-#define Q4_ARRIVALS (1ull << 20)
-
-// *p += v at GPU scope, ordered after this thread's earlier memory accesses
-// (release); returns the old value.
-__device__ __forceinline__ u64 atom_add_release(u64* p, u64 v) {
-    u64 old;
-    asm volatile("atom.add.release.gpu.global.u64 %0, [%1], %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
-    return old;
-}
-
-// *p at GPU scope, ordered before this thread's later memory accesses
-// (acquire).
-__device__ __forceinline__ u64 ld_acquire(const u64* p) {
-    u64 v;
-    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-// A short pause in a spin loop.
-__device__ __forceinline__ void spin_pause() { __nanosleep(64); }
-
-// Counts this block in (after the block has read what others will write,
-// ordered by the release); returns the ticket for q4_wait_all_arrived.
-__device__ __forceinline__ u64 q4_arrive(u64* counter) {
-    return atom_add_release(counter, blockIdx.x == 0 ? Q4_ARRIVALS - gridDim.x + 1 : 1ull);
-}
-
-// Waits until every block of the launch whose `ticket` this is has arrived.
-__device__ __forceinline__ void q4_wait_all_arrived(const u64* counter, u64 ticket) {
-    const u64 end = (ticket / Q4_ARRIVALS + 1) * Q4_ARRIVALS;
-    while (ld_acquire(counter) < end) spin_pause();
-}
-
-// y[0..3] += v, one vector atomic on sm_90 (y 16-byte aligned).
-__device__ __forceinline__ void red_add4(float* y, float4 v) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
-                 :
-                 : "l"(y), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-                 : "memory");
-#else
-    atomicAdd(y, v.x);
-    atomicAdd(y + 1, v.y);
-    atomicAdd(y + 2, v.z);
-    atomicAdd(y + 3, v.w);
-#endif
-}
-
-// Rows of the down projection a thread takes per pass: four consecutive,
-// added with one vector atomic; a pass covers 1024 rows.
-#define Q4_MLP_PASS (4 * 256)
-
-// The down-projection part of the fused MLP (gemv_q4_body's hooks). Shared
-// memory: `dw` the chunk's down words (row r = Q4_MLP_PASS p + 4 t + j of a
-// pass of n rows in slot Q4_MLP_PASS p + (n / 4) j + t, so that a warp's
-// reads are contiguous),
-// `dsc` two scale words per slot (the 4-byte word holding the absmax code
-// and the nested absmax, or the absmax), `hs` the 32 activations.
-template <class Q, bool H>
-struct Q4MlpHooks {
-    Q d;
-    const float* luts;
-    const float* __restrict__ h;
-    float* x;
-    u64* counter;
-    uint4* dw;
-    u32* dsc;
-    float* hs;
-    int hidden, nchunks, cd;
-    u64 ticket;
-    bool waited;
-
-    // The shared-memory slot of row r4 + j (r4 = Q4_MLP_PASS p + 4 t).
-    __device__ __forceinline__ int slot(int r4, int j) const {
-        const int base = r4 - 4 * (int)threadIdx.x;
-        return base + (min(Q4_MLP_PASS, hidden - base) >> 2) * j + threadIdx.x;
-    }
-
-    // Starts copying chunk c's down words and scale words to shared memory.
-    __device__ __forceinline__ void fetch(int c) {
-        const int t = threadIdx.x;
-        for (int r4 = 4 * t; r4 < hidden; r4 += Q4_MLP_PASS) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int r = r4 + j;
-                const int slot = this->slot(r4, j);
-                cp_async16((float*)(dw + slot), (const float*)d.word_at(r, c));
-                const u32 *sa, *sb;
-                d.scale_words(r, c, sa, sb);
-                cp_async4(dsc + 2 * slot, sa);
-                if (sb) cp_async4(dsc + 2 * slot + 1, sb);
-            }
-        }
-    }
-
-    __device__ __forceinline__ void staged() {
-        if (threadIdx.x == 0) ticket = q4_arrive(counter);
-        fetch(blockIdx.x);
-    }
-
-    // After the second logical block of a chunk: its 32 activations times
-    // the chunk's down columns, added to x.
-    template <class P>
-    __device__ __forceinline__ void done(int b, const P& pairs) {
-        const int k = b / (int)gridDim.x;
-        const int c = blockIdx.x + (k >> 1) * gridDim.x;
-        if (!(k & 1) || c >= nchunks) return;
-        __syncthreads();
-        const int t = threadIdx.x;
-        if (t < 32) hs[t] = rnd(h[32 * c + t], cd);
-        if (t == 0 && !waited) q4_wait_all_arrived(counter, ticket);
-        waited = true;
-        cp_async_wait_all();
-        __syncthreads();
-        float hv[32], hsum = 0.f;
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            hv[i] = hs[i];
-            hsum += hv[i];
-        }
-        const auto* tab = pairs.lane_tab(luts, luts + 32);
-        for (int r4 = 4 * t; r4 < hidden; r4 += Q4_MLP_PASS) {
-            float s4[4];
-#pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const int r = r4 + j;
-                const int slot = this->slot(r4, j);
-                const uint4 w = dw[slot];
-                const u32 words[4] = {w.x, w.y, w.z, w.w};
-                float dot = 0.f;
-#pragma unroll
-                for (int q = 0; q < 4; q++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const auto pr = q4_pair(tab, words[q], e);
-                        float w0, w1;
-                        if constexpr (H) {
-                            w0 = h2f((u16)(pr & 0xffffu));
-                            w1 = h2f((u16)(pr >> 16));
-                        } else {
-                            w0 = pr.x;
-                            w1 = pr.y;
-                        }
-                        dot = fmaf(w0, hv[8 * q + 2 * e], dot);
-                        dot = fmaf(w1, hv[8 * q + 2 * e + 1], dot);
-                    }
-                float s, z;
-                d.scale_from_words(r, c, dsc[2 * slot], dsc[2 * slot + 1], s, z);
-                d.finish_scale(s, z);
-                s4[j] = s * (Q::HAS_ZERO ? fmaf(-z, hsum, dot) : dot);
-            }
-            red_add4(x + r4, make_float4(s4[0], s4[1], s4[2], s4[3]));
-        }
-        const int next = c + gridDim.x;
-        if (next < nchunks) {
-            __syncthreads();
-            fetch(next);
-        }
-    }
-};
-
-// The fused MLP kernels: gate (a), up (b2) and down (d) of one row; `h`
-// receives the activations; `counter` is the arrival counter (zero before
-// the first launch). Logical block 2 c + i (i < 2) is half i of chunk c;
-// block k takes chunks k, k + gridDim.x, ...
-#define GEMV_Q4BNB_MLP(TAG, H)                                                                     \
-    extern "C" __global__ void Q4_PAIR_BOUNDS(1) gemv_q4bnb_##TAG##_mlp(                           \
-        const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                 \
-        const __grid_constant__ Q4BnbArgs d, float* x, float* __restrict__ h, int inter,          \
-        int hidden, int cd, const float* __restrict__ nw, float eps, u64* counter) {               \
-        static_assert(GEMV_WARPS * Q4_PAIR_ROWS(1) * 2 == 32, "a chunk is two logical blocks");    \
-        __shared__ float lut[48];                                                                  \
-        __shared__ __align__(16) float c2s[768];                                                   \
-        extern __shared__ float xsm[];                                                             \
-        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr,           \
-                        d.codes ? d.code2 : nullptr);                                              \
-        q4_tables(lut, a.code16, b2.code16, d.code16);                                             \
-        const Q4Bnb qa = q4_bnb(a, c2s, hidden);                                                   \
-        const Q4Bnb qb = q4_bnb(b2, c2s + 256, hidden);                                            \
-        const int G = gridDim.x, nchunks = inter >> 5;                                             \
-        const auto at = [&](int b) {                                                               \
-            const int k = b / G, i = b - k * G;                                                    \
-            return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, h, inter, 2 * (i + (k >> 1) * G) + (k & 1)}; \
-        };                                                                                         \
-        float* tail = xsm + ((q4_pairs_at<H>(hidden) + Q4_PAIR_FLOATS + 3) & ~3);                  \
-        Q4MlpHooks<Q4Bnb, H> hooks{q4_bnb(d, c2s + 512, inter), lut, h, x, counter, (uint4*)tail,  \
-                            (u32*)(tail + 4 * hidden), tail + 6 * hidden, hidden, nchunks, cd,     \
-                            0ull, false};                                                          \
-        const int nblocks = 2 * G * ((nchunks + G - 1) / G);                                       \
-        gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(1), true, 1, H>(at, nblocks, lut, x, 1, hidden, 1, cd,  \
-                                                            0, nw, eps, hooks);                    \
-    }
-
-GEMV_Q4BNB_MLP(b1, false)
-GEMV_Q4BNB_MLP(h1, true)
-
-// The fused MLP for packed 4-bit weights (GPTQ/AWQ layouts without g_idx).
-extern "C" __global__ void Q4_PAIR_BOUNDS(1)
-gemv_q4packed_b1_mlp(const __grid_constant__ Q4PackedArgs a, const __grid_constant__ Q4PackedArgs b2,
-                     const __grid_constant__ Q4PackedArgs d, float* x, float* __restrict__ h,
-                     int inter, int hidden, const float* __restrict__ nw, float eps, u64* counter) {
-    __shared__ float lut[48];
-    extern __shared__ float xsm[];
-    q4_tables(lut, nullptr, nullptr, nullptr);
-    const Q4Packed qa{a.w, a.scales, a.zeros, hidden, inter, a.wpr, a.gsize};
-    const Q4Packed qb{b2.w, b2.scales, b2.zeros, hidden, inter, b2.wpr, b2.gsize};
-    const Q4Packed qd{d.w, d.scales, d.zeros, inter, hidden, d.wpr, d.gsize};
-    const int G = gridDim.x, nchunks = inter >> 5;
-    const auto at = [&](int b) {
-        const int k = b / G, i = b - k * G;
-        return Q4Block<Q4Packed>{qa, qb, lut, lut, h, inter, 2 * (i + (k >> 1) * G) + (k & 1)};
-    };
-    float* tail = xsm + ((q4_pairs_at<false>(hidden) + Q4_PAIR_FLOATS + 3) & ~3);
-    Q4MlpHooks<Q4Packed, false> hooks{qd, lut, h, x, counter, (uint4*)tail, (u32*)(tail + 4 * hidden),
-                                      tail + 6 * hidden, hidden, nchunks, 0, 0ull, false};
-    const int nblocks = 2 * G * ((nchunks + G - 1) / G);
-    gemv_q4_body<Q4Packed, 2 * Q4_PAIR_ROWS(1), true, 1, false>(at, nblocks, lut, x, 1, hidden, 1, 0,
-                                                                0, nw, eps, hooks);
-}
 
 // The Q, K and V projections of one RMS-normalized input row in one launch;
 // logical block b belongs to the matrix `multi_pick` names;
@@ -930,9 +646,8 @@ __device__ __forceinline__ void q4bnb_norm3(const Q4BnbArgs& a0, const Q4BnbArgs
         const Q4Bnb q = q4_bnb(i == 0 ? a0 : (i == 1 ? a1 : a2), c2s + 256 * i, in);
         return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
     };
-    Q4NoHooks no_hooks;
     gemv_q4_body<Q4Bnb, 4, false, 1, H>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x, 1,
-                                        in, ksplit, cd, 0, nw, eps, no_hooks);
+                                        in, ksplit, cd, 0, nw, eps);
 }
 
 #define GEMV_Q4BNB_NORM3(SUFFIX, H)                                                                \
@@ -960,7 +675,6 @@ gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti
         const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
         return Q4Block<Q4Packed>{q, q, lut, lut, y, out, blk};
     };
-    Q4NoHooks no_hooks;
     gemv_q4_body<Q4Packed, 4, false, 1, false>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x,
-                                               1, in, ksplit, 0, 0, nw, eps, no_hooks);
+                                               1, in, ksplit, 0, 0, nw, eps);
 }
