@@ -628,6 +628,19 @@ fn q4_gemv_matches_on_llama_shapes() {
         );
         norm_fused_case(&format!("packed4 in={in_f}"), &ws, (&gu.0, &gu.1), 1e-5);
     }
+    // 3584-wide rows (Qwen2.5-7B's hidden size) with an f32 compute dtype:
+    // the staged row and code-pair tables (under 48 KiB) and the kernels'
+    // static shared memory pass 48 KiB together, so the launch must raise
+    // its limit.
+    let in_f = 3584;
+    let qkv = [3584, 512, 512];
+    let mut w = |o: usize| randn(&mut rng, o * in_f, 1.0 / (in_f as f32).sqrt());
+    let raw: Vec<Vec<f32>> = qkv.iter().map(|&o| w(o)).collect();
+    let (wg, wu) = (w(8192), w(8192));
+    let nf4 = |r: &[f32], o: usize| bnb4(r, o, in_f, Bnb4Type::Nf4, true, DType::F32);
+    let ws: Vec<_> = qkv.iter().zip(&raw).map(|(&o, r)| nf4(r, o)).collect();
+    let gu = (nf4(&wg, 8192), nf4(&wu, 8192));
+    norm_fused_case("nf4 f32 in=3584", &ws, (&gu.0, &gu.1), Q4_BF16_WEIGHT_BOUND);
     let (out_f, in_f) = (8192, 8192);
     let lw = packed(&mut rng, out_f, in_f, 4, 128, false);
     matmul_case("packed4 8192x8192", &lw, 1e-5, 2e-3, 41);

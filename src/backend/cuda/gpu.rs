@@ -214,15 +214,23 @@ impl Gpu {
     }
 
     /// Lets kernel `name` take `bytes` of dynamic shared memory: raises its
-    /// limit when that exceeds the 48 KiB every kernel may take by default.
+    /// limit when that and the kernel's static shared memory together exceed
+    /// the 48 KiB every kernel may take by default.
     pub fn reserve_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
-        if bytes <= DEFAULT_DYNAMIC_SMEM {
-            return Ok(());
-        }
         let f = self
             .funcs
             .get(name)
             .with_context(|| format!("unknown kernel {name}"))?;
+        // The default limit covers static and dynamic shared memory together.
+        let static_bytes = unsafe {
+            result::function::get_function_attribute(
+                f.cu_function(),
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+            )
+        }?;
+        if bytes as u64 + static_bytes.max(0) as u64 <= DEFAULT_DYNAMIC_SMEM as u64 {
+            return Ok(());
+        }
         unsafe {
             result::function::set_function_attribute(
                 f.cu_function(),
