@@ -598,22 +598,27 @@ fn norm_fused_projections_match_for_each_format() {
 
 /// The 4-bit GEMVs at Llama sizes: grids larger than one wave of resident
 /// blocks, blocks that loop over several row groups of the Q, K and V
-/// matrices, and 4096- and 8192-wide rows.
+/// matrices, and 3584-, 4096- and 8192-wide rows.
 #[test]
 fn q4_gemv_matches_on_llama_shapes() {
     let mut rng = StdRng::seed_from_u64(40);
-    for (in_f, qkv, ff) in [
-        (2048, [2048, 512, 512], 8192),
-        (4096, [1024, 256, 256], 8192),
+    // The last shape, 3584-wide rows (Qwen2.5-7B's hidden size) with an
+    // f32 compute dtype: the staged row and code-pair tables (under 48 KiB)
+    // and the kernels' static shared memory pass 48 KiB together, so the
+    // launch must raise its limit.
+    for (in_f, qkv, ff, cd) in [
+        (2048, [2048, 512, 512], 8192, DType::F16),
+        (4096, [1024, 256, 256], 8192, DType::F16),
+        (3584, [3584, 512, 512], 8192, DType::F32),
     ] {
         let mut w = |o: usize| randn(&mut rng, o * in_f, 1.0 / (in_f as f32).sqrt());
         let raw: Vec<Vec<f32>> = qkv.iter().map(|&o| w(o)).collect();
         let (wg, wu) = (w(ff), w(ff));
-        let nf4 = |r: &[f32], o: usize| bnb4(r, o, in_f, Bnb4Type::Nf4, true, DType::F16);
+        let nf4 = |r: &[f32], o: usize| bnb4(r, o, in_f, Bnb4Type::Nf4, true, cd);
         let ws: Vec<_> = qkv.iter().zip(&raw).map(|(&o, r)| nf4(r, o)).collect();
         let gu = (nf4(&wg, ff), nf4(&wu, ff));
         norm_fused_case(
-            &format!("nf4 in={in_f}"),
+            &format!("nf4 {cd:?} in={in_f}"),
             &ws,
             (&gu.0, &gu.1),
             Q4_BF16_WEIGHT_BOUND,
@@ -628,19 +633,6 @@ fn q4_gemv_matches_on_llama_shapes() {
         );
         norm_fused_case(&format!("packed4 in={in_f}"), &ws, (&gu.0, &gu.1), 1e-5);
     }
-    // 3584-wide rows (Qwen2.5-7B's hidden size) with an f32 compute dtype:
-    // the staged row and code-pair tables (under 48 KiB) and the kernels'
-    // static shared memory pass 48 KiB together, so the launch must raise
-    // its limit.
-    let in_f = 3584;
-    let qkv = [3584, 512, 512];
-    let mut w = |o: usize| randn(&mut rng, o * in_f, 1.0 / (in_f as f32).sqrt());
-    let raw: Vec<Vec<f32>> = qkv.iter().map(|&o| w(o)).collect();
-    let (wg, wu) = (w(8192), w(8192));
-    let nf4 = |r: &[f32], o: usize| bnb4(r, o, in_f, Bnb4Type::Nf4, true, DType::F32);
-    let ws: Vec<_> = qkv.iter().zip(&raw).map(|(&o, r)| nf4(r, o)).collect();
-    let gu = (nf4(&wg, 8192), nf4(&wu, 8192));
-    norm_fused_case("nf4 f32 in=3584", &ws, (&gu.0, &gu.1), Q4_BF16_WEIGHT_BOUND);
     let (out_f, in_f) = (8192, 8192);
     let lw = packed(&mut rng, out_f, in_f, 4, 128, false);
     matmul_case("packed4 8192x8192", &lw, 1e-5, 2e-3, 41);
