@@ -16,7 +16,7 @@ use std::process::Command;
 const SOURCES: [&str; 4] = ["common.cuh", "attention.cu", "gemv.cu", "gemv_q4.cu"];
 
 /// Helpers written in inline PTX; prelude.h defines CPU versions.
-const PTX_HELPERS: [&str; 11] = [
+const PTX_HELPERS: [&str; 9] = [
     "h2f",
     "hfma2",
     "f2h",
@@ -26,8 +26,6 @@ const PTX_HELPERS: [&str; 11] = [
     "pdl_start",
     "cp_async16",
     "cp_async_wait_all",
-    "cluster_sync",
-    "cluster_map",
 ];
 
 /// Removes the definition of device function `name` (through its closing

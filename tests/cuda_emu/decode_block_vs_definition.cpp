@@ -353,7 +353,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
         const unsigned threads = 32 * std::min(std::max(G, 4), 8);
         launch({(unsigned)splits, (unsigned)s.kv_heads, 1}, threads, att_smem, [&] {
             attn_decode(a.q, a.k, a.v, a.kc[l], a.vc[l], slot, pos, inv, a.part, a.count, a.att,
-                        s.q_heads, s.kv_heads, s.D, s.max_len, splits, scale, 0);
+                        s.q_heads, s.kv_heads, s.D, s.max_len, splits, scale);
         });
         auto gemv = [&](int i, const float* x, float* y, int out, int in, int ks, int acc) {
             launch({(unsigned)std::min(q4_blocks_h(out, 4, ks), cap)}, 256, staged(in), [&] {

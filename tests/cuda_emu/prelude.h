@@ -119,6 +119,3 @@ inline float4 ld_cg4(const float* p) {
 inline void pdl_start() {}
 inline void cp_async16(float* dst, const float* src) { memcpy(dst, src, 16); }
 inline void cp_async_wait_all() {}
-// The emulation runs blocks one process each, so never in clusters.
-inline void cluster_sync() { abort(); }
-inline const float* cluster_map(const float* p, int) { abort(); return p; }

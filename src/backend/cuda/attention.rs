@@ -24,61 +24,11 @@ const DECODE_MIN_WARPS: usize = 4;
 const DECODE_MAX_WARPS: usize = 8;
 
 /// Dynamic shared memory of a decode block: the group's queries, the new
-/// key and value, in a cluster the block's partial rows, and `buffers`
-/// tiles of keys (rows padded to an odd number of float4s) and values.
-fn decode_smem(group: usize, d: usize, buffers: usize, clustered: bool) -> usize {
+/// key and value, and `buffers` tiles of keys (rows padded to an odd number
+/// of float4s) and values.
+fn decode_smem(group: usize, d: usize, buffers: usize) -> usize {
     let key_row = ((d / 4) | 1) * 4;
-    let partials = if clustered { group * (d + 4) } else { 0 };
-    4 * (group * d + 2 * d + partials + buffers * DECODE_TILE * (key_row + d))
-}
-
-/// How a decode launch splits each token's keys.
-struct DecodePlan {
-    /// Key ranges per (token, kv head), one block each.
-    splits: usize,
-    /// Blocks per thread-block cluster (the ranges of a (token, kv head)
-    /// merge in distributed shared memory), or 1: merged through global
-    /// memory by the last block to finish.
-    cluster: usize,
-    smem: usize,
-}
-
-/// Ranges as the cache length has 32-key tiles, at most 32. Up to 1024
-/// positions every range fits one tile, so each block stages its keys once
-/// and its warps attend without block-wide syncs; longer caches give ranges
-/// of several tiles, copied through two buffers. Where the ranges of a
-/// (token, kv head) can form one cluster with at most two tiles each, they
-/// do.
-fn decode_plan(
-    gpu: &Gpu,
-    max_len: usize,
-    group: usize,
-    d: usize,
-    threads: u32,
-) -> Result<DecodePlan> {
-    let tiles = max_len.div_ceil(DECODE_TILE).clamp(1, DECODE_MAX_SPLITS);
-    let plan = |splits: usize, cluster: usize| {
-        let buffers = if max_len.div_ceil(splits) > DECODE_TILE {
-            2
-        } else {
-            1
-        };
-        let smem = decode_smem(group, d, buffers, cluster > 1);
-        DecodePlan {
-            splits,
-            cluster,
-            smem,
-        }
-    };
-    let widest_smem = decode_smem(group, d, 2, true) as u32;
-    gpu.reserve_dynamic_smem("attn_decode", widest_smem)?;
-    let widest = gpu.max_cluster("attn_decode", threads, widest_smem)? as usize;
-    Ok(if widest > 1 && tiles <= 2 * widest {
-        let splits = tiles.min(widest);
-        plan(splits, splits)
-    } else {
-        plan(tiles, 1)
-    })
+    4 * (group * d + 2 * d + buffers * DECODE_TILE * (key_row + d))
 }
 
 /// Whether `layout` is a decode step: one new token per sequence.
@@ -194,7 +144,12 @@ pub fn attention(
         )?;
         return Ok(out);
     }
-    // Split-K decode: keys 0..=pos of each token in ranges (decode_plan).
+    // Split-K decode: keys 0..=pos of each token in as many ranges as the
+    // cache length has 32-key tiles, at most 32. Up to 1024 positions every
+    // range fits one tile, so each block stages its keys once and its warps
+    // attend without block-wide syncs; more ranges would mean more partials
+    // for the last block to merge. Longer caches give ranges of several
+    // tiles, copied through two buffers.
     if d == 0 || d % 4 != 0 || d > DECODE_MAX_HEAD_DIM {
         bail!(
             "attention: the decode kernel needs a head size that is a multiple of 4 up to \
@@ -202,27 +157,24 @@ pub fn attention(
         );
     }
     let group = q_heads / kv_heads;
-    let threads = 32 * group.clamp(DECODE_MIN_WARPS, DECODE_MAX_WARPS) as u32;
-    let plan = decode_plan(gpu, s.max_len, group, d, threads)?;
-    let splits = plan.splits;
-    // Partials and arrival counters only for the merge through global memory.
-    let part = if plan.cluster > 1 {
-        None
+    let splits = s.max_len.div_ceil(DECODE_TILE).clamp(1, DECODE_MAX_SPLITS);
+    let buffers = if s.max_len.div_ceil(splits) > DECODE_TILE {
+        2
     } else {
-        Some(gpu.alloc(n * q_heads * splits * (d + 4) * 4)?)
+        1
     };
-    let (pp, cp) = match &part {
-        Some(p) => (p.ptr(), cache.counters()),
-        None => (0, 0),
-    };
+    let smem = decode_smem(group, d, buffers);
+    gpu.reserve_dynamic_smem("attn_decode", smem as u32)?;
+    let threads = 32 * group.clamp(DECODE_MIN_WARPS, DECODE_MAX_WARPS);
+    let part = gpu.alloc(n * q_heads * splits * (d + 4) * 4)?;
+    let (pp, cp) = (part.ptr(), cache.counters());
     let fp = inv_freq.map_or(0, |f| f.ptr());
-    let (di, sp, ci) = (d as i32, splits as i32, (plan.cluster > 1) as i32);
-    gpu.launch_clustered(
+    let (di, sp) = (d as i32, splits as i32);
+    gpu.launch(
         "attn_decode",
         (splits as u32, kv_heads as u32, n as u32),
-        plan.cluster as u32,
-        threads,
-        plan.smem as u32,
+        threads as u32,
+        smem as u32,
         &mut [
             arg(&qp),
             arg(&kp),
@@ -241,7 +193,6 @@ pub fn attention(
             arg(&ml),
             arg(&sp),
             arg(&scale),
-            arg(&ci),
         ],
     )?;
     Ok(out)

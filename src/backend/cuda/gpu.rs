@@ -52,11 +52,6 @@ pub struct Gpu {
     pub total_mem: usize,
     /// Whether launches allow programmatic dependent launch.
     pdl: bool,
-    /// Whether launches may form thread-block clusters (compute capability
-    /// 9.0 and later, unless `QUANTBENCH_CUDA_CLUSTERS=0`).
-    pub clusters: bool,
-    /// [`Gpu::max_cluster`] answers by (kernel, threads, shared memory).
-    cluster_limits: Mutex<HashMap<(String, u32, u32), u32>>,
 }
 
 // SAFETY: every driver handle here is used through the one stream with the
@@ -113,8 +108,6 @@ impl Gpu {
         let pool = Pool::new(stats.clone());
         Ok(Gpu {
             pdl: pdl_enabled(major),
-            clusters: major >= 9 && switch_on("QUANTBENCH_CUDA_CLUSTERS"),
-            cluster_limits: Mutex::new(HashMap::new()),
             name: ctx.name()?,
             total_mem: ctx.total_mem()?,
             sm_count,
@@ -172,113 +165,12 @@ impl Gpu {
         smem: u32,
         args: &mut [Arg],
     ) -> Result<()> {
-        self.launch_clustered(name, grid, 1, block, smem, args)
-    }
-
-    /// [`Gpu::launch`] with the grid cut into thread-block clusters of
-    /// `cluster` consecutive blocks along x (1: no clusters; more needs
-    /// [`Gpu::clusters`] and at most [`Gpu::max_cluster`] blocks).
-    pub fn launch_clustered(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        cluster: u32,
-        block: u32,
-        smem: u32,
-        args: &mut [Arg],
-    ) -> Result<()> {
-        let f = self.func(name)?;
-        let mut attrs = self.launch_attributes(cluster);
-        let config = self.launch_config(grid, block, smem, &mut attrs);
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &config,
-                f.cu_function(),
-                args.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-            .result()
-        }
-        .with_context(|| {
-            format!("launching {name} grid {grid:?} cluster {cluster} block {block} smem {smem}")
-        })
-    }
-
-    /// Largest cluster (blocks along x) in which the blocks of kernel `name`
-    /// with `block` threads and `smem` bytes of dynamic shared memory can
-    /// all be resident at once, up to 16 (past 8 the kernel is allowed
-    /// non-portable sizes); 1 without [`Gpu::clusters`].
-    pub fn max_cluster(&self, name: &str, block: u32, smem: u32) -> Result<u32> {
-        if !self.clusters {
-            return Ok(1);
-        }
-        let key = (name.to_string(), block, smem);
-        if let Some(&size) = self
-            .cluster_limits
-            .lock()
-            .expect("cluster limits")
-            .get(&key)
-        {
-            return Ok(size);
-        }
-        let size = self.probe_cluster(name, block, smem)?;
-        self.cluster_limits
-            .lock()
-            .expect("cluster limits")
-            .insert(key, size);
-        Ok(size)
-    }
-
-    fn probe_cluster(&self, name: &str, block: u32, smem: u32) -> Result<u32> {
-        let f = self.func(name)?;
-        unsafe {
-            result::function::set_function_attribute(
-                f.cu_function(),
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                1,
-            )
-        }
-        .with_context(|| format!("allowing wide clusters for {name}"))?;
-        for size in [16, 8, 4, 2] {
-            let mut attrs = self.launch_attributes(size);
-            let config = self.launch_config((size, 1, 1), block, smem, &mut attrs);
-            let mut active = 0;
-            let fits = unsafe {
-                sys::cuOccupancyMaxActiveClusters(&mut active, f.cu_function(), &config).result()
-            };
-            if fits.is_ok() && active > 0 {
-                return Ok(size);
-            }
-        }
-        Ok(1)
-    }
-
-    fn func(&self, name: &str) -> Result<&CudaFunction> {
-        self.funcs
+        let f = self
+            .funcs
             .get(name)
-            .with_context(|| format!("unknown kernel {name}"))
-    }
-
-    /// Programmatic dependent launch (when on), then the cluster shape.
-    fn launch_attributes(&self, cluster: u32) -> Vec<sys::CUlaunchAttribute> {
-        let mut attrs = Vec::with_capacity(2);
-        if self.pdl {
-            attrs.push(launch_attribute_pdl());
-        }
-        if cluster > 1 {
-            attrs.push(launch_attribute_cluster(cluster));
-        }
-        attrs
-    }
-
-    fn launch_config(
-        &self,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        attrs: &mut [sys::CUlaunchAttribute],
-    ) -> sys::CUlaunchConfig {
-        sys::CUlaunchConfig {
+            .with_context(|| format!("unknown kernel {name}"))?;
+        let mut attrs = [launch_attribute_pdl()];
+        let config = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
             gridDimZ: grid.2,
@@ -288,15 +180,28 @@ impl Gpu {
             sharedMemBytes: smem,
             hStream: self.stream.cu_stream(),
             attrs: attrs.as_mut_ptr(),
-            numAttrs: attrs.len() as u32,
+            numAttrs: if self.pdl { 1 } else { 0 },
+        };
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+            .result()
         }
+        .with_context(|| format!("launching {name} grid {grid:?} block {block} smem {smem}"))
     }
 
     /// At most `blocks`, and no more 256-thread blocks of kernel `name`
     /// (with `smem` bytes of dynamic shared memory) than the GPU holds at
     /// once: the grid of a kernel whose blocks loop over logical blocks.
     pub fn one_wave(&self, name: &str, blocks: usize, smem: u32) -> Result<usize> {
-        let f = self.func(name)?;
+        let f = self
+            .funcs
+            .get(name)
+            .with_context(|| format!("unknown kernel {name}"))?;
         let per_sm = unsafe {
             result::occupancy::max_active_block_per_multiprocessor(
                 f.cu_function(),
@@ -312,7 +217,10 @@ impl Gpu {
     /// limit when that and the kernel's static shared memory together exceed
     /// the 48 KiB every kernel may take by default.
     pub fn reserve_dynamic_smem(&self, name: &str, bytes: u32) -> Result<()> {
-        let f = self.func(name)?;
+        let f = self
+            .funcs
+            .get(name)
+            .with_context(|| format!("unknown kernel {name}"))?;
         // The default limit covers static and dynamic shared memory together.
         let static_bytes = unsafe {
             result::function::get_function_attribute(
@@ -377,23 +285,7 @@ fn launch_attribute_pdl() -> sys::CUlaunchAttribute {
 }
 
 /// Whether kernels use programmatic dependent launch: devices of compute
-/// The launch attribute that groups `x` consecutive blocks into a cluster.
-fn launch_attribute_cluster(x: u32) -> sys::CUlaunchAttribute {
-    let mut value = sys::CUlaunchAttributeValue { pad: [0; 64] };
-    value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x, y: 1, z: 1 };
-    sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-        pad: [0; 4],
-        value,
-    }
-}
-
 /// capability 9.0 and later, unless `QUANTBENCH_CUDA_PDL=0`.
 fn pdl_enabled(major: i32) -> bool {
-    major >= 9 && switch_on("QUANTBENCH_CUDA_PDL")
-}
-
-/// Whether the environment leaves switch `var` on (anything but "0").
-pub fn switch_on(var: &str) -> bool {
-    std::env::var(var).map_or(true, |v| v != "0")
+    major >= 9 && std::env::var("QUANTBENCH_CUDA_PDL").map_or(true, |v| v != "0")
 }

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use cudarc::driver::CudaGraph;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 
-use super::gpu::{Gpu, switch_on};
+use super::gpu::Gpu;
 use super::layout::CudaLayout;
 use super::memory::Pool;
 use super::tensor::{CudaKvCache, CudaTensor};
@@ -43,7 +43,9 @@ pub type StepFn<'a> = dyn FnMut(&CudaLayout, &mut CudaKvCache) -> Result<CudaTen
 
 /// Whether CUDA graphs are used (`QUANTBENCH_CUDA_GRAPHS=0` turns them off).
 pub fn graphs_enabled() -> bool {
-    switch_on("QUANTBENCH_CUDA_GRAPHS")
+    std::env::var("QUANTBENCH_CUDA_GRAPHS")
+        .map(|v| v != "0")
+        .unwrap_or(true)
 }
 
 /// Whether `layout` is a decode step that may run as a graph.

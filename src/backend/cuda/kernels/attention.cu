@@ -6,11 +6,7 @@
 // more heads than the block has warps), ATT_TK keys at a time with an
 // online softmax, and writes its partial (unnormalized output, max, sum).
 // The last block of a (token, kv head) to finish, counted in `count` (which
-// it resets), merges the partials (at most 32 ranges: one per lane); with
-// `cluster` set, the ranges of a (token, kv head) form one thread-block
-// cluster (sm_90+) instead: the partials stay in each block's shared memory
-// and the cluster's first block merges them through distributed shared
-// memory after a cluster barrier, with no global round trip. With
+// it resets), merges the partials (at most 32 ranges: one per lane). With
 // `inv_freq` set the block applies RoPE to the queries and to the new key
 // itself. The grid depends only on the cache length, so a captured decode
 // step replays at any position. A block copies its cached keys and values
@@ -36,49 +32,6 @@ __device__ __forceinline__ float4 ld_cg4(const float* p) {
                  : "l"(p));
     return v;
 }
-
-// Barrier over the blocks of a thread-block cluster, ordering the shared
-// memory writes before it against the reads after it (sm_90+; every thread
-// of each block calls it).
-__device__ __forceinline__ void cluster_sync() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
-                     : "memory");
-#else
-    __trap();
-#endif
-}
-
-// The address of `p` (in this block's shared memory) in the shared memory
-// of cluster block `rank` (sm_90+), for generic loads.
-__device__ __forceinline__ const float* cluster_map(const float* p, int rank) {
-#if __CUDA_ARCH__ >= 900
-    u64 r;
-    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
-    return (const float*)r;
-#else
-    __trap();
-    return p;
-#endif
-}
-
-// Partial rows of one head, range r at `row(r)`: in global memory, `stride`
-// floats apart and read past L1, or at `base` in the shared memory of
-// cluster block r.
-struct AttnPartials {
-    const float* base;
-    size_t stride;
-    bool cluster;
-    __device__ __forceinline__ const float* row(int r) const {
-        return cluster ? cluster_map(base, r) : base + r * stride;
-    }
-    __device__ __forceinline__ float2 load2(const float* p) const {
-        return cluster ? *(const float2*)p : ld_cg2(p);
-    }
-    __device__ __forceinline__ float4 load4(const float* p) const {
-        return cluster ? *(const float4*)p : ld_cg4(p);
-    }
-};
 
 // 16-byte copy from global to shared memory that does not hold the thread
 // up (cp.async, sm_80+; a plain copy before); cp_async_wait_all completes
@@ -116,53 +69,8 @@ __device__ __forceinline__ float4 sum_lane_groups(float4 v, int groups, int d4) 
     return v;
 }
 
-// Merges the partials of `nr` ranges into the outputs of the G heads of
-// kv head g of token t, a warp per head: range r (r < nr <= 32, one per
-// lane) weighs exp(m_r - M) / sum_r' l_r' exp(m_r' - M). Each lane's first
-// batch of partial rows is loaded before the weights are worked out. `P`
-// addresses head 0's rows; head h's are D + 4 floats further.
-__device__ __forceinline__ void attn_merge(const AttnPartials P, float* __restrict__ out, int t,
-                                           int g, int q_heads, int G, int D, int nr) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const int D4 = D / 4;
-    const int KG = 1 << (31 - __clz(32 / D4));
-    const int kg = lane / D4, c = lane - kg * D4;
-    const bool col = kg < KG;
-    for (int h = warp; h < G; h += nw) {
-        AttnPartials ph = P;
-        ph.base += (size_t)h * (D + 4);
-        float mr = -QB_INF, lr = 0.f;
-        if (lane < nr) {
-            const float2 ml = ph.load2(ph.row(lane) + D);
-            mr = ml.x;
-            lr = ml.y;
-        }
-        float w = 0.f;
-        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-        for (int r0 = 0; r0 < nr; r0 += ATT_MERGE_BATCH * KG) {
-            float4 v[ATT_MERGE_BATCH];
-#pragma unroll
-            for (int u = 0; u < ATT_MERGE_BATCH; u++) {
-                const int r = r0 + u * KG + kg;
-                v[u] = col && r < nr ? ph.load4(ph.row(r) + 4 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
-            }
-            if (r0 == 0) {
-                const float M = warp_max(mr);
-                const float e = lane < nr ? expf(mr - M) : 0.f;
-                w = e / warp_sum(lr * e);
-            }
-#pragma unroll
-            for (int u = 0; u < ATT_MERGE_BATCH; u++)
-                a = f4_fma(__shfl_sync(0xffffffffu, w, (r0 + u * KG + kg) & 31), v[u], a);
-        }
-        a = sum_lane_groups(a, KG, D4);
-        if (lane < D4) ((float4*)(out + ((size_t)t * q_heads + g * G + h) * D))[lane] = a;
-    }
-}
-
 // Dynamic shared memory: rotated and scaled queries [G][D], the token's own
-// key and value [D] each, with `cluster` the block's partial rows [G][D + 4],
-// then tile buffers of keys [ATT_TK][KS] (KS: D
+// key and value [D] each, then tile buffers of keys [ATT_TK][KS] (KS: D
 // rounded up to an odd number of float4s, so that lanes reading one key
 // each hit distinct banks) and values [ATT_TK][D]: one, or two where the
 // cache is long enough for a range to span several tiles.
@@ -174,7 +82,7 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
             const u32* __restrict__ slot, const u32* __restrict__ pos,
             const float* __restrict__ inv_freq, float* __restrict__ part, u32* __restrict__ count,
             float* __restrict__ out, int q_heads, int kv_heads, int D, int max_len, int splits,
-            float scale, int cluster) {
+            float scale) {
     extern __shared__ __align__(16) float sm[];
     __shared__ int is_last;
     const int G = q_heads / kv_heads;
@@ -184,18 +92,16 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
     float* qs = sm;
     float* kn = qs + G * D;
     float* vn = kn + D;
-    const int PS = D + 4;  // partial row
-    float* own_part = vn + D;
-    float* tiles = own_part + (cluster ? G * PS : 0);
-    // With `cluster`, sp is also the block's rank in its cluster.
+    float* tiles = vn + D;
     const int sp = blockIdx.x, g = blockIdx.y, t = blockIdx.z;
     const int tid = threadIdx.x, nt = blockDim.x;
     const int lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
     const int kv_dim = kv_heads * D;
+    const int PS = D + 4;  // partial row
 
     // Before the wait: the layout words are uploaded before the step, and
     // cache rows below p were written by earlier steps, so this block looks
-    // up its range and starts copying those rows of its first two tiles.
+    // up its range and starts copying those rows of its first tile.
     const int p = (int)pos[t], s = (int)slot[t];
     const int per = (p + splits) / splits;  // ceil((p + 1) / splits)
     const int nr = (p + per) / per;         // ranges that hold keys
@@ -217,7 +123,6 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
         }
     };
     if (ntiles > 0) stage(0, k0);
-    if (ntiles > 1) stage(1, k0 + ATT_TK);
     // RoPE: thread tid turns the angle pair (ri, ri + 1) of rows rr,
     // rr + rstep, ...; its sines and cosines need only p and inv_freq.
     const int ri = 2 * (tid % D4), rr = tid / D4, rstep = nt / D4;
@@ -272,9 +177,8 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
     const bool col = kg < KG;
     // Steps: the warp's rounds of heads (round r: head r * nw + warp) times
     // the range's tiles. A one-tile range is staged once for all rounds;
-    // longer ranges restage each tile per round, double-buffered: the first
-    // two tiles are copied before the wait, each later one while the tile
-    // before it is used.
+    // longer ranges restage each tile per round, double-buffered: the next
+    // tile is copied while this one is used.
     const int steps = (G + nw - 1) / nw * ntiles;
     const bool restage = ntiles > 1;
     float m = -QB_INF, l = 0.f;
@@ -287,8 +191,7 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
             // every warp, and every warp done with the other buffer.
             cp_async_wait_all();
             __syncthreads();
-            if (restage && it > 0 && it + 1 < steps)
-                stage((it + 1) & 1, k0 + (it + 1) % ntiles * ATT_TK);
+            if (restage && it + 1 < steps) stage((it + 1) & 1, k0 + (it + 1) % ntiles * ATT_TK);
         }
         if (h >= G) continue;
         if (ti == 0) {
@@ -330,21 +233,12 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
         }
         if (ti == ntiles - 1) {
             const float4 o = sum_lane_groups(acc, KG, D4);
-            float* row = cluster ? own_part + h * PS
-                                 : part + ((((size_t)t * kv_heads + g) * splits + sp) * G + h) * PS;
+            float* row = part + ((((size_t)t * kv_heads + g) * splits + sp) * G + h) * PS;
             if (lane < D4) ((float4*)row)[lane] = o;
             if (lane == 0) *(float2*)(row + D) = make_float2(m, l);
         }
     }
 
-    if (cluster) {
-        // Every block's partials visible to the first, which merges them;
-        // the second barrier keeps them until it has read them.
-        cluster_sync();
-        if (sp == 0) attn_merge(AttnPartials{own_part, 0, true}, out, t, g, q_heads, G, D, nr);
-        cluster_sync();
-        return;
-    }
     __threadfence();
     __syncthreads();
     if (tid == 0) {
@@ -356,8 +250,40 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    attn_merge(AttnPartials{part + ((size_t)t * kv_heads + g) * splits * G * PS, (size_t)G * PS, false},
-               out, t, g, q_heads, G, D, nr);
+    // Merge, a warp per head: range r (r < nr <= 32, one per lane) weighs
+    // exp(m_r - M) / sum_r' l_r' exp(m_r' - M). Each lane's first batch of
+    // partial rows is loaded before the weights are worked out.
+    const float* all = part + ((size_t)t * kv_heads + g) * splits * G * PS;
+    const size_t rs = (size_t)G * PS;  // from one range's row to the next
+    for (int h = warp; h < G; h += nw) {
+        const float* hr = all + (size_t)h * PS;
+        float mr = -QB_INF, lr = 0.f;
+        if (lane < nr) {
+            const float2 ml = ld_cg2(hr + lane * rs + D);
+            mr = ml.x;
+            lr = ml.y;
+        }
+        float w = 0.f;
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int r0 = 0; r0 < nr; r0 += ATT_MERGE_BATCH * KG) {
+            float4 v[ATT_MERGE_BATCH];
+#pragma unroll
+            for (int u = 0; u < ATT_MERGE_BATCH; u++) {
+                const int r = r0 + u * KG + kg;
+                v[u] = col && r < nr ? ld_cg4(hr + r * rs + 4 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+            if (r0 == 0) {
+                const float M = warp_max(mr);
+                const float e = lane < nr ? expf(mr - M) : 0.f;
+                w = e / warp_sum(lr * e);
+            }
+#pragma unroll
+            for (int u = 0; u < ATT_MERGE_BATCH; u++)
+                a = f4_fma(__shfl_sync(0xffffffffu, w, (r0 + u * KG + kg) & 31), v[u], a);
+        }
+        a = sum_lane_groups(a, KG, D4);
+        if (lane < D4) ((float4*)(out + ((size_t)t * q_heads + g * G + h) * D))[lane] = a;
+    }
 }
 
 // Tile table: per tile [first row, rows (<= 32), slot, position of the first row].
