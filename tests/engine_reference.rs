@@ -197,6 +197,45 @@ fn kv_cache_decode_equals_full_recompute() {
 }
 
 #[test]
+fn greedy_steps_pick_the_first_largest_logit_of_each_sequence() {
+    let loaded = load_model("synth:tiny").unwrap();
+    let model = Model::new(CpuBackend::new(), &loaded.weights).unwrap();
+    let vocab = loaded.weights.config.vocab_size;
+    let prompts: [Vec<u32>; 2] = [vec![5, 9, 200, 31], vec![17]];
+    let (mut by_logits, mut by_greedy) = (
+        model.new_cache(2, 16).unwrap(),
+        model.new_cache(2, 16).unwrap(),
+    );
+    let mut steps: Vec<(usize, usize, Vec<u32>)> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, 0, p.clone()))
+        .collect();
+    for _ in 0..6 {
+        let layout =
+            StepLayout::new(steps.iter().map(|(s, at, t)| (*s, *at, t.as_slice()))).unwrap();
+        let logits = model.forward(&layout, &mut by_logits, false).unwrap().data;
+        let want: Vec<u32> = logits
+            .chunks(vocab)
+            .map(|row| {
+                let mut best = 0;
+                for (i, &v) in row.iter().enumerate() {
+                    if v > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect();
+        assert_eq!(model.greedy(&layout, &mut by_greedy).unwrap(), want);
+        for ((_, at, t), id) in steps.iter_mut().zip(want) {
+            *at += t.len();
+            *t = vec![id];
+        }
+    }
+}
+
+#[test]
 fn ragged_batch_generates_the_same_tokens_as_one_by_one() {
     let loaded = load_model("synth:tiny").unwrap();
     let model = Model::new(CpuBackend::new(), &loaded.weights).unwrap();

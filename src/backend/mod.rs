@@ -162,8 +162,19 @@ pub trait Backend: Send + Sync {
     /// The row of each sequence's last token in this step: `x` itself when
     /// every sequence has one token (a decode step).
     fn last_rows(&self, x: Self::Tensor, layout: &Self::Layout) -> Result<Self::Tensor>;
-    /// Index of the largest value of each row (first one on ties).
-    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>>;
+    /// Index of the largest value of each row (first one on ties), as a
+    /// `[rows, 1]` tensor of f32 values, exact for rows of fewer than 2^24
+    /// columns (longer rows are an error): it stays on the device, so that
+    /// a captured decode step can end with it.
+    fn argmax_ids(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// [`Backend::argmax_ids`] copied to the host.
+    fn argmax_rows(&self, x: &Self::Tensor) -> Result<Vec<u32>> {
+        self.ids_to_host(&self.argmax_ids(x)?)
+    }
+    /// Copies ids as [`Backend::argmax_ids`] returns them to the host.
+    fn ids_to_host(&self, ids: &Self::Tensor) -> Result<Vec<u32>> {
+        Ok(self.to_host(ids)?.2.into_iter().map(|i| i as u32).collect())
+    }
     /// Copies a tensor to the host as `(rows, cols, values)`.
     fn to_host(&self, x: &Self::Tensor) -> Result<(usize, usize, Vec<f32>)>;
     /// Waits for all queued device work (for honest timing).
@@ -196,6 +207,17 @@ pub trait Backend: Send + Sync {
 pub fn check_same_shape(op: &str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
     if a != b {
         anyhow::bail!("{op}: shapes {}x{} and {}x{} differ", a.0, a.1, b.0, b.1);
+    }
+    Ok(())
+}
+
+/// Fails unless every column index of rows of `cols` columns is an exact
+/// f32 value, as [`Backend::argmax_ids`] returns them.
+pub fn exact_ids(cols: usize) -> Result<()> {
+    if cols > 1 << 24 {
+        anyhow::bail!(
+            "argmax: rows of {cols} columns are longer than the 2^24 whose indices f32 ids hold exactly"
+        );
     }
     Ok(())
 }

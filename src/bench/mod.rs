@@ -127,8 +127,7 @@ fn decode_steps<B: Backend>(
         )?;
         let mut out = vec![];
         times.push(timed(model.backend(), || {
-            let logits = model.forward(&layout, cache, false)?;
-            out = model.backend().argmax_rows(&logits)?;
+            out = model.greedy(&layout, cache)?;
             Ok(())
         })?);
         next = out;
@@ -151,8 +150,7 @@ fn prefill<B: Backend>(
             .enumerate()
             .map(|(i, p)| (i, 0, p.as_slice())),
     )?;
-    let logits = model.forward(&layout, &mut cache, false)?;
-    let first = model.backend().argmax_rows(&logits)?;
+    let first = model.greedy(&layout, &mut cache)?;
     Ok((cache, first))
 }
 
@@ -180,8 +178,7 @@ pub fn run<B: Backend>(model: &Model<B>, cfg: &BenchConfig) -> Result<BenchResul
             let mut cache = model.new_cache(1, len)?;
             let layout = StepLayout::new([(0, 0, prompt.as_slice())])?;
             let ms = timed(model.backend(), || {
-                let logits = model.forward(&layout, &mut cache, false)?;
-                model.backend().argmax_rows(&logits)?;
+                model.greedy(&layout, &mut cache)?;
                 Ok(())
             })?;
             if run >= cfg.warmup {

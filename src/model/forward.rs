@@ -8,6 +8,10 @@ use super::weights::{LayerWeights, LlamaWeights};
 use crate::backend::{Backend, CacheShape, HeadShape, StepLayout};
 use crate::quant::LinearWeight;
 
+/// The `run_step` variant of [`Model::greedy`] (`forward`'s are 0 and 1:
+/// last rows or all logits).
+const GREEDY_VARIANT: u32 = 2;
+
 /// A callback handed the input of each group of a block's linear layers as
 /// the block computes it.
 pub type Observer<'a, T> = &'a mut dyn FnMut(LinearInput, &T) -> Result<()>;
@@ -263,6 +267,22 @@ impl<B: Backend> Model<B> {
             .run_step(layout, cache, all_logits as u32, &mut |l, c| {
                 self.forward_on(l, c, all_logits)
             })
+    }
+
+    /// The greedy next token of each sequence: one forward step whose device
+    /// work ends with the argmax, so that a captured decode step replays it
+    /// too and only the token ids come back.
+    pub fn greedy(&self, layout: &StepLayout, cache: &mut B::Cache) -> Result<Vec<u32>> {
+        if layout.num_tokens() == 0 {
+            bail!("forward step with no tokens");
+        }
+        let ids = self
+            .backend
+            .run_step(layout, cache, GREEDY_VARIANT, &mut |l, c| {
+                let logits = self.forward_on(l, c, false)?;
+                self.backend.argmax_ids(&logits)
+            })?;
+        self.backend.ids_to_host(&ids)
     }
 
     /// [`Model::forward`] with a layout already on the device.

@@ -103,8 +103,7 @@ pub fn generate<B: Backend>(
             .map(|(i, p)| (i, 0, p.as_slice())),
     )?;
     while !running.is_empty() {
-        let logits = model.forward(&layout, &mut cache, false)?;
-        let next = model.backend().argmax_rows(&logits)?;
+        let next = model.greedy(&layout, &mut cache)?;
         let mut still = Vec::with_capacity(running.len());
         for (mut seq, id) in running.into_iter().zip(next) {
             match finish(&mut seq, id, tokenizer, cfg)? {

@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use super::{Backend, CacheShape, HeadShape, StepLayout};
+use super::{Backend, CacheShape, HeadShape, StepLayout, exact_ids};
 use crate::quant::{LinearWeight, QuantizedMatrix};
 use crate::tensor::{DType, HostTensor};
 
@@ -244,8 +244,14 @@ impl Backend for CpuBackend {
         CpuTensor::new(rows.len(), x.cols, data)
     }
 
-    fn argmax_rows(&self, x: &CpuTensor) -> Result<Vec<u32>> {
-        Ok(x.data.chunks(x.cols).map(ops::argmax).collect())
+    fn argmax_ids(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        exact_ids(x.cols)?;
+        let ids = x
+            .data
+            .chunks(x.cols)
+            .map(|r| ops::argmax(r) as f32)
+            .collect();
+        CpuTensor::new(x.rows, 1, ids)
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<(usize, usize, Vec<f32>)> {

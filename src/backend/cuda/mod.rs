@@ -256,9 +256,9 @@ impl Backend for CudaBackend {
         ops::last_rows(&self.gpu, &x, layout)
     }
 
-    fn argmax_rows(&self, x: &CudaTensor) -> Result<Vec<u32>> {
+    fn argmax_ids(&self, x: &CudaTensor) -> Result<CudaTensor> {
         self.gpu.bind()?;
-        ops::argmax_rows(&self.gpu, x)
+        ops::argmax_ids(&self.gpu, x)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<(usize, usize, Vec<f32>)> {

@@ -154,16 +154,17 @@ pub fn last_rows(gpu: &Gpu, x: &CudaTensor, layout: &CudaLayout) -> Result<CudaT
 }
 
 /// Index of each row's first largest value.
-pub fn argmax_rows(gpu: &Gpu, x: &CudaTensor) -> Result<Vec<u32>> {
+pub fn argmax_ids(gpu: &Gpu, x: &CudaTensor) -> Result<CudaTensor> {
+    crate::backend::exact_ids(x.cols)?;
+    let out = CudaTensor::empty(gpu, x.rows, 1)?;
     if x.rows == 0 {
-        return Ok(vec![]);
+        return Ok(out);
     }
     // Segments of at least 1024 columns, at most 128 per row.
     let parts = x.cols.div_ceil(1024).clamp(1, 128);
     let seg = x.cols.div_ceil(parts);
     let pv = gpu.alloc(x.rows * parts * 4)?;
     let pi = gpu.alloc(x.rows * parts * 4)?;
-    let out = gpu.alloc(x.rows * 4)?;
     let (xp, vp, ip, op) = (x.ptr(), pv.ptr(), pi.ptr(), out.ptr());
     let (cols, segi, partsi) = (x.cols as i32, seg as i32, parts as i32);
     gpu.launch(
@@ -180,9 +181,7 @@ pub fn argmax_rows(gpu: &Gpu, x: &CudaTensor) -> Result<Vec<u32>> {
         0,
         &mut [arg(&vp), arg(&ip), arg(&op), arg(&partsi)],
     )?;
-    let mut ids = vec![0u32; x.rows];
-    gpu.download(&mut ids, out.ptr())?;
-    Ok(ids)
+    Ok(out)
 }
 
 /// Copies a tensor to the host.

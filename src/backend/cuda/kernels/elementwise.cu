@@ -128,15 +128,16 @@ extern "C" __global__ void argmax_partial(const float* __restrict__ x, float* __
     }
 }
 
+// The winning column of each row as an f32 value (exact below 2^24).
 extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int* __restrict__ pi,
-                                        u32* __restrict__ out, int parts) {
+                                        float* __restrict__ out, int parts) {
     pdl_start();
     float bv = -QB_INF;
     int bi = 0x7fffffff;
     for (int p = threadIdx.x; p < parts; p += blockDim.x)
         argmax_take(bv, bi, pv[blockIdx.x * parts + p], pi[blockIdx.x * parts + p]);
     block_argmax(bv, bi);
-    if (threadIdx.x == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0u : (u32)bi;
+    if (threadIdx.x == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0.f : (float)bi;
 }
 
 extern "C" __global__ void f32_to_f16(const float* __restrict__ x, u16* __restrict__ y, size_t n) {
