@@ -163,7 +163,7 @@ pub trait Backend: Send + Sync {
     /// every sequence has one token (a decode step).
     fn last_rows(&self, x: Self::Tensor, layout: &Self::Layout) -> Result<Self::Tensor>;
     /// Index of the largest value of each row (first one on ties), as a
-    /// `[rows, 1]` tensor of f32 values, exact for rows of fewer than 2^24
+    /// `[rows, 1]` tensor of f32 values, exact for rows of up to 2^24
     /// columns (longer rows are an error): it stays on the device, so that
     /// a captured decode step can end with it.
     fn argmax_ids(&self, x: &Self::Tensor) -> Result<Self::Tensor>;

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use super::config::LlamaConfig;
 use super::rope::inv_freq;
 use super::weights::{LayerWeights, LlamaWeights};
-use crate::backend::{Backend, CacheShape, HeadShape, StepLayout};
+use crate::backend::{Backend, CacheShape, HeadShape, StepFn, StepLayout};
 use crate::quant::LinearWeight;
 
 /// The `run_step` variant of [`Model::greedy`] (`forward`'s are 0 and 1:
@@ -260,29 +260,34 @@ impl<B: Backend> Model<B> {
         cache: &mut B::Cache,
         all_logits: bool,
     ) -> Result<B::Tensor> {
-        if layout.num_tokens() == 0 {
-            bail!("forward step with no tokens");
-        }
-        self.backend
-            .run_step(layout, cache, all_logits as u32, &mut |l, c| {
-                self.forward_on(l, c, all_logits)
-            })
+        self.step(layout, cache, all_logits as u32, &mut |l, c| {
+            self.forward_on(l, c, all_logits)
+        })
     }
 
     /// The greedy next token of each sequence: one forward step whose device
     /// work ends with the argmax, so that a captured decode step replays it
     /// too and only the token ids come back.
     pub fn greedy(&self, layout: &StepLayout, cache: &mut B::Cache) -> Result<Vec<u32>> {
+        let ids = self.step(layout, cache, GREEDY_VARIANT, &mut |l, c| {
+            let logits = self.forward_on(l, c, false)?;
+            self.backend.argmax_ids(&logits)
+        })?;
+        self.backend.ids_to_host(&ids)
+    }
+
+    /// Runs `work` as the backend's step `variant` for a non-empty layout.
+    fn step(
+        &self,
+        layout: &StepLayout,
+        cache: &mut B::Cache,
+        variant: u32,
+        work: &mut StepFn<'_, B::Layout, B::Cache, B::Tensor>,
+    ) -> Result<B::Tensor> {
         if layout.num_tokens() == 0 {
             bail!("forward step with no tokens");
         }
-        let ids = self
-            .backend
-            .run_step(layout, cache, GREEDY_VARIANT, &mut |l, c| {
-                let logits = self.forward_on(l, c, false)?;
-                self.backend.argmax_ids(&logits)
-            })?;
-        self.backend.ids_to_host(&ids)
+        self.backend.run_step(layout, cache, variant, work)
     }
 
     /// [`Model::forward`] with a layout already on the device.
