@@ -327,6 +327,87 @@ pub fn gate_up_silu(
     Ok(Some(y))
 }
 
+/// `x += a·Woᵀ`, then `silu(h·Gᵀ) ⊙ (h·Uᵀ)` of `h = rms_norm(x)` in one
+/// launch (`gemv_q4bnb_o_gate_up` in gemv_q4.cu) for a single row whose
+/// three weights are bitsandbytes 4-bit matrices of one compute dtype that
+/// the single-row kernels take; `None` otherwise.
+pub fn o_gate_up_silu(
+    gpu: &Gpu,
+    x: &mut CudaTensor,
+    a: &CudaTensor,
+    o: &CudaWeight,
+    norm: FusedNorm,
+    gate: &CudaWeight,
+    up: &CudaWeight,
+) -> Result<Option<CudaTensor>> {
+    let (hidden, in_o) = o.shape();
+    let (inter, in_g) = gate.shape();
+    let fits = x.rows == 1
+        && a.rows == 1
+        && x.cols == hidden
+        && a.cols == in_o
+        && in_g == hidden
+        && up.shape() == (inter, hidden)
+        && norm.weight.len() == hidden;
+    let (CudaWeight::Bnb4(qo), CudaWeight::Bnb4(qg), CudaWeight::Bnb4(qu)) = (o, gate, up) else {
+        return Ok(None);
+    };
+    let same_cd = qo.compute_dtype == qg.compute_dtype && qg.compute_dtype == qu.compute_dtype;
+    if !fits || !same_cd || ![qo, qg, qu].iter().all(|q| q4_bnb_ok(q)) {
+        return Ok(None);
+    }
+    let cd = dtype_mode(qg.compute_dtype);
+    let half = q4_half(cd);
+    let name = if half {
+        "gemv_q4bnb_o_gate_up_h"
+    } else {
+        "gemv_q4bnb_o_gate_up"
+    };
+    let floats = q4_staged_floats(in_o, half).max(q4_staged_floats(hidden, half));
+    let smem = stage_smem(gpu, name, floats)?;
+    let ks_o = WIDE_SINGLE.ksplit(gpu, hidden, in_o);
+    let blocks_o = hidden.div_ceil(WIDE_SINGLE.rows_per_warp * (GEMV_WARPS / ks_o));
+    let ks_gu = WIDE_PAIR_SINGLE.ksplit(gpu, inter, hidden);
+    let blocks_gu = inter.div_ceil(WIDE_PAIR_SINGLE.rows_per_warp * (GEMV_WARPS / ks_gu));
+    // Every block must be resident for the grid_sync between the products.
+    let grid = gpu.one_wave(name, blocks_o.max(blocks_gu), smem)? as u32;
+    let act = CudaTensor::empty(gpu, 1, inter)?;
+    let (ao, ag, au) = (Q4BnbArgs::of(qo), Q4BnbArgs::of(qg), Q4BnbArgs::of(qu));
+    let (ap, hp, yp, np, bar) = (
+        a.ptr(),
+        x.ptr(),
+        act.ptr(),
+        norm.weight.ptr(),
+        gpu.grid_barrier(),
+    );
+    let (io, hd, it) = (in_o as i32, hidden as i32, inter as i32);
+    let (ko, kg) = (ks_o as i32, ks_gu as i32);
+    gpu.launch(
+        name,
+        (grid, 1, 1),
+        (GEMV_WARPS * 32) as u32,
+        smem,
+        &mut [
+            arg(&ao),
+            arg(&ag),
+            arg(&au),
+            arg(&ap),
+            arg(&hp),
+            arg(&yp),
+            arg(&io),
+            arg(&hd),
+            arg(&it),
+            arg(&ko),
+            arg(&kg),
+            arg(&cd),
+            arg(&np),
+            arg(&norm.eps),
+            arg(&bar),
+        ],
+    )?;
+    Ok(Some(act))
+}
+
 /// The `gemv_body` kernel `base` + `suffix` for a batch of `rows`: the
 /// single-row instance (`_b1`, one accumulator per row) or the batched one.
 fn gemv_kernel(base: &str, rows: usize, suffix: &str) -> String {
