@@ -147,23 +147,6 @@ pub trait Backend: Send + Sync {
         let h = self.rms_norm(x, norm, eps)?;
         self.gate_up_silu(&h, gate, up)
     }
-    /// [`Backend::matmul_add`] of the attention output `a` and the output
-    /// projection `o` into the residual stream `x`, then
-    /// [`Backend::norm_gate_up_silu`] of the new `x`; backends may fuse them.
-    #[allow(clippy::too_many_arguments)]
-    fn add_matmul_norm_gate_up_silu(
-        &self,
-        x: &mut Self::Tensor,
-        a: &Self::Tensor,
-        o: &Self::Weight,
-        norm: &Self::Vector,
-        eps: f32,
-        gate: &Self::Weight,
-        up: &Self::Weight,
-    ) -> Result<Self::Tensor> {
-        self.matmul_add(x, a, o)?;
-        self.norm_gate_up_silu(x, norm, eps, gate, up)
-    }
     /// `silu(x·Gᵀ) * (x·Uᵀ)`: the MLP's gate and up projections and its
     /// activation; backends may fuse them.
     fn gate_up_silu(

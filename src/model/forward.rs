@@ -235,9 +235,9 @@ impl<B: Backend> Model<B> {
                 act
             }
             None => {
+                b.matmul_add(x, &attn, &layer.o_proj)?;
                 let norm = &layer.post_attention_layernorm;
-                let (o, gate, up) = (&layer.o_proj, &layer.gate_proj, &layer.up_proj);
-                b.add_matmul_norm_gate_up_silu(x, &attn, o, norm, eps, gate, up)?
+                b.norm_gate_up_silu(x, norm, eps, &layer.gate_proj, &layer.up_proj)?
             }
         };
         b.matmul_add(x, &act, &layer.down_proj)

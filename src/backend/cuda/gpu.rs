@@ -52,9 +52,6 @@ pub struct Gpu {
     pub total_mem: usize,
     /// Whether launches allow programmatic dependent launch.
     pdl: bool,
-    /// The arrival count and generation of `grid_sync` (common.cuh), zero
-    /// before the first launch that uses them.
-    grid_barrier: RawAlloc,
 }
 
 // SAFETY: every driver handle here is used through the one stream with the
@@ -109,10 +106,7 @@ impl Gpu {
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let pool = Pool::new(stats.clone());
-        let grid_barrier = RawAlloc::new(&stats, 8)?;
-        unsafe { result::memset_d8_async(grid_barrier.ptr(), 0, 8, stream.cu_stream()) }?;
         Ok(Gpu {
-            grid_barrier,
             pdl: pdl_enabled(major),
             name: ctx.name()?,
             total_mem: ctx.total_mem()?,
@@ -125,12 +119,6 @@ impl Gpu {
             stats,
             pools: Mutex::new(vec![pool]),
         })
-    }
-
-    /// The barrier words of launches that synchronize their grid
-    /// (`grid_sync` in common.cuh); launches on the one stream take turns.
-    pub fn grid_barrier(&self) -> CUdeviceptr {
-        self.grid_barrier.ptr()
     }
 
     /// Makes the context current on this thread.

@@ -102,8 +102,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "gemv_q4bnb_norm3",
     "gemv_q4packed_norm3",
     "gemv_q4bnb_norm3_h",
-    "gemv_q4bnb_o_gate_up",
-    "gemv_q4bnb_o_gate_up_h",
     "int8_gemm_quant",
     "int8_gemm_outliers",
     "int8_gemm_dequant",

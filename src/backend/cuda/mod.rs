@@ -175,25 +175,6 @@ impl Backend for CudaBackend {
         self.gate_up_silu(&h, gate, up)
     }
 
-    fn add_matmul_norm_gate_up_silu(
-        &self,
-        x: &mut CudaTensor,
-        a: &CudaTensor,
-        o: &CudaWeight,
-        norm: &CudaTensor,
-        eps: f32,
-        gate: &CudaWeight,
-        up: &CudaWeight,
-    ) -> Result<CudaTensor> {
-        self.gpu.bind()?;
-        let fused = FusedNorm { weight: norm, eps };
-        if let Some(act) = matmul::o_gate_up_silu(&self.gpu, x, a, o, fused, gate, up)? {
-            return Ok(act);
-        }
-        self.matmul_add(x, a, o)?;
-        self.norm_gate_up_silu(x, norm, eps, gate, up)
-    }
-
     fn matmul_add(&self, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight) -> Result<()> {
         self.gpu.bind()?;
         matmul::matmul_add(&self.gpu, x, a, w)

@@ -89,20 +89,6 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return sh[32];
 }
 
-// The two halves of pdl_start: waiting for the kernels this one depends on,
-// and letting the next kernel's blocks be scheduled.
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_release() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // Programmatic dependent launch (sm_90+), in every kernel before it reads
 // anything an earlier kernel writes (the first statement of most; the GEMVs
 // first issue loads of their weights, which no kernel writes): waits until
@@ -110,31 +96,8 @@ __device__ __forceinline__ void pdl_release() {
 // visible, then lets the next kernel's blocks be scheduled while this one
 // runs. Kernels launched without the attribute pass through.
 __device__ __forceinline__ void pdl_start() {
-    pdl_wait();
-    pdl_release();
-}
-
-// Waits until every block of the launch has arrived here. All blocks must be
-// resident at once (a grid of at most one wave, whose dependents are not
-// released before it). `bar` holds an arrival count and a generation, zero
-// before the first launch; the last block to arrive resets the count and
-// advances the generation. What a block wrote before arriving is visible to
-// every block after, through L2 (read it with loads that bypass L1).
-__device__ __forceinline__ void grid_sync(u32* bar) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        volatile u32* gen = bar + 1;
-        const u32 g = *gen;
-        __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            atomicExch(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            while (*gen == g) {
-            }
-        }
-        __threadfence();
-    }
-    __syncthreads();
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }

@@ -82,23 +82,13 @@ __device__ __forceinline__ float sum_squares4(float4 v, float ss) {
     return fmaf(v.w, v.w, ss);
 }
 
-// Four input values: with CG through L2 only (values that other blocks of
-// the same launch wrote, see grid_sync), else a plain load.
-template <bool CG>
-__device__ __forceinline__ float4 load_x4(const float4* p) {
-    if constexpr (CG)
-        return ld_cg4((const float*)p);
-    else
-        return *p;
-}
-
 // Stages the single input row `x` (`in` values, in % 4 == 0) of a one-row
 // GEMV in shared memory `xs`, rounded to the compute dtype `cd`. With `nw`
 // the row is first RMS-normalized and scaled by `nw` with the arithmetic of
 // the `rms_norm` kernel, so that a block's input projections need no
 // separate norm launch. PAD leaves one spare word after every 32 values (lane
-// L's run of 32 then starts in bank L); CG reads x with load_x4<true>.
-template <bool PAD, bool CG = false>
+// L's run of 32 then starts in bank L).
+template <bool PAD>
 __device__ __forceinline__ void stage_x(const float* __restrict__ x, const float* __restrict__ nw,
                                         float eps, float* xs, int in, int cd) {
     __shared__ float sh[33];
@@ -114,7 +104,7 @@ __device__ __forceinline__ void stage_x(const float* __restrict__ x, const float
         for (int u = 0; u < 2; u++) {
             const int i4 = threadIdx.x + u * blockDim.x;
             if (i4 < in / 4) {
-                v[u] = load_x4<CG>(x4 + i4);
+                v[u] = x4[i4];
                 g[u] = n4[i4];
             }
         }
@@ -141,7 +131,7 @@ __device__ __forceinline__ void stage_x(const float* __restrict__ x, const float
         float4 v[4];
 #pragma unroll
         for (int u = 0; u < 4; u++)
-            if (i0 + u * (int)blockDim.x < in / 4) v[u] = load_x4<CG>(x4 + i0 + u * blockDim.x);
+            if (i0 + u * (int)blockDim.x < in / 4) v[u] = x4[i0 + u * blockDim.x];
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             const int i = 4 * (i0 + u * blockDim.x);

@@ -192,8 +192,7 @@ __device__ __forceinline__ E q4_pair(const E* tab, u32 word, int b) {
 // conflict); `scale` gets the power of two that undoes each run's. The
 // scale keeps f16 products and their sums over a run far from overflow,
 // whatever the activations' range, and their relative precision that of
-// f16. CG reads x with load_x4<true>.
-template <bool CG>
+// f16.
 __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const float* __restrict__ nw,
                                          float eps, u32* xh, float* scale, int in, int cd) {
     __shared__ float sh[33];
@@ -208,7 +207,7 @@ __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const floa
         for (int u = 0; u < 4; u++) {
             const int i = i0 + u * bd + tid;
             if (i < n) {
-                v[u] = load_x4<CG>(x4 + i);
+                v[u] = x4[i];
                 if (nw) g[u] = n4[i];
             }
         }
@@ -222,7 +221,7 @@ __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const floa
             for (int u = 0; u < 4; u++)
                 if (u * bd + tid < n) ss = sum_squares4(v[u], ss);
         } else {
-            for (int i = tid; i < n; i += bd) ss = sum_squares4(load_x4<CG>(x4 + i), ss);
+            for (int i = tid; i < n; i += bd) ss = sum_squares4(x4[i], ss);
         }
         inv = 1.0f / sqrtf(block_sum(ss, sh) / (float)in + eps);
     }
@@ -268,33 +267,6 @@ struct Q4Block {
     int out, blk;
 };
 
-// How a 4-bit GEMV waits for its input. An ordinary launch waits for the
-// kernels it depends on and releases the next one (pdl_start).
-struct PdlWait {
-    static constexpr bool COHERENT = false;
-    __device__ __forceinline__ void operator()() const { pdl_start(); }
-};
-
-// The first product of a two-product launch: waits for the kernels it
-// depends on and releases nothing before the launch's grid_sync, so that
-// no later kernel takes the SMs its blocks still need.
-struct PdlWaitHeld {
-    static constexpr bool COHERENT = false;
-    __device__ __forceinline__ void operator()() const { pdl_wait(); }
-};
-
-// The second product of a two-product launch: waits for every block's
-// first product (grid_sync on `bar`), then releases the next kernel; its
-// input, which the first product wrote, is read through L2.
-struct GridWait {
-    u32* bar;
-    static constexpr bool COHERENT = true;
-    __device__ __forceinline__ void operator()() const {
-        grid_sync(bar);
-        pdl_release();
-    }
-};
-
 // Warps own R rows (PAIR: row o of `qa` and of `qb`), `ksplit` warps share a
 // row group along the input dimension as in `gemv_body`; NB is the largest
 // batch the instance handles. The grid may be smaller than the `nblocks`
@@ -311,12 +283,11 @@ struct GridWait {
 // H (single rows whose compute dtype is f16 or bf16) the pairs and the
 // staged row are f16 (stage_xh): a lane's 32 products of a round are summed
 // in f16 pairs, then in f32 with the run's scale.
-template <class Q, int R, bool PAIR, int NB, bool H, class At, class Wait = PdlWait>
+template <class Q, int R, bool PAIR, int NB, bool H, class At>
 __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __restrict__ luts,
                                              const float* __restrict__ x, int n, int in,
                                              int ksplit, int cd, int acc,
-                                             const float* __restrict__ nw, float eps,
-                                             Wait wait = Wait()) {
+                                             const float* __restrict__ nw, float eps) {
     static_assert(!PAIR || R % 2 == 0, "a pair GEMV holds rows of both matrices");
     static_assert(!H || (NB == 1 && !Q::HAS_ZERO),
                   "half-precision rounds are for single rows of codes without zeros");
@@ -349,7 +320,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     if (c0 < chunks) load_round(L, g.rows, c0, wv, s, z);
     Q4Pairs<E> pairs{};
     if (NB == 1) pairs = q4_pair_tables<Q::HI_FIRST, H>(luts, xsm + q4_pairs_at<H>(in));
-    wait();
+    pdl_start();
     // The second-level code tables (q4_code2_tables) have arrived; the
     // barrier in stage_x, or this one, publishes them.
     cp_async_wait_all();
@@ -357,9 +328,9 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     // Single rows: the block stages x (normalized by `nw` when set, rounded
     // to `cd`) with one pad word per 32 values, or with H in f16 (stage_xh).
     if (H)
-        stage_xh<Wait::COHERENT>(x, nw, eps, (u32*)xsm, (float*)xscale, in, cd);
+        stage_xh(x, nw, eps, (u32*)xsm, (float*)xscale, in, cd);
     else if (NB == 1)
-        stage_x<true, Wait::COHERENT>(x, nw, eps, xsm, in, cd);
+        stage_x<true>(x, nw, eps, xsm, in, cd);
     else
         __syncthreads();
     for (int b = blockIdx.x; b < nblocks;) {
@@ -707,51 +678,3 @@ gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti
     gemv_q4_body<Q4Packed, 4, false, 1, false>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x,
                                                1, in, ksplit, 0, 0, nw, eps);
 }
-
-// A block's attention output projection and its MLP's gate and up
-// projections of one row in one launch of at most one wave: `h += attn·Woᵀ`
-// (`ao`, `in_o` inputs, `hidden` rows, `ks_o` warps per row group), a
-// grid_sync on `bar`, then silu(x·Gᵀ) * (x·Uᵀ) of x = rms_norm(h, nw) into
-// `act` (`ag`, `au`: `inter` rows, `ks_gu` warps per row group). Blocks
-// without o rows go straight to their gate/up prologue (loading their first
-// weights and building their tables) while the others finish.
-template <bool H>
-__device__ __forceinline__ void q4bnb_o_gate_up(const Q4BnbArgs& ao, const Q4BnbArgs& ag,
-                                                const Q4BnbArgs& au, const float* attn, float* h,
-                                                float* act, int in_o, int hidden, int inter,
-                                                int ks_o, int ks_gu, int cd,
-                                                const float* __restrict__ nw, float eps,
-                                                u32* bar) {
-    __shared__ float lut[48];
-    __shared__ __align__(16) float c2s[512];
-    {
-        q4_code2_tables(c2s, ao.codes ? ao.code2 : nullptr, nullptr, nullptr);
-        q4_tables(lut, ao.code16, ao.code16, ao.code16);
-        const Q4Bnb q = q4_bnb(ao, c2s, in_o);
-        const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, h, hidden, b}; };
-        gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(1), false, 1, H>(
-            at, q4_blocks(hidden, 2 * Q4_PAIR_ROWS(1), ks_o), lut, attn, 1, in_o, ks_o, cd, 1,
-            nullptr, 0.f, PdlWaitHeld());
-    }
-    q4_code2_tables(c2s, ag.codes ? ag.code2 : nullptr, au.codes ? au.code2 : nullptr, nullptr);
-    q4_tables(lut, ag.code16, au.code16, au.code16);
-    const Q4Bnb qa = q4_bnb(ag, c2s, hidden);
-    const Q4Bnb qb = q4_bnb(au, c2s + 256, hidden);
-    const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, act, inter, b}; };
-    gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(1), true, 1, H>(
-        at, q4_blocks(inter, Q4_PAIR_ROWS(1), ks_gu), lut, h, 1, hidden, ks_gu, cd, 0, nw, eps,
-        GridWait{bar});
-}
-
-#define GEMV_Q4BNB_O_GATE_UP(SUFFIX, H)                                                            \
-    extern "C" __global__ void Q4_PAIR_BOUNDS(1) gemv_q4bnb_o_gate_up##SUFFIX(                     \
-        const __grid_constant__ Q4BnbArgs ao, const __grid_constant__ Q4BnbArgs ag,                \
-        const __grid_constant__ Q4BnbArgs au, const float* attn, float* h, float* act, int in_o,   \
-        int hidden, int inter, int ks_o, int ks_gu, int cd, const float* __restrict__ nw,          \
-        float eps, u32* bar) {                                                                     \
-        q4bnb_o_gate_up<H>(ao, ag, au, attn, h, act, in_o, hidden, inter, ks_o, ks_gu, cd, nw,     \
-                           eps, bar);                                                              \
-    }
-
-GEMV_Q4BNB_O_GATE_UP(, false)
-GEMV_Q4BNB_O_GATE_UP(_h, true)
