@@ -89,15 +89,29 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return sh[32];
 }
 
+// The two halves of pdl_start: waiting until the kernels this one depends
+// on have finished, and letting the next kernel's blocks be scheduled (once
+// every block of this one has released them or exited).
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_release() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Programmatic dependent launch (sm_90+), in every kernel before it reads
 // anything an earlier kernel writes (the first statement of most; the GEMVs
 // first issue loads of their weights, which no kernel writes): waits until
 // the kernels this one depends on have finished and their writes are
 // visible, then lets the next kernel's blocks be scheduled while this one
-// runs. Kernels launched without the attribute pass through.
+// runs (the single-row 4-bit GEMVs call its halves apart, see
+// gemv_q4_body). Kernels launched without the attribute pass through.
 __device__ __forceinline__ void pdl_start() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+    pdl_wait();
+    pdl_release();
 }
