@@ -47,6 +47,9 @@ enum Command {
     Report(cli::report::Args),
     /// Write seeded random weights of a named shape as an HF directory.
     Synth(cli::synth::Args),
+    /// Per-launch block timeline of the last GPU step recorded with
+    /// QUANTBENCH_CUDA_TRACE=FILE.
+    Timeline(cli::timeline::Args),
 }
 
 fn main() {
@@ -71,6 +74,7 @@ fn main() {
         Command::Status(a) => cli::status::run(a),
         Command::Worker(a) => cli::worker::run(a),
         Command::Report(a) => cli::report::run(a),
+        Command::Timeline(a) => cli::timeline::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -5,6 +5,7 @@
 
 pub mod memory;
 pub mod stats;
+pub mod timeline;
 
 use std::time::Instant;
 

@@ -14,4 +14,5 @@ pub mod run;
 pub mod scaleout;
 pub mod status;
 pub mod synth;
+pub mod timeline;
 pub mod worker;

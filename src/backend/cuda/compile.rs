@@ -1,6 +1,7 @@
 //! Run-time compilation of the CUDA C kernels with NVRTC, cached on disk
-//! (keyed by source, target architecture and NVRTC version) so that only the
-//! first run on a machine pays for it.
+//! (keyed by source, target architecture, NVRTC version and whether block
+//! timelines are recorded) so that only the first run on a machine pays for
+//! it.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -52,19 +53,21 @@ pub fn nvrtc_available() -> bool {
 }
 
 /// Compiles the kernel source for compute capability `major.minor` to PTX,
+/// with block timelines recorded when `trace` (`QB_TRACE` in common.cuh),
 /// once per process, reusing a result cached on disk when one exists.
-pub fn compile_kernels(major: i32, minor: i32) -> Result<String> {
-    static COMPILED: Mutex<Vec<((i32, i32), String)>> = Mutex::new(Vec::new());
+pub fn compile_kernels(major: i32, minor: i32, trace: bool) -> Result<String> {
+    type Compiled = Vec<((i32, i32, bool), String)>;
+    static COMPILED: Mutex<Compiled> = Mutex::new(Vec::new());
     let mut compiled = COMPILED.lock().expect("kernel cache lock");
-    if let Some((_, ptx)) = compiled.iter().find(|(cc, _)| *cc == (major, minor)) {
+    if let Some((_, ptx)) = compiled.iter().find(|(k, _)| *k == (major, minor, trace)) {
         return Ok(ptx.clone());
     }
-    let ptx = compile_or_load(major, minor)?;
-    compiled.push(((major, minor), ptx.clone()));
+    let ptx = compile_or_load(major, minor, trace)?;
+    compiled.push(((major, minor, trace), ptx.clone()));
     Ok(ptx)
 }
 
-fn compile_or_load(major: i32, minor: i32) -> Result<String> {
+fn compile_or_load(major: i32, minor: i32, trace: bool) -> Result<String> {
     if !nvrtc_available() {
         bail!(
             "the NVRTC library (libnvrtc.so) was not found; put the CUDA toolkit's lib directory on LD_LIBRARY_PATH"
@@ -72,7 +75,13 @@ fn compile_or_load(major: i32, minor: i32) -> Result<String> {
     }
     let arch = format!("compute_{major}{minor}");
     let version = nvrtc_version();
-    let key = fnv1a(&[SOURCE.as_bytes(), arch.as_bytes(), version.as_bytes()]);
+    let defines: &[&str] = if trace { &["QB_TRACE"] } else { &[] };
+    let key = fnv1a(&[
+        SOURCE.as_bytes(),
+        arch.as_bytes(),
+        version.as_bytes(),
+        defines.join(",").as_bytes(),
+    ]);
     let path = cache_dir().map(|d| d.join(format!("kernels-{arch}-{key:016x}.ptx")));
     if let Some(p) = &path
         && let Ok(ptx) = std::fs::read_to_string(p)
@@ -80,7 +89,7 @@ fn compile_or_load(major: i32, minor: i32) -> Result<String> {
     {
         return Ok(ptx);
     }
-    let ptx = compile_source(SOURCE, &arch)?;
+    let ptx = compile_source(SOURCE, &arch, defines)?;
     if let Some(p) = &path {
         // A cache that cannot be written only costs the next run a compile.
         let tmp = p.with_extension(format!("tmp{}", std::process::id()));
@@ -97,14 +106,17 @@ fn compile_or_load(major: i32, minor: i32) -> Result<String> {
     Ok(ptx)
 }
 
-/// Compiles `source` for the virtual architecture `arch` (e.g. `compute_90`).
-pub fn compile_source(source: &str, arch: &str) -> Result<String> {
+/// Compiles `source` for the virtual architecture `arch` (e.g. `compute_90`)
+/// with the preprocessor macros `defines` set.
+pub fn compile_source(source: &str, arch: &str, defines: &[&str]) -> Result<String> {
+    let mut options = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".into(),
+        "--restrict".into(),
+    ];
+    options.extend(defines.iter().map(|d| format!("-D{d}")));
     let opts = CompileOptions {
-        options: vec![
-            format!("--gpu-architecture={arch}"),
-            "--std=c++17".into(),
-            "--restrict".into(),
-        ],
+        options,
         name: Some("quantbench_kernels.cu".into()),
         ..Default::default()
     };

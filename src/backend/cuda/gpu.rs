@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{self, CUdevice_attribute, CUdeviceptr};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result};
 use cudarc::nvrtc::Ptx;
 
 use super::compile::compile_kernels;
@@ -52,6 +53,11 @@ pub struct Gpu {
     pub total_mem: usize,
     /// Whether launches allow programmatic dependent launch.
     pdl: bool,
+    /// The compiled kernels, whose block timeline ring `timeline` reads.
+    module: Arc<CudaModule>,
+    /// Where the block timeline goes when the device is closed
+    /// (`QUANTBENCH_CUDA_TRACE`); the kernels record one only then.
+    timeline: Option<PathBuf>,
 }
 
 // SAFETY: every driver handle here is used through the one stream with the
@@ -59,6 +65,32 @@ pub struct Gpu {
 // the backend's single-stream use.
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
+
+/// Events the kernels' timeline ring holds (`QB_TRACE_EVENTS` in common.cuh).
+const TIMELINE_EVENTS: usize = 1 << 20;
+
+impl Drop for Gpu {
+    /// Writes the block timeline when one was asked for; a failure is
+    /// reported, not raised, since the run's results are already out.
+    fn drop(&mut self) {
+        let Some(path) = self.timeline.take() else {
+            return;
+        };
+        match self
+            .timeline()
+            .and_then(|bytes| Ok(std::fs::write(&path, bytes)?))
+        {
+            Ok(()) => eprintln!(
+                "block timeline written to {0}; `quantbench timeline {0}` shows its last step",
+                path.display()
+            ),
+            Err(e) => eprintln!(
+                "warning: could not write the block timeline to {}: {e:#}",
+                path.display()
+            ),
+        }
+    }
+}
 
 impl Gpu {
     /// Opens device `ordinal`: context, stream, cuBLAS, compiled kernels.
@@ -90,7 +122,8 @@ impl Gpu {
             .context("cublasSetWorkspace")?;
         }
         let (major, minor) = ctx.compute_capability()?;
-        let ptx = compile_kernels(major, minor)?;
+        let timeline = std::env::var_os("QUANTBENCH_CUDA_TRACE").map(PathBuf::from);
+        let ptx = compile_kernels(major, minor, timeline.is_some())?;
         let module = ctx
             .load_module(Ptx::from_src(ptx))
             .context("cannot load the compiled kernels")?;
@@ -118,7 +151,33 @@ impl Gpu {
             funcs,
             stats,
             pools: Mutex::new(vec![pool]),
+            module,
+            timeline,
         })
+    }
+
+    /// The block timeline the kernels recorded (`trace_event` in
+    /// common.cuh), as a `bench::timeline` file.
+    fn timeline(&self) -> Result<Vec<u8>> {
+        self.bind()?;
+        self.stream.synchronize()?;
+        let read = |name: &str, bytes: usize| -> Result<Vec<u8>> {
+            let view = self.module.get_global(name, &self.stream)?;
+            if view.len() != bytes {
+                bail!("{name} holds {} bytes, not {bytes}", view.len());
+            }
+            let mut host = vec![0u8; bytes];
+            let (ptr, _) = cudarc::driver::DevicePtr::device_ptr(&view, &self.stream);
+            unsafe { result::memcpy_dtoh_sync(&mut host, ptr) }?;
+            Ok(host)
+        };
+        let recorded = u64::from_le_bytes(read("qb_trace_recorded", 8)?.try_into().unwrap());
+        let ring = read("qb_trace", TIMELINE_EVENTS * 24)?;
+        let words: Vec<u64> = ring
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+            .collect();
+        Ok(crate::bench::timeline::encode(recorded, &words))
     }
 
     /// Makes the context current on this thread.

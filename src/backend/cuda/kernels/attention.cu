@@ -248,7 +248,10 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
         if (is_last) *cnt = 0;
     }
     __syncthreads();
-    if (!is_last) return;
+    if (!is_last) {
+        trace_event(TRACE_PARTIAL_DONE);
+        return;
+    }
     __threadfence();
     // Merge, a warp per head: range r (r < nr <= 32, one per lane) weighs
     // exp(m_r - M) / sum_r' l_r' exp(m_r' - M). Each lane's first batch of
@@ -284,6 +287,7 @@ attn_decode(const float* __restrict__ q, const float* __restrict__ knew,
         a = sum_lane_groups(a, KG, D4);
         if (lane < D4) ((float4*)(out + ((size_t)t * q_heads + g * G + h) * D))[lane] = a;
     }
+    trace_event(TRACE_DONE);
 }
 
 // Tile table: per tile [first row, rows (<= 32), slot, position of the first row].

@@ -89,6 +89,36 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return sh[32];
 }
 
+// Block timelines (QUANTBENCH_CUDA_TRACE, read by bench/timeline.rs): with
+// QB_TRACE defined, thread 0 of a block records the device clock, the
+// launch's grid id, its SM, its linear block index and what happened into a
+// ring of QB_TRACE_EVENTS events; without it recording compiles to nothing.
+#define TRACE_ENTER 0
+#define TRACE_WAITED 1
+#define TRACE_DONE 2
+#define TRACE_PARTIAL_DONE 3
+#ifdef QB_TRACE
+#define QB_TRACE_EVENTS (1 << 20)
+__device__ u64 qb_trace[3 * QB_TRACE_EVENTS];
+__device__ u64 qb_trace_recorded;
+#endif
+
+__device__ __forceinline__ void trace_event(int kind) {
+#ifdef QB_TRACE
+    if (threadIdx.x != 0 || threadIdx.y != 0 || threadIdx.z != 0) return;
+    u64 t, grid;
+    u32 sm;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    const u64 block = blockIdx.x + (u64)gridDim.x * (blockIdx.y + (u64)gridDim.y * blockIdx.z);
+    const u64 slot = atomicAdd(&qb_trace_recorded, 1ull) % QB_TRACE_EVENTS;
+    qb_trace[3 * slot] = grid;
+    qb_trace[3 * slot + 1] = t;
+    qb_trace[3 * slot + 2] = (u64)kind | ((u64)(sm & 0xffu) << 8) | (block << 16);
+#endif
+}
+
 // The two halves of pdl_start: waiting until the kernels this one depends
 // on have finished, and letting the next kernel's blocks be scheduled (once
 // every block of this one has released them or exited).
@@ -96,6 +126,7 @@ __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+    trace_event(TRACE_WAITED);
 }
 
 __device__ __forceinline__ void pdl_release() {

@@ -267,6 +267,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
                                           int ksplit, int cd, int acc, int blk,
                                           const float* __restrict__ nw, float eps, bool stage) {
     static_assert(!PAIR || R == 2, "a pair GEMV holds one row of each matrix");
+    trace_event(TRACE_ENTER);
     const GemvRows<R, PAIR> g(out, ksplit, blk);
     const int lane = g.lane, row0 = g.row0, kp = g.kp;
     const int* rows = g.rows;
@@ -350,6 +351,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
                 for (int r = 0; r < R; r++) cur[u][r] = nxt[u][r];
     }
     gemv_finish<R, PAIR, NB>(accv, y, n, out, row0, ksplit, cd, acc, yold);
+    trace_event(TRACE_DONE);
 }
 
 // Dense weights. The pair kernel (gate/up) and the three-matrix kernel

@@ -291,6 +291,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     static_assert(!PAIR || R % 2 == 0, "a pair GEMV holds rows of both matrices");
     static_assert(!H || (NB == 1 && !Q::HAS_ZERO),
                   "half-precision rounds are for single rows of codes without zeros");
+    trace_event(TRACE_ENTER);
     typedef typename Q4PairEntry<H>::T E;
     const int chunks = in >> 5;
     const int step = 32 * ksplit;
@@ -483,7 +484,10 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
         }
         gemv_finish<R, PAIR, NB>(accv, L.y, n, L.out, row0, ksplit, cd, acc, yold);
         b = nb;
-        if (b >= nblocks) break;
+        if (b >= nblocks) {
+            trace_event(TRACE_DONE);
+            break;
+        }
         // The next logical block reuses gemv_finish's shared partial sums.
         __syncthreads();
         if (!next_loading) {
