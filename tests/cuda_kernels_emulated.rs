@@ -16,7 +16,7 @@ use std::process::Command;
 const SOURCES: [&str; 4] = ["common.cuh", "attention.cu", "gemv.cu", "gemv_q4.cu"];
 
 /// Helpers written in inline PTX; prelude.h defines CPU versions.
-const PTX_HELPERS: [&str; 9] = [
+const PTX_HELPERS: [&str; 12] = [
     "h2f",
     "hfma2",
     "f2h",
@@ -24,6 +24,9 @@ const PTX_HELPERS: [&str; 9] = [
     "ld_cg2",
     "ld_cg4",
     "pdl_start",
+    "pdl_wait",
+    "pdl_release",
+    "trace_event",
     "cp_async16",
     "cp_async_wait_all",
 ];
