@@ -98,7 +98,10 @@ pub fn encode(recorded: u64, ring: &[u64]) -> Vec<u8> {
 /// when the ring wrapped).
 pub fn decode(bytes: &[u8]) -> Result<Vec<Event>> {
     if bytes.len() < 24 || &bytes[..8] != MAGIC {
-        bail!("not a quantbench timeline (it should start with {MAGIC:?})");
+        bail!(
+            "not a quantbench timeline (it should start with \"{}\")",
+            String::from_utf8_lossy(MAGIC)
+        );
     }
     let word = |i: usize| u64::from_le_bytes(bytes[8 * i..8 * i + 8].try_into().unwrap());
     let (recorded, capacity) = (word(1), word(2) as usize);

@@ -29,7 +29,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let step = last_step(&events);
     println!(
-        "{} events recorded, {} in the last step; times in microseconds from its first event",
+        "{} events in the file, {} in the last step; times in microseconds from its first event",
         events.len(),
         step.len()
     );
