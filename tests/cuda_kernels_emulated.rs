@@ -16,14 +16,13 @@ use std::process::Command;
 const SOURCES: [&str; 4] = ["common.cuh", "attention.cu", "gemv.cu", "gemv_q4.cu"];
 
 /// Helpers written in inline PTX; prelude.h defines CPU versions.
-const PTX_HELPERS: [&str; 12] = [
+const PTX_HELPERS: [&str; 11] = [
     "h2f",
     "hfma2",
     "f2h",
     "f2bf",
     "ld_cg2",
     "ld_cg4",
-    "pdl_start",
     "pdl_wait",
     "pdl_release",
     "trace_event",

@@ -116,7 +116,6 @@ inline float2 ld_cg2(const float* p) { return make_float2(ld_cg(p), ld_cg(p + 1)
 inline float4 ld_cg4(const float* p) {
     return make_float4(ld_cg(p), ld_cg(p + 1), ld_cg(p + 2), ld_cg(p + 3));
 }
-inline void pdl_start() {}
 inline void pdl_wait() {}
 inline void pdl_release() {}
 inline void trace_event(int) {}

@@ -66,9 +66,6 @@ pub struct Gpu {
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
-/// Events the kernels' timeline ring holds (`QB_TRACE_EVENTS` in common.cuh).
-const TIMELINE_EVENTS: usize = 1 << 20;
-
 impl Drop for Gpu {
     /// Writes the block timeline when one was asked for; a failure is
     /// reported, not raised, since the run's results are already out.
@@ -161,23 +158,27 @@ impl Gpu {
     fn timeline(&self) -> Result<Vec<u8>> {
         self.bind()?;
         self.stream.synchronize()?;
-        let read = |name: &str, bytes: usize| -> Result<Vec<u8>> {
+        // The 64-bit words of a device global, whatever its size.
+        let read = |name: &str| -> Result<Vec<u64>> {
             let view = self.module.get_global(name, &self.stream)?;
-            if view.len() != bytes {
-                bail!("{name} holds {} bytes, not {bytes}", view.len());
-            }
-            let mut host = vec![0u8; bytes];
+            let mut host = vec![0u8; view.len()];
             let (ptr, _) = cudarc::driver::DevicePtr::device_ptr(&view, &self.stream);
             unsafe { result::memcpy_dtoh_sync(&mut host, ptr) }?;
-            Ok(host)
+            Ok(host
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+                .collect())
         };
-        let recorded = u64::from_le_bytes(read("qb_trace_recorded", 8)?.try_into().unwrap());
-        let ring = read("qb_trace", TIMELINE_EVENTS * 24)?;
-        let words: Vec<u64> = ring
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
-            .collect();
-        Ok(crate::bench::timeline::encode(recorded, &words))
+        let recorded = read("qb_trace_recorded")?;
+        let ring = read("qb_trace")?;
+        if recorded.len() != 1 || ring.is_empty() || ring.len() % 3 != 0 {
+            bail!(
+                "the kernels' timeline globals have unexpected sizes ({} and {} words)",
+                recorded.len(),
+                ring.len()
+            );
+        }
+        Ok(crate::bench::timeline::encode(recorded[0], &ring))
     }
 
     /// Makes the context current on this thread.
