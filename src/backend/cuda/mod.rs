@@ -12,6 +12,7 @@ mod attention;
 mod attention_tc;
 pub mod awq;
 pub mod compile;
+mod gemv_stream;
 pub mod gptq;
 mod gpu;
 mod graph;
