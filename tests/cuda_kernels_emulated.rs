@@ -22,7 +22,7 @@ const SOURCES: [&str; 5] = [
 ];
 
 /// Helpers written in inline PTX; prelude.h defines CPU versions.
-const PTX_HELPERS: [&str; 18] = [
+const PTX_HELPERS: [&str; 17] = [
     "h2f",
     "hfma2",
     "f2h",
@@ -40,7 +40,6 @@ const PTX_HELPERS: [&str; 18] = [
     "mbar_arrive",
     "mbar_wait",
     "bulk_copy",
-    "prefetch_l2",
 ];
 
 /// Removes the definition of device function `name` (through its closing

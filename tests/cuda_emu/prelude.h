@@ -151,5 +151,4 @@ inline void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar) {
     memcpy(dst, src, bytes);
     emu_mbar_update(bar, 0, -(long long)bytes);
 }
-inline void prefetch_l2(const void*, u32) {}
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp->bar->arrive_and_wait(); }

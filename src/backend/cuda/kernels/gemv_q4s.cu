@@ -72,14 +72,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes,
 #endif
 }
 
-// Asks L2 for `bytes` (a multiple of 16, 16-byte aligned) at `src`, with
-// nothing to wait for: later bulk copies of them then come from L2.
-__device__ __forceinline__ void prefetch_l2(const void* src, u32 bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-#endif
-}
-
 // The matrices of a streamed launch: up to three in sequence (Q, K, V), or
 // with PAIR two read side by side (gate, up); `units[i]` units each, matrix
 // i's outputs `y[i]` of `out[i]` rows.
@@ -143,19 +135,6 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
     const int bsl = a0.bs_log2, nsh = a0.bs_log2 + a0.nbs_log2;
     const u32 sbytes = q4s_scale_bytes(a0);
 
-    // Asks L2 for unit k of this block (thread 0).
-    auto prefetch = [&](int k) {
-        int local;
-        const int i = q4s_pick(m, u0 + k, local);
-#pragma unroll
-        for (int p = 0; p < NP; p++) {
-            const int mi = PAIR ? p : i;
-            const u32* w = Q4S_FIELD(mi, w);
-            const u8* sc = dq ? Q4S_FIELD(mi, codes) : (const u8*)Q4S_FIELD(mi, absmax);
-            prefetch_l2((const u8*)w + (size_t)local * Q4S_UNIT_BYTES, Q4S_UNIT_BYTES);
-            prefetch_l2(sc + (size_t)local * sbytes, sbytes);
-        }
-    };
     // Requests unit k of this block into slot k % stages (thread 0).
     auto issue = [&](int k) {
         int local;
@@ -180,12 +159,8 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
         }
     }
     __syncthreads();
-    // The first units go to the ring, the rest to L2, so that DRAM streams
-    // the block's whole run at once.
-    if (tid == 0) {
+    if (tid == 0)
         for (int k = 0; k < min(stages, nu); k++) issue(k);
-        for (int k = stages; k < nu; k++) prefetch(k);
-    }
     // Before the wait as well (nothing here depends on the previous kernel):
     // the code tables and the nested absmax of this block's units.
     if (PAIR) {
