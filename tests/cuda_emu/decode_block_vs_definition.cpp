@@ -353,13 +353,13 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
         const int sb = (Q4S_UNIT_WEIGHTS >> w[0].bs_log2) * (w[0].codes ? 1 : 4);
         const int stage_bytes = (Q4S_UNIT_BYTES + sb + 15) & ~15;
         const int sh = w[0].bs_log2 + w[0].nbs_log2;
-        const int npu = w[0].codes && sh < 15 ? Q4S_UNIT_WEIGHTS >> sh : 1;
+        const int npu = w[0].codes && sh < 14 ? Q4S_UNIT_WEIGHTS >> sh : 1;
         const int pairs = half ? q4_pairs_at<true>(in) : q4_pairs_at<false>(in);
         const size_t smem = (size_t)((pairs + Q4_PAIR_FLOATS + 3) & ~3) * 4 +
-                            (size_t)stages * sides * stage_bytes + (size_t)sides * max_units * (32 + npu) * 4;
+                            (size_t)stages * sides * stage_bytes + (size_t)sides * max_units * (8 + npu) * 4;
         const Q4BnbArgs& w1 = w[nm > 1 ? 1 : 0];
         const Q4BnbArgs& w2 = w[nm > 2 ? 2 : 0];
-        launch({(unsigned)grid}, 32 * Q4S_WARPS, smem, [&] {
+        launch({(unsigned)grid}, 256, smem, [&] {
             if (pair)
                 (half ? gemv_q4s_h_pair : gemv_q4s_b_pair)(w[0], w1, w2, m, x, in, stages, stage_bytes,
                                                            max_units, npu, acc, cd, nw, eps);

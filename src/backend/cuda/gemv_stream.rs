@@ -1,5 +1,5 @@
 //! Streamed single-row NF4/FP4 products (`gemv_q4s_*` in gemv_q4s.cu): a
-//! block per SM owns a contiguous run of 32,768-weight units, which one of
+//! block per SM owns a contiguous run of 16,384-weight units, which one of
 //! its threads copies through a ring of shared-memory stages with bulk
 //! asynchronous copies, the first ones before the programmatic-launch wait.
 //! Used for single decode rows on sm_90+ when the shapes fit (see
@@ -14,12 +14,12 @@ use super::tensor::CudaTensor;
 use super::weights::CudaBnb4;
 
 /// Weights per unit (`Q4S_UNIT_WEIGHTS` in gemv_q4s.cu): whole rows of one
-/// matrix, 16 KiB of packed codes.
-const UNIT_WEIGHTS: usize = 32768;
+/// matrix, 8 KiB of packed codes.
+const UNIT_WEIGHTS: usize = 16384;
 /// Most ring stages a block takes (`Q4S_MAX_STAGES`).
 const MAX_STAGES: usize = 16;
-/// Threads per block (`Q4S_WARPS` warps).
-const THREADS: u32 = 512;
+/// Threads per block (8 warps: `GEMV_WARPS`).
+const THREADS: u32 = 256;
 /// Shared memory a block aims at by default, so that a block of the next
 /// launch fits beside it on the SM and starts its own copies early.
 const DEFAULT_SMEM_BUDGET: usize = 110 * 1024;
@@ -32,28 +32,17 @@ struct Q4sMats {
     units: [i32; 3],
 }
 
-/// Whether `q` multiplied by a single row can stream: rows of 1024 to
-/// 16384 weights, a power of two (so that a unit holds whole rows, a warp's
-/// 32 chunks lie in one row, and a thread's column never changes), whole
-/// units, blocks of 32 to 2048 weights (a unit's scales then fill whole
-/// 16-byte copies) and at most 16 nested absmax values per unit.
+/// Whether `q` multiplied by a single `in_f`-wide row can stream: rows of
+/// 2048, 4096, 8192 or 16384 weights (so that a unit holds whole rows and a
+/// warp's 64 chunks lie in one row), whole units, blocks of 32 to 1024
+/// weights (a unit's scales then fill whole 16-byte copies) and at most 16
+/// nested absmax values per unit.
 pub fn fits(gpu: &Gpu, q: &CudaBnb4) -> bool {
     gpu.streamed_q4
-        && matches!(q.cols, 1024 | 2048 | 4096 | 8192 | 16384)
+        && matches!(q.cols, 2048 | 4096 | 8192 | 16384)
         && (q.rows * q.cols).is_multiple_of(UNIT_WEIGHTS)
-        && (5..=11).contains(&q.bs_log2)
-        && (q.codes.is_none() || q.bs_log2 + q.nested_bs_log2 >= 11)
-}
-
-/// Whether the matrices of one launch share their block layout (the kernel
-/// reads block sizes and double quantization from the first).
-fn same_blocks(ws: &[&CudaBnb4]) -> bool {
-    ws.iter().all(|q| {
-        q.bs_log2 == ws[0].bs_log2
-            && q.nested_bs_log2 == ws[0].nested_bs_log2
-            && q.codes.is_some() == ws[0].codes.is_some()
-            && q.compute_dtype == ws[0].compute_dtype
-    })
+        && (5..=10).contains(&q.bs_log2)
+        && (q.codes.is_none() || q.bs_log2 + q.nested_bs_log2 >= 10)
 }
 
 /// Bytes of a unit's block scales (`q4s_scale_bytes` in gemv_q4s.cu).
@@ -110,7 +99,7 @@ impl Launch<'_> {
             .unwrap_or(0);
         let npu = self.ws.iter().map(|w| nested_per_unit(w)).max().unwrap_or(1);
         let fixed = q4_staged_floats(in_f, half).next_multiple_of(4) * 4
-            + sides * max_units * (32 + npu) * 4;
+            + sides * max_units * (8 + npu) * 4;
         let budget = env_usize("QUANTBENCH_Q4S_SMEM_KB").map_or(DEFAULT_SMEM_BUDGET, |k| k * 1024);
         let stages = (budget.saturating_sub(fixed) / (sides * stage_bytes))
             .clamp(2, MAX_STAGES)
@@ -178,7 +167,7 @@ pub fn pair(
     norm: Option<FusedNorm>,
     y: &CudaTensor,
 ) -> Result<bool> {
-    if x.rows != 1 || !fits(gpu, gate) || !fits(gpu, up) || !same_blocks(&[gate, up]) {
+    if x.rows != 1 || !fits(gpu, gate) || !fits(gpu, up) {
         return Ok(false);
     }
     Launch {
@@ -204,7 +193,7 @@ pub fn norm_many(
     if x.rows != 1 || ws.is_empty() || ws.len() > 3 || !ws.iter().all(|q| fits(gpu, q)) {
         return Ok(false);
     }
-    if !same_blocks(ws) {
+    if ws.iter().any(|q| q.compute_dtype != ws[0].compute_dtype) {
         return Ok(false);
     }
     let mut ptrs = [0; 3];

@@ -158,8 +158,6 @@ __device__ __forceinline__ Q4Pairs<typename Q4PairEntry<H>::T> q4_pair_tables(co
     const int ti = min(per_slots<H>(slot_here, ntab), ntab - 1);
     const float* lut = ti == 0 ? luts : (ti == id1 ? luts + 16 : luts + 32);
     E* t = (E*)mem;
-    // Blocks of more threads fill with their first 256.
-    if (threadIdx.x < 256)
 #pragma unroll
     for (int i = 0; i < S; i++) {
         const int e = threadIdx.x / S + (256 / S) * i;

@@ -12,11 +12,10 @@
 // per unit in shared memory; rows are summed from them in a fixed order.
 // Pair launches (gate/up) stream unit u of both matrices in one stage.
 
-#define Q4S_UNIT_WEIGHTS 32768
+#define Q4S_UNIT_WEIGHTS 16384
 #define Q4S_UNIT_BYTES (Q4S_UNIT_WEIGHTS / 2)
 #define Q4S_UNIT_CHUNKS (Q4S_UNIT_WEIGHTS / 32)
 #define Q4S_MAX_STAGES 16
-#define Q4S_WARPS 16
 
 // Shared-memory address of a generic pointer into shared memory.
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -89,25 +88,16 @@ __device__ __forceinline__ int q4s_pick(const Q4sMats& m, int u, int& local) {
 }
 
 // Bytes of a unit's block scales: u8 codes with double quantization, f32
-// absmax otherwise (host: `scale_bytes` in gemv_stream.rs). Every matrix
-// of a launch has the same block sizes and double quantization or none.
+// absmax otherwise (host: `q4s_scale_bytes` in matmul.rs).
 __device__ __forceinline__ u32 q4s_scale_bytes(const Q4BnbArgs& a) {
     return (u32)(Q4S_UNIT_WEIGHTS >> a.bs_log2) * (a.codes ? 1u : 4u);
 }
 
-// Field `F` of matrix i of a launch, selected by value (a runtime-indexed
-// reference into the parameters would be read through memory each time).
-#define Q4S_FIELD(i, F) ((i) == 0 ? a0.F : ((i) == 1 ? a1.F : a2.F))
-
-// The streamed GEMV, Q4S_WARPS warps. Thread t computes chunks t and
-// t + 512 of every unit, so its column chunk c = t % (in / 32) never
-// changes (rows of at most 16384 weights): with H its 32 staged input
-// values stay in registers. `stages` ring slots of `stage_bytes` (per
-// matrix read side by side) follow the staged row and the code-pair tables
-// in dynamic shared memory, then 32 sums per unit and side (one per warp
-// and half) for `max_units` units, then the nested absmax values of the
-// block's units (`npu` per unit and side). With `acc` results add to y
-// (single matrix); with `nw` the row is RMS-normalized first.
+// The streamed GEMV. `stages` ring slots of `stage_bytes` (per matrix read
+// side by side) follow the staged row and the code-pair tables in dynamic
+// shared memory, then `max_units` * 8 sums per side-by-side matrix and the
+// nested absmax values of the block's units (`npu` per unit). With `acc`
+// results add to y (single matrix); with `nw` the row is RMS-normalized.
 template <bool H, bool PAIR>
 __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbArgs& a1,
                                               const Q4BnbArgs& a2, const Q4sMats& m,
@@ -128,12 +118,9 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
     const int pairs_at = q4_pairs_at<H>(in);
     u8* ring = (u8*)(xsm + ((pairs_at + Q4_PAIR_FLOATS + 3) & ~3));
     float* sums = (float*)(ring + (size_t)stages * NP * stage_bytes);
-    float* nested = sums + NP * 32 * max_units;
+    float* nested = sums + NP * 8 * max_units;
     const int chunks = in >> 5;
     const int rpu = Q4S_UNIT_CHUNKS / chunks;  // rows per unit
-    const bool dq = a0.codes != nullptr;
-    const int bsl = a0.bs_log2, nsh = a0.bs_log2 + a0.nbs_log2;
-    const u32 sbytes = q4s_scale_bytes(a0);
 
     // Requests unit k of this block into slot k % stages (thread 0).
     auto issue = [&](int k) {
@@ -141,21 +128,27 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
         const int i = q4s_pick(m, u0 + k, local);
         const int slot = k % stages;
         u8* dst = ring + (size_t)slot * NP * stage_bytes;
-        mbar_expect_tx(&full[slot], NP * (Q4S_UNIT_BYTES + sbytes));
+        u32 bytes = 0;
 #pragma unroll
         for (int p = 0; p < NP; p++) {
-            const int mi = PAIR ? p : i;
-            const u32* w = Q4S_FIELD(mi, w);
-            const u8* sc = dq ? Q4S_FIELD(mi, codes) : (const u8*)Q4S_FIELD(mi, absmax);
+            const Q4BnbArgs& a = PAIR ? (p == 0 ? a0 : a1) : (i == 0 ? a0 : (i == 1 ? a1 : a2));
+            bytes += Q4S_UNIT_BYTES + q4s_scale_bytes(a);
+        }
+        mbar_expect_tx(&full[slot], bytes);
+#pragma unroll
+        for (int p = 0; p < NP; p++) {
+            const Q4BnbArgs& a = PAIR ? (p == 0 ? a0 : a1) : (i == 0 ? a0 : (i == 1 ? a1 : a2));
+            const u32 sb = q4s_scale_bytes(a);
             u8* d = dst + (size_t)p * stage_bytes;
-            bulk_copy(d, (const u8*)w + (size_t)local * Q4S_UNIT_BYTES, Q4S_UNIT_BYTES, &full[slot]);
-            bulk_copy(d + Q4S_UNIT_BYTES, sc + (size_t)local * sbytes, sbytes, &full[slot]);
+            bulk_copy(d, (const u8*)a.w + (size_t)local * Q4S_UNIT_BYTES, Q4S_UNIT_BYTES, &full[slot]);
+            const u8* s = a.codes ? a.codes : (const u8*)a.absmax;
+            bulk_copy(d + Q4S_UNIT_BYTES, s + (size_t)local * sb, sb, &full[slot]);
         }
     };
     if (tid == 0) {
         for (int s = 0; s < stages; s++) {
             mbar_init(&full[s], 1);
-            mbar_init(&empty[s], Q4S_WARPS);
+            mbar_init(&empty[s], GEMV_WARPS);
         }
     }
     __syncthreads();
@@ -171,15 +164,17 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
                         a2.codes ? a2.code2 : nullptr);
         q4_tables(lut, a0.code16, a1.code16, a2.code16);
     }
-    if (dq)
-        for (int e = tid; e < NP * nu * npu; e += blockDim.x) {
-            const int p = e / (nu * npu), k = (e / npu) % nu, t = e % npu;
-            int local;
-            const int i = q4s_pick(m, u0 + k, local);
-            const float* nz = Q4S_FIELD(PAIR ? p : i, absmax);
+    for (int e = tid; e < NP * nu * npu; e += blockDim.x) {
+        const int p = e / (nu * npu), k = (e / npu) % nu, t = e % npu;
+        int local;
+        const int i = q4s_pick(m, u0 + k, local);
+        const int mi = PAIR ? p : i;
+        const Q4BnbArgs& a = mi == 0 ? a0 : (mi == 1 ? a1 : a2);
+        const int sh = a.bs_log2 + a.nbs_log2;
+        if (a.codes)
             nested[(p * max_units + k) * npu + t] =
-                nz[((size_t)local * Q4S_UNIT_WEIGHTS >> nsh) + (nsh >= 15 ? 0 : t)];
-        }
+                a.absmax[((size_t)local * Q4S_UNIT_WEIGHTS >> sh) + (sh >= 14 ? 0 : t)];
+    }
     const Q4Pairs<E> pairs = q4_pair_tables<Q4Bnb::HI_FIRST, H>(lut, xsm + pairs_at);
     pdl_wait();
     pdl_release();
@@ -193,25 +188,10 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
         stage_xh(x, nw, eps, (u32*)xsm, xsm + Q4_XH_WORDS * chunks, in, cd);
     else
         stage_x<true>(x, nw, eps, xsm, in, cd);
+    const u32* xh = (const u32*)xsm;
+    const float* xscale = xsm + Q4_XH_WORDS * chunks;
 
-    // This thread's column chunk, its input values (with H in registers),
-    // and where its two chunks' scales and nested absmax sit in a unit.
-    const int c = tid % chunks;
-    uint4 xq[4];
-    float xrun = 0.f;
-    if constexpr (H) {
-        const uint4* xr = (const uint4*)((const u32*)xsm + c * Q4_XH_WORDS);
-#pragma unroll
-        for (int q = 0; q < 4; q++) xq[q] = xr[q];
-        xrun = xsm[Q4_XH_WORDS * chunks + c];
-    }
-    int ci[2], ni[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int j = tid + 512 * h;
-        ci[h] = (j * 32) >> bsl;
-        ni[h] = nsh >= 15 ? 0 : (j * 32) >> nsh;
-    }
+    const int j0 = 64 * warp + lane;  // this lane's first chunk of a unit
     for (int k = 0; k < nu; k++) {
         const int slot = k % stages;
         mbar_wait(&full[slot], (u32)(k / stages) & 1u);
@@ -220,27 +200,36 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
 #pragma unroll
         for (int p = 0; p < NP; p++) {
             const int mi = PAIR ? p : i;
+            const Q4BnbArgs& a = mi == 0 ? a0 : (mi == 1 ? a1 : a2);
             const E* tab = pairs.lane_tab(lut, lut + 16 * mi);
-            const float off = Q4S_FIELD(mi, offset);
-            const float* code2 = c2s + 256 * mi;
-            const float* nzk = nested + (p * max_units + k) * npu;
             const u8* st = ring + ((size_t)slot * NP + p) * stage_bytes;
-            float part[2];
+            float sum = 0.f;
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const uint4 wv = ((const uint4*)st)[tid + 512 * h];
-                const float s = dq ? __fadd_rn(__fmul_rn(code2[st[Q4S_UNIT_BYTES + ci[h]]], nzk[ni[h]]), off)
-                                   : ((const float*)(st + Q4S_UNIT_BYTES))[ci[h]];
+                const int j = j0 + 32 * h;
+                const int c = j % chunks;
+                const uint4 wv = ((const uint4*)st)[j];
+                const int ci = (j * 32) >> a.bs_log2;
+                float s;
+                if (a.codes) {
+                    const int sh = a.bs_log2 + a.nbs_log2;
+                    const float nz = nested[(p * max_units + k) * npu + (sh >= 14 ? 0 : (j * 32) >> sh)];
+                    s = __fadd_rn(__fmul_rn(c2s[256 * mi + st[Q4S_UNIT_BYTES + ci]], nz), a.offset);
+                } else {
+                    s = ((const float*)(st + Q4S_UNIT_BYTES))[ci];
+                }
                 const u32 words[4] = {wv.x, wv.y, wv.z, wv.w};
                 if constexpr (H) {
+                    const uint4* xr = (const uint4*)(xh + c * Q4_XH_WORDS);
                     u32 hs = 0u;
 #pragma unroll
                     for (int q = 0; q < 4; q++) {
-                        const u32 xw[4] = {xq[q].x, xq[q].y, xq[q].z, xq[q].w};
+                        const uint4 xv = xr[q];
+                        const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
 #pragma unroll
                         for (int b = 0; b < 4; b++) hs = hfma2(q4_pair(tab, words[q], b), xw[b], hs);
                     }
-                    part[h] = s * (h2_sum(hs) * xrun);
+                    sum = fmaf(s, h2_sum(hs) * xscale[c], sum);
                 } else {
                     const float* xp = xsm + c * 33;
                     float d = 0.f;
@@ -252,14 +241,11 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
                             d = fmaf(pr.x, xp[8 * q + 2 * b], d);
                             d = fmaf(pr.y, xp[8 * q + 2 * b + 1], d);
                         }
-                    part[h] = s * d;
+                    sum = fmaf(s, d, sum);
                 }
             }
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const float v = warp_sum(part[h]);
-                if (lane == 0) sums[(p * max_units + k) * 32 + 16 * h + warp] = v;
-            }
+            sum = warp_sum(sum);
+            if (lane == 0) sums[(p * max_units + k) * GEMV_WARPS + warp] = sum;
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[slot]);
@@ -272,16 +258,16 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
         }
     }
     __syncthreads();
-    // Row r of the block (virtual row vrow0 + r) sums its warps' halves
-    // (chunks / 32 consecutive entries of its unit), in order.
-    const int wpr = chunks / 32;
+    // Row r of the block (virtual row vrow0 + r) sums the warps of its unit
+    // that cover it, in warp order.
+    const int wpr = GEMV_WARPS / rpu;
     for (int r = tid; r < nrows; r += blockDim.x) {
-        const int k = r / rpu, e0 = (r % rpu) * wpr;
+        const int k = r / rpu, w0 = (r % rpu) * wpr;
         float v[NP];
 #pragma unroll
         for (int p = 0; p < NP; p++) {
             float s = 0.f;
-            for (int w = 0; w < wpr; w++) s += sums[(p * max_units + k) * 32 + e0 + w];
+            for (int w = 0; w < wpr; w++) s += sums[(p * max_units + k) * GEMV_WARPS + w0 + w];
             v[p] = rnd(s, cd);
         }
         const int vr = vrow0 + r;
@@ -300,7 +286,7 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
 
 // Instances: h in half precision (H), b in f32; _pair gate/up with SiLU.
 #define GEMV_Q4S(TAG, H)                                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * Q4S_WARPS, 2) gemv_q4s_##TAG(               \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4s_##TAG(                          \
         const __grid_constant__ Q4BnbArgs a0, const __grid_constant__ Q4BnbArgs a1,               \
         const __grid_constant__ Q4BnbArgs a2, Q4sMats m, const float* __restrict__ x, int in,     \
         int stages, int stage_bytes, int max_units, int npu, int acc, int cd,                     \
@@ -308,7 +294,7 @@ __device__ __forceinline__ void gemv_q4s_body(const Q4BnbArgs& a0, const Q4BnbAr
         gemv_q4s_body<H, false>(a0, a1, a2, m, x, in, stages, stage_bytes, max_units, npu, acc,  \
                                 cd, nw, eps);                                                     \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(32 * Q4S_WARPS, 2) gemv_q4s_##TAG##_pair(        \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4s_##TAG##_pair(                   \
         const __grid_constant__ Q4BnbArgs a0, const __grid_constant__ Q4BnbArgs a1,               \
         const __grid_constant__ Q4BnbArgs a2, Q4sMats m, const float* __restrict__ x, int in,     \
         int stages, int stage_bytes, int max_units, int npu, int acc, int cd,                     \
