@@ -291,11 +291,9 @@ static Appended reference_block(const Shape& s, int fmt, const Layer<Q4BnbArgs>&
 // matrix has a code table of its own (as NF4 and FP4 matrices mixed in one
 // launch would); with `half` the bnb GEMVs take the half-precision kernels
 // (`_h1`, `norm3_h`), as the host launches them for an f16 or bf16 compute
-// dtype; with `streamed` (bnb formats, rows of 2048 to 16384) the four
-// products take the streamed kernels (gemv_q4s.cu) on `cap` blocks with
-// `stages` ring slots, as the host launches them on sm_90.
+// dtype.
 static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int cap,
-                     bool mixed = false, bool half = false, bool streamed = false, int stages = 3) {
+                     bool mixed = false, bool half = false) {
     arena_used = 0;
     const int qo = s.q_heads * s.D, kvo = s.kv_heads * s.D, G = s.q_heads / s.kv_heads;
     const int rows[7] = {qo, kvo, kvo, s.hidden, s.inter, s.inter, s.hidden};
@@ -337,48 +335,11 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
         return (size_t)((half ? q4_pairs_at<true>(in) : q4_pairs_at<false>(in)) + Q4_PAIR_FLOATS) * 4;
     };
 
-    // A streamed launch of matrices `w` (side by side when `pair`) with
-    // outputs `y`, as gemv_stream.rs sets it up.
-    auto stream = [&](const Q4BnbArgs* w, int nm, bool pair, float* const* y, const int* out,
-                      int in, const float* x, int acc, const float* nw) {
-        Q4sMats m{};
-        int total = 0;
-        for (int i = 0; i < (pair ? 1 : nm); i++) {
-            m.y[i] = y[i];
-            m.out[i] = out[i];
-            total += (m.units[i] = out[i] * in / Q4S_UNIT_WEIGHTS);
-        }
-        const int grid = std::min(total, cap), max_units = (total + grid - 1) / grid;
-        const int sides = pair ? 2 : 1;
-        const int sb = (Q4S_UNIT_WEIGHTS >> w[0].bs_log2) * (w[0].codes ? 1 : 4);
-        const int stage_bytes = (Q4S_UNIT_BYTES + sb + 15) & ~15;
-        const int sh = w[0].bs_log2 + w[0].nbs_log2;
-        const int npu = w[0].codes && sh < 14 ? Q4S_UNIT_WEIGHTS >> sh : 1;
-        const int pairs = half ? q4_pairs_at<true>(in) : q4_pairs_at<false>(in);
-        const size_t smem = (size_t)((pairs + Q4_PAIR_FLOATS + 3) & ~3) * 4 +
-                            (size_t)stages * sides * stage_bytes + (size_t)sides * max_units * (8 + npu) * 4;
-        const Q4BnbArgs& w1 = w[nm > 1 ? 1 : 0];
-        const Q4BnbArgs& w2 = w[nm > 2 ? 2 : 0];
-        launch({(unsigned)grid}, 256, smem, [&] {
-            if (pair)
-                (half ? gemv_q4s_h_pair : gemv_q4s_b_pair)(w[0], w1, w2, m, x, in, stages, stage_bytes,
-                                                           max_units, npu, acc, cd, nw, eps);
-            else
-                (half ? gemv_q4s_h : gemv_q4s_b)(w[0], w1, w2, m, x, in, stages, stage_bytes,
-                                                 max_units, npu, acc, cd, nw, eps);
-        });
-    };
-
     // The kernels, block after block.
     State a = fresh_state(s, layers, x0, kc0, vc0, splits);
     for (int l = 0; l < layers; l++) {
         const Layer<Q4BnbArgs>& wb = lb[l];
         const Layer<Q4PackedArgs>& wp = lp[l];
-        if (streamed) {
-            float* qkv[3] = {a.q, a.k, a.v};
-            const int outs[3] = {qo, kvo, kvo};
-            stream(wb.m, 3, false, qkv, outs, s.hidden, a.x, 0, wb.ln1);
-        } else {
         GemvMulti m{};
         m.y[0] = a.q; m.y[1] = a.k; m.y[2] = a.v;
         m.out[0] = qo; m.out[1] = kvo; m.out[2] = kvo;
@@ -389,17 +350,12 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
             else if (half) gemv_q4bnb_norm3_h(wb.m[0], wb.m[1], wb.m[2], m, a.x, wb.ln1, eps, s.hidden, ks_qkv, cd);
             else gemv_q4bnb_norm3(wb.m[0], wb.m[1], wb.m[2], m, a.x, wb.ln1, eps, s.hidden, ks_qkv, cd);
         });
-        }
         const unsigned threads = 32 * std::min(std::max(G, 4), 8);
         launch({(unsigned)splits, (unsigned)s.kv_heads, 1}, threads, att_smem, [&] {
             attn_decode(a.q, a.k, a.v, a.kc[l], a.vc[l], slot, pos, inv, a.part, a.count, a.att,
                         s.q_heads, s.kv_heads, s.D, s.max_len, splits, scale);
         });
         auto gemv = [&](int i, const float* x, float* y, int out, int in, int ks, int acc) {
-            if (streamed) {
-                stream(&wb.m[i], 1, false, &y, &out, in, x, acc, nullptr);
-                return;
-            }
             launch({(unsigned)std::min(q4_blocks_h(out, 4, ks), cap)}, 256, staged(in), [&] {
                 if (fmt == 2) {
                     const Q4PackedArgs& w = wp.m[i];
@@ -411,11 +367,6 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
             });
         };
         gemv(3, a.att, a.x, s.hidden, qo, ks_o, 1);
-        if (streamed) {
-            float* act[1] = {a.act};
-            const int outs[1] = {s.inter};
-            stream(&wb.m[4], 2, true, act, outs, s.hidden, a.x, 0, wb.ln2);
-        } else
         launch({(unsigned)std::min(q4_blocks_h(s.inter, 2, ks_gu), cap)}, 256, staged(s.hidden), [&] {
             if (fmt == 2) {
                 const Q4PackedArgs &g = wp.m[4], &u = wp.m[5];
@@ -447,9 +398,9 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     // Half-precision kernels: f16 products summed in f16 over 32 weights.
     const double tol = half ? (cd == 2 ? 1e-2 : 5e-3) : (fmt == 2 || cd == 0 ? 1e-5 : (cd == 1 ? 2e-3 : 1e-2));
     const bool ref_ok = ex < tol && ek < tol && ev < tol;
-    printf("%d layers, fmt %d%s%s%s cd %d, h%d i%d q%d kv%d D%d len%d pos%d, ks %d/%d/%d/%d, cap %d: "
+    printf("%d layers, fmt %d%s%s cd %d, h%d i%d q%d kv%d D%d len%d pos%d, ks %d/%d/%d/%d, cap %d: "
            "%s; reference x %.1e k %.1e v %.1e: %s\n",
-           layers, fmt, mixed ? " mixed codes" : "", half ? " half" : "", streamed ? " streamed" : "", cd, s.hidden, s.inter, s.q_heads, s.kv_heads,
+           layers, fmt, mixed ? " mixed codes" : "", half ? " half" : "", cd, s.hidden, s.inter, s.q_heads, s.kv_heads,
            s.D, s.max_len, s.pos,
            ks_qkv, ks_o, ks_gu, ks_down, cap, ok ? "RAN" : "DID NOT RUN", ex, ek, ev,
            ref_ok ? "WITHIN" : "OUTSIDE");
@@ -477,10 +428,6 @@ int main() {
     ok &= run_case(small, 2, 1, 2, 2, 3, false, true);
     ok &= run_case(small, 1, 0, 1, 2, 3, true, true);
     ok &= run_case(llama1b, 1, 1, 2, 132, 7, false, true);
-    // Streamed NF4/FP4 kernels: rings that wrap, both precisions, with
-    // and without double quantization, one code table per matrix.
-    ok &= run_case(llama1b, 1, 1, 1, 132, 5, false, true, true, 3);
-    ok &= run_case(llama1b, 1, 0, 0, 132, 6, true, false, true, 2);
     printf(ok ? "ALL WITHIN\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

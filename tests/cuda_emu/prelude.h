@@ -121,34 +121,3 @@ inline void pdl_release() {}
 inline void trace_event(int) {}
 inline void cp_async16(float* dst, const float* src) { memcpy(dst, src, 16); }
 inline void cp_async_wait_all() {}
-// mbarriers of the streamed GEMV (gemv_q4s.cu) in one 64-bit word: pending
-// arrivals (bits 0-15), expected arrivals (16-31), phase (32) and pending
-// transaction bytes (33-63); bulk copies are plain copies that complete
-// their bytes at once.
-inline void emu_mbar_update(u64* bar, u64 arrivals, long long tx) {
-    u64 old = __atomic_load_n(bar, __ATOMIC_SEQ_CST), next;
-    do {
-        u64 pending = (old & 0xffffu) - arrivals, count = (old >> 16) & 0xffffu;
-        u64 phase = (old >> 32) & 1u;
-        const long long bytes = (long long)(old >> 33) + tx;
-        if (bytes < 0) abort();
-        if (pending == 0 && bytes == 0) {
-            pending = count;
-            phase ^= 1u;
-        }
-        next = pending | (count << 16) | (phase << 32) | ((u64)bytes << 33);
-    } while (!__atomic_compare_exchange_n(bar, &old, next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
-}
-inline void mbar_init(u64* bar, u32 count) {
-    __atomic_store_n(bar, (u64)count | ((u64)count << 16), __ATOMIC_SEQ_CST);
-}
-inline void mbar_expect_tx(u64* bar, u32 bytes) { emu_mbar_update(bar, 1, bytes); }
-inline void mbar_arrive(u64* bar) { emu_mbar_update(bar, 1, 0); }
-inline void mbar_wait(u64* bar, u32 parity) {
-    while (((__atomic_load_n(bar, __ATOMIC_SEQ_CST) >> 32) & 1u) == parity) std::this_thread::yield();
-}
-inline void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar) {
-    memcpy(dst, src, bytes);
-    emu_mbar_update(bar, 0, -(long long)bytes);
-}
-inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp->bar->arrive_and_wait(); }

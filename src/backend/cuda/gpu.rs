@@ -53,10 +53,6 @@ pub struct Gpu {
     pub total_mem: usize,
     /// Whether launches allow programmatic dependent launch.
     pdl: bool,
-    /// Whether single-row NF4/FP4 products may take the streamed kernels
-    /// (gemv_q4s.cu: bulk copies and mbarriers, sm_90+), unless
-    /// `QUANTBENCH_CUDA_Q4S=0`.
-    pub streamed_q4: bool,
     /// The compiled kernels, whose block timeline ring `timeline` reads.
     module: Arc<CudaModule>,
     /// Where the block timeline goes when the device is closed
@@ -142,8 +138,6 @@ impl Gpu {
         let pool = Pool::new(stats.clone());
         Ok(Gpu {
             pdl: pdl_enabled(major),
-            streamed_q4: major >= 9
-                && std::env::var("QUANTBENCH_CUDA_Q4S").map_or(true, |v| v != "0"),
             name: ctx.name()?,
             total_mem: ctx.total_mem()?,
             sm_count,

@@ -9,7 +9,6 @@ use cudarc::cublas::result::gemm_ex;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::sys::CUdeviceptr;
 
-use super::gemv_stream;
 use super::gpu::{Arg, Gpu, arg, grid_for};
 use super::int8_gemm;
 use super::tensor::CudaTensor;
@@ -131,7 +130,7 @@ fn q4_kernel(
 /// products summed in f16 pairs over each lane's 32 weights, then in f32.
 /// Only for an f16 or bf16 compute dtype, which already rounds activations
 /// and products to 2^-11 relative or coarser; f32 keeps f32 products.
-pub(super) fn q4_half(cd: i32) -> bool {
+fn q4_half(cd: i32) -> bool {
     cd != 0
 }
 
@@ -164,7 +163,7 @@ const Q4_PAIR_FLOATS: usize = 256 * 16 * 2;
 /// row, in floats (`q4_pairs_at` in gemv_q4.cu): the staged row (one pad
 /// word per 32 values, 8-byte aligned; in `half` kernels 20 words and a
 /// scale per 32 values), then the code-pair tables.
-pub(super) fn q4_staged_floats(in_f: usize, half: bool) -> usize {
+fn q4_staged_floats(in_f: usize, half: bool) -> usize {
     let row = if half {
         21 * (in_f / 32)
     } else {
@@ -187,7 +186,6 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
             let p = buf.ptr();
             g.launch(gpu, &name, vec![arg(&p)], &[], x, y, NARROW)?;
         }
-        CudaWeight::Bnb4(q) if gemv_stream::single(gpu, x, q, y, acc)? => {}
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
@@ -269,12 +267,6 @@ pub fn gate_up_silu(
         in_f,
         acc: false,
     };
-    if let (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) = (gate, up)
-        && a.compute_dtype == b.compute_dtype
-        && gemv_stream::pair(gpu, x, a, b, norm, &y)?
-    {
-        return Ok(Some(y));
-    }
     let na = NormArgs::of(norm);
     let nargs = na.args();
     match (gate, up) {
@@ -364,7 +356,7 @@ fn stage_smem(gpu: &Gpu, name: &str, floats: usize) -> Result<u32> {
 /// gemv_q4.cu), its 16 code values included.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(super) struct Q4BnbArgs {
+struct Q4BnbArgs {
     w: CUdeviceptr,
     absmax: CUdeviceptr,
     codes: CUdeviceptr,
@@ -377,7 +369,7 @@ pub(super) struct Q4BnbArgs {
 
 impl Q4BnbArgs {
     /// The arguments describing `q`.
-    pub(super) fn of(q: &CudaBnb4) -> Self {
+    fn of(q: &CudaBnb4) -> Self {
         Q4BnbArgs {
             w: q.packed.ptr(),
             absmax: q.absmax.ptr(),
@@ -515,22 +507,6 @@ pub fn norm_matmuls(
     }
     if ws.iter().any(|w| w.shape().1 != in_f) {
         return Ok(None);
-    }
-    let bnb: Option<Vec<&CudaBnb4>> = ws
-        .iter()
-        .map(|w| match w {
-            CudaWeight::Bnb4(q) => Some(q),
-            _ => None,
-        })
-        .collect();
-    if let Some(bnb) = bnb {
-        let ys = ws
-            .iter()
-            .map(|w| CudaTensor::empty(gpu, 1, w.shape().0))
-            .collect::<Result<Vec<_>>>()?;
-        if gemv_stream::norm_many(gpu, x, norm, &bnb, &ys)? {
-            return Ok(Some(ys));
-        }
     }
     let Some((name, tiling, weights, floats)) = norm3_kernel(ws, in_f) else {
         return Ok(None);

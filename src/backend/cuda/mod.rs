@@ -12,7 +12,6 @@ mod attention;
 mod attention_tc;
 pub mod awq;
 pub mod compile;
-mod gemv_stream;
 pub mod gptq;
 mod gpu;
 mod graph;
