@@ -332,7 +332,8 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     const int ks_gu = 1;  // WIDE_PAIR_SINGLE in matmul.rs
     const int ks_down = std::min(gemv_ksplit(sm, s.hidden, s.inter / 32, 4), 4);
     auto staged = [&](int in) {
-        return (size_t)((half ? q4_pairs_at<true>(in) : q4_pairs_at<false>(in)) + Q4_PAIR_FLOATS) * 4;
+        return (size_t)(half ? q4_pairs_at<true>(in) + Q4_PAIR_FLOATS_H
+                             : q4_pairs_at<false>(in) + Q4_PAIR_FLOATS) * 4;
     };
 
     // The kernels, block after block.

@@ -154,10 +154,13 @@ const Q4_PAIR: Q4Tilings = Q4Tilings {
     batch: WIDE_PAIR,
 };
 
-/// Floats of a single-row 4-bit kernel's code-pair tables: 256 pairs in 16
-/// slots of two floats, or 32 slots of two f16 values (`Q4_PAIR_FLOATS` in
-/// gemv_q4.cu, filled by `q4_pair_tables`).
-const Q4_PAIR_FLOATS: usize = 256 * 16 * 2;
+/// Floats of a single-row 4-bit kernel's code-pair tables: 256 entries of
+/// 16 slots of two floats (128 bytes), or in `half` kernels of 32 slots of
+/// two f16 values padded to 256 bytes (`Q4_PAIR_FLOATS` and
+/// `Q4_PAIR_FLOATS_H` in gemv_q4.cu, filled by `q4_pair_tables`).
+fn q4_pair_floats(half: bool) -> usize {
+    if half { 256 * 64 } else { 256 * 32 }
+}
 
 /// Dynamic shared memory of a single-row 4-bit kernel for an `in_f`-wide
 /// row, in floats (`q4_pairs_at` in gemv_q4.cu): the staged row (one pad
@@ -169,7 +172,7 @@ fn q4_staged_floats(in_f: usize, half: bool) -> usize {
     } else {
         (in_f + in_f / 32).next_multiple_of(2)
     };
-    row + Q4_PAIR_FLOATS
+    row + q4_pair_floats(half)
 }
 
 /// Small batches: the GEMV of `x` with `w` into `y` (adding to `y` when

@@ -11,7 +11,7 @@
 // single NF4/FP4 rows of an f16 or bf16 compute dtype take f16 products
 // summed in f16 over 32 weights instead (the `h1` and `norm3_h` kernels).
 // Single-row launches need q4_pairs_at<H>(in) + Q4_PAIR_FLOATS floats of
-// dynamic shared memory.
+// dynamic shared memory (Q4_PAIR_FLOATS_H with H).
 
 // bitsandbytes NF4/FP4: high nibble first; absmax per block of 2^bs_log2 >= 32
 // flattened weights, double-quantized when `codes` is set. Offsets are 32-bit
@@ -94,26 +94,31 @@ __device__ __forceinline__ int q4_pairs_at(int in) {
     return H ? (Q4_XH_WORDS + 1) * (in >> 5) : (in + in / 32 + 1) & ~1;
 }
 
-// Floats of the code-pair tables: 256 pairs in 16 slots of two floats, or
-// with H in 32 slots of one f16 pair (Q4_PAIR_FLOATS in matmul.rs sizes the
-// launch's shared memory with it).
+// Floats of the code-pair tables: 256 entries, each holding its pair in 16
+// slots of two floats (128 bytes), or with H in 32 slots of one f16 pair in
+// the first 128 bytes of a 256-byte entry, so that one byte permute builds
+// a lookup's offset (q4_pair). Q4_PAIR_FLOATS and Q4_PAIR_FLOATS_H in
+// matmul.rs size a launch's shared memory with them.
 #define Q4_PAIR_FLOATS 8192
+#define Q4_PAIR_FLOATS_H 16384
 
 // Code-pair tables of a single-row launch: entry e of a table holds the
 // codes of byte e's first and second weight (E: float2, or with H two f16
 // values in a word, the first in the low half), in S slots (16, or 32 with
-// H: entry e, slot c at S e + c) that the distinct tables of `luts` (the
-// three 16-entry tables q4_tables fills) share: S, S / 2 or S / 3 slots
-// each for 1, 2 or 3 distinct tables, lane L reading slot L % that count
-// of its table's. With one table no two lanes that the hardware serves
-// together read the same bank, whatever their bytes. `tab[i]` is this
-// lane's slot of the table of lut i.
+// H; entry e, slot c at S e + c, or 2 S e + c with H) that the distinct
+// tables of `luts` (the three 16-entry tables q4_tables fills) share: S,
+// S / 2 or S / 3 slots each for 1, 2 or 3 distinct tables, lane L reading
+// slot L % that count of its table's. With one table no two lanes that the hardware serves
+// together read the same bank, whatever their bytes. `off[i]` is the byte
+// offset of this lane's slot of the table of lut i within an entry (below
+// 128).
 template <class E>
 struct Q4Pairs {
-    const E* tab[3];
-    __device__ __forceinline__ const E* lane_tab(const float* luts, const float* lut) const {
+    const u8* base;
+    u32 off[3];
+    __device__ __forceinline__ u32 lane_off(const float* luts, const float* lut) const {
         const int i = (int)(lut - luts) >> 4;
-        return i == 0 ? tab[0] : (i == 1 ? tab[1] : tab[2]);
+        return i == 0 ? off[0] : (i == 1 ? off[1] : off[2]);
     }
 };
 
@@ -163,24 +168,33 @@ __device__ __forceinline__ Q4Pairs<typename Q4PairEntry<H>::T> q4_pair_tables(co
         const int e = threadIdx.x / S + (256 / S) * i;
         const float first = lut[e >> 4], second = lut[e & 15];
         if constexpr (H)
-            t[S * e + slot_here] = HI_FIRST ? pack_h2(first, second) : pack_h2(second, first);
+            t[2 * S * e + slot_here] = HI_FIRST ? pack_h2(first, second) : pack_h2(second, first);
         else
             t[S * e + slot_here] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
     }
     const int lane = threadIdx.x & 31, slot = lane - k * per_slots<H>(lane, ntab);
     Q4Pairs<E> p;
-    p.tab[0] = t + slot;
-    p.tab[1] = t + id1 * k + slot;
-    p.tab[2] = t + id2 * k + slot;
+    p.base = (const u8*)t;
+    p.off[0] = (u32)(slot * sizeof(E));
+    p.off[1] = (u32)((id1 * k + slot) * sizeof(E));
+    p.off[2] = (u32)((id2 * k + slot) * sizeof(E));
     return p;
 }
 
-// The code pair of byte b of `word` from this lane's slot of a table of S
-// slots.
-template <class E>
-__device__ __forceinline__ E q4_pair(const E* tab, u32 word, int b) {
-    constexpr int SHIFT = sizeof(E) == 4 ? 5 : 4;
-    return tab[__byte_perm(word, 0, 0x4440 + b) << SHIFT];
+// The f16 code pair of byte b of `word` from the lane's slot at byte
+// offset `off` (below 128) of the 256-byte entries at `base`: one byte
+// permute places the byte above the offset, i.e. entry byte * 256 plus the
+// slot, and the load adds the block-wide base (3 instructions per byte
+// instead of 4: NF4 decode with an f16 compute dtype 2% faster,
+// bench/RESULTS.md, twentieth session).
+__device__ __forceinline__ u32 q4_pair_h(const u8* base, u32 off, u32 word, int b) {
+    return *(const u32*)(base + __byte_perm(word, off, 0x7604 | (b << 4)));
+}
+
+// The f32 code pair of byte b of `word` from this lane's slot `tab` of
+// 128-byte entries.
+__device__ __forceinline__ float2 q4_pair_f32(const float2* tab, u32 word, int b) {
+    return tab[__byte_perm(word, 0, 0x4440 + b) << 4];
 }
 
 // Stages the single input row `x` of a half-precision launch (in % 32 == 0)
@@ -343,8 +357,11 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     for (int b = blockIdx.x; b < nblocks;) {
         const int row0 = g.row0;
         const int nb = b + gridDim.x;
-        const E* tab_a = pairs.lane_tab(luts, L.lut_a);
-        const E* tab_b = pairs.lane_tab(luts, L.lut_b);
+        const u32 off_a = pairs.lane_off(luts, L.lut_a);
+        const u32 off_b = pairs.lane_off(luts, L.lut_b);
+        // f32 pairs: this lane's slots as pointers (q4_pair_f32).
+        const float2* tab_a = (const float2*)(pairs.base + off_a);
+        const float2* tab_b = (const float2*)(pairs.base + off_b);
         Q4Block<Q> Ln = L;
         GemvRows<R, PAIR> gn = g;
         // Single rows: whether the next logical block's first round is
@@ -384,9 +401,10 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
 #pragma unroll
                     for (int r = 0; r < R; r++) {
                         const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                        const E* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
+                        const u32 off = (PAIR && (r & 1)) ? off_b : off_a;
 #pragma unroll
-                        for (int b = 0; b < 4; b++) hsum[r] = hfma2(q4_pair(tab, word, b), xw[b], hsum[r]);
+                        for (int b = 0; b < 4; b++)
+                            hsum[r] = hfma2(q4_pair_h(pairs.base, off, word, b), xw[b], hsum[r]);
                     }
                 }
                 const float run = xscale[c];
@@ -414,7 +432,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                             const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
 #pragma unroll
                             for (int b = 0; b < 4; b++) {
-                                const float2 pr = q4_pair(tab, word, b);
+                                const float2 pr = q4_pair_f32(tab, word, b);
                                 wf[r][2 * b] = pr.x;
                                 wf[r][2 * b + 1] = pr.y;
                             }
