@@ -97,7 +97,7 @@ __device__ __forceinline__ int q4_pairs_at(int in) {
 // Floats of the code-pair tables: 256 entries, each holding its pair in 16
 // slots of two floats (128 bytes), or with H in 32 slots of one f16 pair in
 // the first 128 bytes of a 256-byte entry, so that one byte permute builds
-// a lookup's offset (q4_pair). Q4_PAIR_FLOATS and Q4_PAIR_FLOATS_H in
+// a lookup's offset (q4_pair_h). Q4_PAIR_FLOATS and Q4_PAIR_FLOATS_H in
 // matmul.rs size a launch's shared memory with them.
 #define Q4_PAIR_FLOATS 8192
 #define Q4_PAIR_FLOATS_H 16384
@@ -108,10 +108,10 @@ __device__ __forceinline__ int q4_pairs_at(int in) {
 // H; entry e, slot c at S e + c, or 2 S e + c with H) that the distinct
 // tables of `luts` (the three 16-entry tables q4_tables fills) share: S,
 // S / 2 or S / 3 slots each for 1, 2 or 3 distinct tables, lane L reading
-// slot L % that count of its table's. With one table no two lanes that the hardware serves
-// together read the same bank, whatever their bytes. `off[i]` is the byte
-// offset of this lane's slot of the table of lut i within an entry (below
-// 128).
+// slot L % that count of its table's. With one table no two lanes that the
+// hardware serves together read the same bank, whatever their bytes.
+// `off[i]` is the byte offset of this lane's slot of the table of lut i
+// within an entry (below 128).
 template <class E>
 struct Q4Pairs {
     const u8* base;
