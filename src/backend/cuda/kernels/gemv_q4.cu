@@ -112,7 +112,6 @@ __device__ __forceinline__ int q4_pairs_at(int in) {
 // hardware serves together read the same bank, whatever their bytes.
 // `off[i]` is the byte offset of this lane's slot of the table of lut i
 // within an entry (below 128).
-template <class E>
 struct Q4Pairs {
     const u8* base;
     u32 off[3];
@@ -146,8 +145,7 @@ struct Q4PairEntry<true> {
 // fills slot t % S of entries (256 / S) i + t / S (i < S), so its slot and
 // table stay fixed.
 template <bool HI_FIRST, bool H>
-__device__ __forceinline__ Q4Pairs<typename Q4PairEntry<H>::T> q4_pair_tables(const float* luts,
-                                                                              float* mem) {
+__device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem) {
     static_assert(GEMV_WARPS * 32 == 256, "the pair tables are filled by 256 threads");
     typedef typename Q4PairEntry<H>::T E;
     constexpr int S = H ? 32 : 16;
@@ -173,7 +171,7 @@ __device__ __forceinline__ Q4Pairs<typename Q4PairEntry<H>::T> q4_pair_tables(co
             t[S * e + slot_here] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
     }
     const int lane = threadIdx.x & 31, slot = lane - k * per_slots<H>(lane, ntab);
-    Q4Pairs<E> p;
+    Q4Pairs p;
     p.base = (const u8*)t;
     p.off[0] = (u32)(slot * sizeof(E));
     p.off[1] = (u32)((id1 * k + slot) * sizeof(E));
@@ -306,7 +304,6 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     static_assert(!H || (NB == 1 && !Q::HAS_ZERO),
                   "half-precision rounds are for single rows of codes without zeros");
     trace_event(TRACE_ENTER);
-    typedef typename Q4PairEntry<H>::T E;
     const int chunks = in >> 5;
     const int step = 32 * ksplit;
     extern __shared__ float xsm[];
@@ -333,7 +330,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     // The first weights are loaded before waiting for the preceding kernel
     // (weights never depend on it).
     if (c0 < chunks) load_round(L, g.rows, c0, wv, s, z);
-    Q4Pairs<E> pairs{};
+    Q4Pairs pairs{};
     if (NB == 1) pairs = q4_pair_tables<Q::HI_FIRST, H>(luts, xsm + q4_pairs_at<H>(in));
     // A block releases the next kernel when it starts its last logical
     // block: blocks that loop hold it back until then, so that its blocks'
