@@ -89,6 +89,7 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned sel) {
     for (int i = 0; i < 4; i++) r |= (unsigned)((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) << (8 * i);
     return r;
 }
+template <class T> inline T __ldg(const T* p) { return *p; }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 
 // The inline-PTX helpers of common.cuh and attention.cu.

@@ -145,9 +145,15 @@ fn q4_half(cd: i32) -> bool {
 /// `in_f` inputs in the tensor-core kernels (`gemv_q4tc_body` in
 /// gemv_q4.cu): an f16 compute dtype, whose activations f16 holds exactly,
 /// and whole 128-input segments. `QUANTBENCH_CUDA_Q4TC=0` turns them off.
-fn q4_tc(cd: i32, in_f: usize) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("QUANTBENCH_CUDA_Q4TC").map_or(true, |v| v != "0"));
+fn q4_tc(cd: i32, in_f: usize, pair: bool) -> bool {
+    static ON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let on = ON.get_or_init(|| std::env::var("QUANTBENCH_CUDA_Q4TC").unwrap_or("1".into()));
+    let on = match on.as_str() {
+        "0" => false,
+        "pair" => pair,
+        "single" => !pair,
+        _ => true,
+    };
     on && cd == 1 && in_f.is_multiple_of(128)
 }
 
@@ -209,7 +215,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
-                let (half, tc) = (q4_half(cd), q4_tc(cd, in_f));
+                let (half, tc) = (q4_half(cd), q4_tc(cd, in_f, false));
                 let (name, tiling) =
                     q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", Q4_SINGLE, half, tc)?;
                 let a = Q4BnbArgs::of(q);
@@ -311,7 +317,7 @@ pub fn gate_up_silu(
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let cd = dtype_mode(a.compute_dtype);
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
-                let (half, tc) = (q4_half(cd), q4_tc(cd, in_f));
+                let (half, tc) = (q4_half(cd), q4_tc(cd, in_f, true));
                 let (name, tiling) =
                     q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", Q4_PAIR, half, tc)?;
                 let (qa, qb) = (Q4BnbArgs::of(a), Q4BnbArgs::of(b));
@@ -484,7 +490,7 @@ fn norm3_kernel(
                 .collect::<Option<Vec<_>>>()?;
             let cd = dtype_mode(first.compute_dtype);
             let half = q4_half(cd);
-            let (name, tiling) = if q4_tc(cd, in_f) {
+            let (name, tiling) = if q4_tc(cd, in_f, false) {
                 ("gemv_q4bnb_norm3_tc", Q4TC)
             } else if half {
                 ("gemv_q4bnb_norm3_h", WIDE)

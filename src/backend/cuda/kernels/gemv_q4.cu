@@ -145,13 +145,17 @@ struct Q4PairEntry<true> {
 
 // Fills the pair tables in `mem` from `luts`; callers sync before reading.
 // Each warp finds which tables are the same on its own; thread t of the 256
-// fills slot t % S of entries (256 / S) i + t / S (i < S), so its slot and
-// table stay fixed.
+// fills entry t, its 128 bytes of slots as 8 groups of 16 bytes, group
+// (q + t) % 8 at step q so that the 8 threads one store serves meet 8
+// different banks: 8 stores a thread where filling a slot at a time took
+// 32 (S with H), a shorter prologue for every single-row launch.
 template <bool HI_FIRST, bool H>
 __device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem) {
     static_assert(GEMV_WARPS * 32 == 256, "the pair tables are filled by 256 threads");
     typedef typename Q4PairEntry<H>::T E;
     constexpr int S = H ? 32 : 16;
+    // Slots of a 16-byte group.
+    constexpr int G = S / 8;
     const int l = threadIdx.x & 15;
     const u32 a = __float_as_uint(luts[l]), b = __float_as_uint(luts[16 + l]);
     const u32 c = __float_as_uint(luts[32 + l]);
@@ -160,19 +164,54 @@ __device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem)
     const int id1 = s10 ? 0 : 1, id2 = s20 ? 0 : (s21 ? id1 : id1 + 1);
     const int ntab = max(id1, id2) + 1;
     const int k = S / ntab;
-    const int slot_here = threadIdx.x % S;
-    const int ti = min(per_slots<H>(slot_here, ntab), ntab - 1);
-    const float* lut = ti == 0 ? luts : (ti == id1 ? luts + 16 : luts + 32);
-    E* t = (E*)mem;
+    const int e = threadIdx.x;
+    // Entry e's pair in each of the three tables.
+    E v[3];
 #pragma unroll
-    for (int i = 0; i < S; i++) {
-        const int e = threadIdx.x / S + (256 / S) * i;
-        const float first = lut[e >> 4], second = lut[e & 15];
+    for (int i = 0; i < 3; i++) {
+        const float first = luts[16 * i + (e >> 4)], second = luts[16 * i + (e & 15)];
         if constexpr (H)
-            t[2 * S * e + slot_here] = HI_FIRST ? pack_h2(first, second) : pack_h2(second, first);
+            v[i] = HI_FIRST ? pack_h2(first, second) : pack_h2(second, first);
         else
-            t[S * e + slot_here] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
+            v[i] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
     }
+    E* t = (E*)mem;
+    uint4* row = (uint4*)((u8*)mem + e * (H ? 256 : 128));
+    // The pair of slot `slot` (of table ti = slot / (S / ntab), the last
+    // table taking the remainder).
+    auto slot_pair = [&](int slot) {
+        const int ti = min(per_slots<H>(slot, ntab), ntab - 1);
+        return ti == 0 ? v[0] : (ti == id1 ? v[1] : v[2]);
+    };
+#ifdef Q4_SLOT_FILL
+    {
+        const int slot_here = threadIdx.x % S;
+        const int ti = min(per_slots<H>(slot_here, ntab), ntab - 1);
+        const float* lut = ti == 0 ? luts : (ti == id1 ? luts + 16 : luts + 32);
+#pragma unroll
+        for (int i = 0; i < S; i++) {
+            const int e = threadIdx.x / S + (256 / S) * i;
+            const float first = lut[e >> 4], second = lut[e & 15];
+            if constexpr (H)
+                t[2 * S * e + slot_here] = HI_FIRST ? pack_h2(first, second) : pack_h2(second, first);
+            else
+                t[S * e + slot_here] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
+        }
+    }
+#else
+#pragma unroll
+    for (int q = 0; q < 8; q++) {
+        const int gq = (q + e) & 7;
+        E g[G];
+#pragma unroll
+        for (int j = 0; j < G; j++) g[j] = ntab == 1 ? v[0] : slot_pair(G * gq + j);
+        if constexpr (H)
+            row[gq] = make_uint4(g[0], g[1], g[2], g[3]);
+        else
+            row[gq] = make_uint4(__float_as_uint(g[0].x), __float_as_uint(g[0].y),
+                                 __float_as_uint(g[1].x), __float_as_uint(g[1].y));
+    }
+#endif
     const int lane = threadIdx.x & 31, slot = lane - k * per_slots<H>(lane, ntab);
     Q4Pairs p;
     p.base = (const u8*)t;
@@ -548,7 +587,9 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
 // 4): 16 rows of gate (group 0) and of up (group 1), writing silu(gate) *
 // up. The next group of segments (of this logical block or the next one)
 // is loaded before the current one is computed.
-#define Q4TC_SEGS 4
+#ifndef Q4TC_SEGS
+#define Q4TC_SEGS 2
+#endif
 
 template <bool PAIR, class At>
 __device__ __forceinline__ void gemv_q4tc_body(At at, int nblocks, const float* __restrict__ luts,
@@ -570,7 +611,12 @@ __device__ __forceinline__ void gemv_q4tc_body(At at, int nblocks, const float* 
     const int nseg = in >> 7;
     // Segments of this warp, and groups of Q4TC_SEGS per logical block (the
     // same for every warp, so that all meet at the block's barriers).
+#ifdef Q4TC_BLOCKED
+    const int segs_w = (nseg + kw - 1) / kw;
+    const int myseg = min(segs_w, max(nseg - kp * segs_w, 0));
+#else
     const int myseg = nseg > kp ? (nseg - kp + kw - 1) / kw : 0;
+#endif
     const int ngroups = ((nseg + kw - 1) / kw + Q4TC_SEGS - 1) / Q4TC_SEGS;
     // The matrix of this warp's group and its first row in logical block L.
     auto matrix = [&](const Q4Block<Q4Bnb>& L) -> Q4Bnb {
@@ -597,9 +643,13 @@ __device__ __forceinline__ void gemv_q4tc_body(At at, int nblocks, const float* 
         for (int j = 0; j < Q4TC_SEGS; j++) {
             const int i = gi * Q4TC_SEGS + j;
             if (i < myseg) {
+#ifdef Q4TC_BLOCKED
+                const u32 seg = (u32)(kp * segs_w + i);
+#else
                 const u32 seg = (u32)(kp + kw * i);
-                w[j][0] = pa[4 * seg];
-                w[j][1] = pb[4 * seg];
+#endif
+                w[j][0] = __ldg(pa + 4 * seg);
+                w[j][1] = __ldg(pb + 4 * seg);
                 const u32 e = e0 + 128u * seg;
                 q.load_scale_of(e >> q.bs_log2, s[j][0], z[j][0]);
                 if (two_scales) q.load_scale_of((e + 32u) >> q.bs_log2, s[j][1], z[j][1]);
@@ -654,7 +704,11 @@ __device__ __forceinline__ void gemv_q4tc_body(At at, int nblocks, const float* 
         for (int j = 0; j < Q4TC_SEGS; j++) {
             const int i = gi * Q4TC_SEGS + j;
             if (i < myseg) {
+#ifdef Q4TC_BLOCKED
+                const int seg = kp * segs_w + i;
+#else
                 const int seg = kp + kw * i;
+#endif
                 // B: this lane's column holds chunk g % 4 of the segment's
                 // x when that is its own chunk t, zeros otherwise.
                 u32 xw[16];
@@ -670,6 +724,9 @@ __device__ __forceinline__ void gemv_q4tc_body(At at, int nblocks, const float* 
                 const u32 wa[4] = {w[j][0].x, w[j][0].y, w[j][0].z, w[j][0].w};
                 const u32 wb[4] = {w[j][1].x, w[j][1].y, w[j][1].z, w[j][1].w};
                 float d[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef Q4TC_SPLITACC
+                float e[4] = {0.f, 0.f, 0.f, 0.f};
+#endif
 #pragma unroll
                 for (int st = 0; st < 8; st++) {
                     const int k = st >> 1, by = 2 * (st & 1);
@@ -677,8 +734,16 @@ __device__ __forceinline__ void gemv_q4tc_body(At at, int nblocks, const float* 
                                       q4_pair_h(pairs.base, off, wb[k], by),
                                       q4_pair_h(pairs.base, off, wa[k], by + 1),
                                       q4_pair_h(pairs.base, off, wb[k], by + 1)};
+#ifdef Q4TC_SPLITACC
+                    mma_16816((st & 1) ? e : d, a, xw[2 * st], xw[2 * st + 1]);
+#else
                     mma_16816(d, a, xw[2 * st], xw[2 * st + 1]);
+#endif
                 }
+#ifdef Q4TC_SPLITACC
+#pragma unroll
+                for (int m = 0; m < 4; m++) d[m] += e[m];
+#endif
                 const float da = (t >> 1) ? d[2] : d[0], db = (t >> 1) ? d[3] : d[1];
                 float s0 = s[j][0], z0 = z[j][0];
                 q.finish_scale(s0, z0);
