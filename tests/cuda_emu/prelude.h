@@ -46,7 +46,6 @@ std::barrier<>* emu_block_bar;
 struct EmuWarp {
     std::barrier<>* bar;
     uint64_t val[32];
-    u32 frag[32][6];  // mma_16816's fragments, a0..a3, b0, b1 per lane
 };
 thread_local EmuWarp* emu_warp;
 
@@ -89,7 +88,6 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned sel) {
     for (int i = 0; i < 4; i++) r |= (unsigned)((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) << (8 * i);
     return r;
 }
-template <class T> inline T __ldg(const T* p) { return *p; }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 
 // The inline-PTX helpers of common.cuh and attention.cu.
@@ -112,36 +110,6 @@ inline u32 hfma2(u32 a, u32 b, u32 c) {
         d |= (u32)r << (16 * i);
     }
     return d;
-}
-// mma.sync m16n8k16 (f16 inputs, f32 accumulation): the lanes publish
-// their fragments, then each computes its four results in double.
-inline void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    const int lane = threadIdx.x & 31;
-    u32* f = emu_warp->frag[lane];
-    for (int i = 0; i < 4; i++) f[i] = a[i];
-    f[4] = b0;
-    f[5] = b1;
-    emu_warp->bar->arrive_and_wait();
-    auto half = [](u32 w, int k) { return (double)h2f((u16)(w >> (16 * (k & 1)))); };
-    // A[r][k] and B[k][n] from the lanes holding them.
-    auto A = [&](int r, int k) {
-        const u32* h = emu_warp->frag[4 * (r & 7) + ((k & 7) >> 1)];
-        return half(h[(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k);
-    };
-    auto B = [&](int k, int n) {
-        const u32* h = emu_warp->frag[4 * n + ((k & 7) >> 1)];
-        return half(h[k >= 8 ? 5 : 4], k);
-    };
-    const int g = lane >> 2, t = lane & 3;
-    float r[4];
-    for (int i = 0; i < 4; i++) {
-        const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-        double v = 0;
-        for (int k = 0; k < 16; k++) v += A(row, k) * B(k, col);
-        r[i] = (float)((double)d[i] + v);
-    }
-    emu_warp->bar->arrive_and_wait();
-    for (int i = 0; i < 4; i++) d[i] = r[i];
 }
 inline float ld_cg(const float* p) { return *(const volatile float*)p; }
 inline float2 ld_cg2(const float* p) { return make_float2(ld_cg(p), ld_cg(p + 1)); }

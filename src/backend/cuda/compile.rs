@@ -75,12 +75,7 @@ fn compile_or_load(major: i32, minor: i32, trace: bool) -> Result<String> {
     }
     let arch = format!("compute_{major}{minor}");
     let version = nvrtc_version();
-    let extra = std::env::var("QUANTBENCH_CUDA_DEFINES").unwrap_or_default();
-    let mut defines: Vec<&str> = extra.split(',').filter(|d| !d.is_empty()).collect();
-    if trace {
-        defines.push("QB_TRACE");
-    }
-    let defines = &defines[..];
+    let defines: &[&str] = if trace { &["QB_TRACE"] } else { &[] };
     let key = fnv1a(&[
         SOURCE.as_bytes(),
         arch.as_bytes(),

@@ -107,7 +107,6 @@ fn q4_offsets_fit(rows: usize, cols: usize) -> bool {
 /// one for up to eight) and its tiling: single rows stage x in shared
 /// memory, in f16 when `half` (see [`q4_half`]), and their blocks loop over
 /// logical blocks.
-#[allow(clippy::too_many_arguments)]
 fn q4_kernel(
     gpu: &Gpu,
     base: &str,
@@ -116,15 +115,9 @@ fn q4_kernel(
     suffix: &str,
     tilings: Q4Tilings,
     half: bool,
-    tc: bool,
 ) -> Result<(String, GemvTiling)> {
     if rows > 1 {
         return Ok((format!("{base}_b{GEMV_MAX_ROWS}{suffix}"), tilings.batch));
-    }
-    if tc {
-        let name = format!("{base}_tc{suffix}");
-        let smem = stage_smem(gpu, &name, q4_staged_floats(in_f, true))?;
-        return Ok((name, Q4TC.single_row_q4(smem)));
     }
     let tag = if half { "h1" } else { "b1" };
     let name = format!("{base}_{tag}{suffix}");
@@ -139,22 +132,6 @@ fn q4_kernel(
 /// and products to 2^-11 relative or coarser; f32 keeps f32 products.
 fn q4_half(cd: i32) -> bool {
     cd != 0
-}
-
-/// Whether a single row meets NF4/FP4 weights of compute dtype `cd` with
-/// `in_f` inputs in the tensor-core kernels (`gemv_q4tc_body` in
-/// gemv_q4.cu): an f16 compute dtype, whose activations f16 holds exactly,
-/// and whole 128-input segments. `QUANTBENCH_CUDA_Q4TC=0` turns them off.
-fn q4_tc(cd: i32, in_f: usize, pair: bool) -> bool {
-    static ON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let on = ON.get_or_init(|| std::env::var("QUANTBENCH_CUDA_Q4TC").unwrap_or("1".into()));
-    let on = match on.as_str() {
-        "0" => false,
-        "pair" => pair,
-        "single" => !pair,
-        _ => true,
-    };
-    on && cd == 1 && in_f.is_multiple_of(128)
 }
 
 /// The tilings of a 4-bit kernel family: its single-row and its batch
@@ -215,9 +192,9 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
-                let (half, tc) = (q4_half(cd), q4_tc(cd, in_f, false));
+                let half = q4_half(cd);
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", Q4_SINGLE, half, tc)?;
+                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", Q4_SINGLE, half)?;
                 let a = Q4BnbArgs::of(q);
                 g.launch(gpu, &name, vec![arg(&a)], &[arg(&cd)], x, y, tiling)?;
             } else {
@@ -230,7 +207,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
             let params = packed_params(q);
             if q4_packed_ok(q) {
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", Q4_SINGLE, false, false)?;
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", Q4_SINGLE, false)?;
                 g.launch(gpu, &name, params.args(), &[], x, y, tiling)?;
             } else {
                 let name = gemv_kernel(&format!("gemv_packed{}", q.bits), x.rows, "");
@@ -317,9 +294,9 @@ pub fn gate_up_silu(
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let cd = dtype_mode(a.compute_dtype);
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
-                let (half, tc) = (q4_half(cd), q4_tc(cd, in_f, true));
+                let half = q4_half(cd);
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", Q4_PAIR, half, tc)?;
+                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", Q4_PAIR, half)?;
                 let (qa, qb) = (Q4BnbArgs::of(a), Q4BnbArgs::of(b));
                 let post = [arg(&cd), nargs[0], nargs[1]];
                 g.launch(gpu, &name, vec![arg(&qa), arg(&qb)], &post, x, &y, tiling)?;
@@ -339,7 +316,7 @@ pub fn gate_up_silu(
             pre.extend(pb.args());
             if q4_packed_ok(a) && q4_packed_ok(b) {
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", Q4_PAIR, false, false)?;
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", Q4_PAIR, false)?;
                 g.launch(gpu, &name, pre, &nargs, x, &y, tiling)?;
             } else if norm.is_none() {
                 let name = gemv_kernel(&format!("gemv_packed{}", a.bits), x.rows, "_pair");
@@ -490,15 +467,13 @@ fn norm3_kernel(
                 .collect::<Option<Vec<_>>>()?;
             let cd = dtype_mode(first.compute_dtype);
             let half = q4_half(cd);
-            let (name, tiling) = if q4_tc(cd, in_f, false) {
-                ("gemv_q4bnb_norm3_tc", Q4TC)
-            } else if half {
-                ("gemv_q4bnb_norm3_h", WIDE)
+            let name = if half {
+                "gemv_q4bnb_norm3_h"
             } else {
-                ("gemv_q4bnb_norm3", WIDE)
+                "gemv_q4bnb_norm3"
             };
             let weights = Norm3Weights::Bnb4(Box::new(pad(args)), cd);
-            Some((name, tiling, weights, q4_staged_floats(in_f, half)))
+            Some((name, WIDE, weights, q4_staged_floats(in_f, half)))
         }
         CudaWeight::Packed(_) => {
             let args = ws
@@ -826,8 +801,6 @@ struct GemvTiling {
     looping: bool,
     /// Most warps that may share one row group (see `gemv_ksplit`).
     max_ksplit: usize,
-    /// Fewest warps that share one row group.
-    min_ksplit: usize,
 }
 
 impl GemvTiling {
@@ -838,16 +811,6 @@ impl GemvTiling {
             smem: 0,
             looping: false,
             max_ksplit: GEMV_WARPS,
-            min_ksplit: 1,
-        }
-    }
-
-    /// The same tiling with exactly `ksplit` warps per row group.
-    const fn split_exactly(self, ksplit: usize) -> Self {
-        GemvTiling {
-            max_ksplit: ksplit,
-            min_ksplit: ksplit,
-            ..self
         }
     }
 
@@ -873,8 +836,7 @@ impl GemvTiling {
     /// `in_f` inputs.
     fn ksplit(&self, gpu: &Gpu, out_f: usize, in_f: usize) -> usize {
         let chunks = in_f / self.chunk;
-        gemv_ksplit(gpu, out_f, chunks, self.rows_per_warp, GEMV_UNROLL)
-            .clamp(self.min_ksplit, self.max_ksplit)
+        gemv_ksplit(gpu, out_f, chunks, self.rows_per_warp, GEMV_UNROLL).min(self.max_ksplit)
     }
 
     /// The grid for `blocks` logical blocks of kernel `name`.
@@ -905,11 +867,6 @@ const WIDE_PAIR_SINGLE: GemvTiling = GemvTiling::new(2, 32).split_at_most(1);
 /// group (for Llama-3.2-1B's down projection, 2048 rows of 8192, faster than
 /// eight: bench/RESULTS.md, fourteenth session).
 const WIDE_SINGLE: GemvTiling = WIDE.split_at_most(4);
-
-/// Tensor-core single-row NF4/FP4 kernels (`gemv_q4tc_body` in
-/// gemv_q4.cu): tiles of 16 rows whose 128-input segments eight warps share
-/// (the pair kernel: four per matrix, fixed in the kernel).
-const Q4TC: GemvTiling = GemvTiling::new(16, 128).split_exactly(GEMV_WARPS);
 
 /// One GEMV product's shape and whether it adds to its output.
 struct Gemv {

@@ -38,19 +38,6 @@ __device__ __forceinline__ float h2_sum(u32 v) {
     return h2f((u16)(v & 0xffffu)) + h2f((u16)(v >> 16));
 }
 
-// d += A·B on the tensor cores for one warp (mma.sync m16n8k16, f16
-// inputs, f32 accumulation): A is 16x16 row-major, lane L holding
-// a = {A[g][2t..2t+1], A[g+8][2t..2t+1], A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]}
-// (g = L / 4, t = L % 4, the lower k in the low half), B is 16x8, lane L
-// holding b0 = B[2t..2t+1][g] and b1 = B[2t+8..2t+9][g], and d holds
-// D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
-__device__ __forceinline__ void mma_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm("{ mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3}; }"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 __device__ __forceinline__ u16 f2bf(float f) {

@@ -34,10 +34,7 @@ struct Q4Bnb {
     // double quantization the block's code (its bits) and nested absmax;
     // `finish_scale` turns them into the scale once they have arrived.
     __device__ __forceinline__ void load_scale(int row, int c, float& s, float& z) const {
-        load_scale_of(((u32)row * (u32)in + (u32)c * 32u) >> bs_log2, s, z);
-    }
-    // The scale words of block b.
-    __device__ __forceinline__ void load_scale_of(u32 b, float& s, float& z) const {
+        const u32 b = ((u32)row * (u32)in + (u32)c * 32u) >> bs_log2;
         if (codes) {
             s = __uint_as_float(codes[b]);
             z = absmax[b >> nbs_log2];
@@ -148,7 +145,7 @@ struct Q4PairEntry<true> {
 // fills entry t, its 128 bytes of slots as 8 groups of 16 bytes, group
 // (q + t) % 8 at step q so that the 8 threads one store serves meet 8
 // different banks: 8 stores a thread where filling a slot at a time took
-// 32 (S with H), a shorter prologue for every single-row launch.
+// S, and each pair is computed once instead of once per store.
 template <bool HI_FIRST, bool H>
 __device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem) {
     static_assert(GEMV_WARPS * 32 == 256, "the pair tables are filled by 256 threads");
@@ -175,30 +172,13 @@ __device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem)
         else
             v[i] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
     }
-    E* t = (E*)mem;
-    uint4* row = (uint4*)((u8*)mem + e * (H ? 256 : 128));
-    // The pair of slot `slot` (of table ti = slot / (S / ntab), the last
-    // table taking the remainder).
+    // The pair of slot `slot`: slot / (S / ntab) numbers its distinct table,
+    // the last one taking the remainder.
     auto slot_pair = [&](int slot) {
         const int ti = min(per_slots<H>(slot, ntab), ntab - 1);
         return ti == 0 ? v[0] : (ti == id1 ? v[1] : v[2]);
     };
-#ifdef Q4_SLOT_FILL
-    {
-        const int slot_here = threadIdx.x % S;
-        const int ti = min(per_slots<H>(slot_here, ntab), ntab - 1);
-        const float* lut = ti == 0 ? luts : (ti == id1 ? luts + 16 : luts + 32);
-#pragma unroll
-        for (int i = 0; i < S; i++) {
-            const int e = threadIdx.x / S + (256 / S) * i;
-            const float first = lut[e >> 4], second = lut[e & 15];
-            if constexpr (H)
-                t[2 * S * e + slot_here] = HI_FIRST ? pack_h2(first, second) : pack_h2(second, first);
-            else
-                t[S * e + slot_here] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
-        }
-    }
-#else
+    uint4* entry = (uint4*)((u8*)mem + e * (H ? 256 : 128));
 #pragma unroll
     for (int q = 0; q < 8; q++) {
         const int gq = (q + e) & 7;
@@ -206,15 +186,14 @@ __device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem)
 #pragma unroll
         for (int j = 0; j < G; j++) g[j] = ntab == 1 ? v[0] : slot_pair(G * gq + j);
         if constexpr (H)
-            row[gq] = make_uint4(g[0], g[1], g[2], g[3]);
+            entry[gq] = make_uint4(g[0], g[1], g[2], g[3]);
         else
-            row[gq] = make_uint4(__float_as_uint(g[0].x), __float_as_uint(g[0].y),
-                                 __float_as_uint(g[1].x), __float_as_uint(g[1].y));
+            entry[gq] = make_uint4(__float_as_uint(g[0].x), __float_as_uint(g[0].y),
+                                   __float_as_uint(g[1].x), __float_as_uint(g[1].y));
     }
-#endif
     const int lane = threadIdx.x & 31, slot = lane - k * per_slots<H>(lane, ntab);
     Q4Pairs p;
-    p.base = (const u8*)t;
+    p.base = (const u8*)mem;
     p.off[0] = (u32)(slot * sizeof(E));
     p.off[1] = (u32)((id1 * k + slot) * sizeof(E));
     p.off[2] = (u32)((id2 * k + slot) * sizeof(E));
@@ -246,8 +225,7 @@ __device__ __forceinline__ float2 q4_pair_f32(const float2* tab, u32 word, int b
 // conflict); `scale` gets the power of two that undoes each run's. The
 // scale keeps f16 products and their sums over a run far from overflow,
 // whatever the activations' range, and their relative precision that of
-// f16. Without `scale` (null) the values are stored unscaled: for an f16
-// compute dtype they are then exact.
+// f16.
 __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const float* __restrict__ nw,
                                          float eps, u32* xh, float* scale, int in, int cd) {
     __shared__ float sh[33];
@@ -293,22 +271,18 @@ __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const floa
 #pragma unroll
                 for (int e = 0; e < 4; e++) a[e] = rnd(nw ? (xv[e] * inv) * gv[e] : xv[e], cd);
             }
-            // 2^-e with 2^e <= m < 2^(e+1), m the run's largest magnitude;
-            // none for zero or subnormal runs, or without `scale`. The 8
-            // threads of a run (consecutive lanes) meet by shuffles.
-            u32 pow2 = 0u;
-            if (scale) {
-                float m = fmaxf(fmaxf(fabsf(a[0]), fabsf(a[1])), fmaxf(fabsf(a[2]), fabsf(a[3])));
+            // The 8 threads of a run (consecutive lanes) meet by shuffles.
+            float m = fmaxf(fmaxf(fabsf(a[0]), fabsf(a[1])), fmaxf(fabsf(a[2]), fabsf(a[3])));
 #pragma unroll
-                for (int o = 1; o < 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-                pow2 = __float_as_uint(m) & 0x7f800000u;
-            }
+            for (int o = 1; o < 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            // 2^-e with 2^e <= m < 2^(e+1); none for zero or subnormal runs.
+            const u32 pow2 = __float_as_uint(m) & 0x7f800000u;
             const float up = pow2 ? __uint_as_float(0x7f000000u - pow2) : 1.f;
             if (i < n) {
                 u32* d = xh + (i >> 3) * Q4_XH_WORDS + 2 * (i & 7);
                 d[0] = pack_h2(a[0] * up, a[1] * up);
                 d[1] = pack_h2(a[2] * up, a[3] * up);
-                if (scale && (i & 7) == 0) scale[i >> 3] = pow2 ? __uint_as_float(pow2) : 1.f;
+                if ((i & 7) == 0) scale[i >> 3] = pow2 ? __uint_as_float(pow2) : 1.f;
             }
         }
     }
@@ -564,245 +538,6 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     }
 }
 
-// Tensor-core GEMV of one input row with NF4/FP4 weights and an f16 compute
-// dtype (gemv_q4bnb_tc*): a warp multiplies a tile of 16 rows by 128
-// inputs (a segment) with eight mma.sync m16n8k16, the weights decoded a
-// byte at a time from the code-pair tables (Q4Pairs) straight into the A
-// fragments, so that a byte costs a byte permute and a shared-memory load
-// and the tensor cores do the multiply-adds. Lane (g, t) = (lane / 4,
-// lane % 4) loads the 16 bytes of chunk t (32 weights) of rows g and g + 8
-// of the segment, and its A fragments in step s (0..7) are the bytes 2s and
-// 2s + 1 of them: logical k 2t, 2t + 1 of step s are weights 4s, 4s + 1 of
-// chunk t, logical k 2t + 8, 2t + 9 weights 4s + 2, 4s + 3. Column n of B
-// holds the staged x of chunk n % 4 and zeros elsewhere, so that D[r][n] is
-// row r's sum over chunk n % 4 alone: each scale (one per 32 weights or
-// more) multiplies its chunk's sum, and lane t takes the chunks 2 (t & 1)
-// and + 1 of row g (t < 2) or g + 8. x is staged unscaled in f16 (exact for
-// an f16 compute dtype), products are exact and sums f32.
-//
-// A block's warps form 8 / kw row groups of kw warps; the kw warps of a
-// group split the segments of its 16 rows (warp part kp takes segments kp,
-// kp + kw, ...), Q4TC_SEGS at a time, and meet in shared memory. Single
-// matrices: a logical block is 8 / kw tiles of consecutive rows; PAIR (kw =
-// 4): 16 rows of gate (group 0) and of up (group 1), writing silu(gate) *
-// up. The next group of segments (of this logical block or the next one)
-// is loaded before the current one is computed.
-#ifndef Q4TC_SEGS
-#define Q4TC_SEGS 2
-#endif
-
-template <bool PAIR, class At>
-__device__ __forceinline__ void gemv_q4tc_body(At at, int nblocks, const float* __restrict__ luts,
-                                               const float* __restrict__ x, int in, int kw,
-                                               int cd, int acc, const float* __restrict__ nw,
-                                               float eps) {
-    trace_event(TRACE_ENTER);
-    extern __shared__ float xsm[];
-    __shared__ float red[GEMV_WARPS][16];
-    // Zeros for the B columns of other chunks.
-    __shared__ __align__(16) u32 zeros[16];
-    // The code-pair tables come first, at a base the compiler knows, so
-    // that a lookup's load adds it as an immediate; then the staged x.
-    const u32* xh = (const u32*)(xsm + Q4_PAIR_FLOATS_H);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int grp = warp / kw, kp = warp - grp * kw;
-    const int groups = GEMV_WARPS / kw;
-    const int nseg = in >> 7;
-    // Segments of this warp, and groups of Q4TC_SEGS per logical block (the
-    // same for every warp, so that all meet at the block's barriers).
-#ifdef Q4TC_BLOCKED
-    const int segs_w = (nseg + kw - 1) / kw;
-    const int myseg = min(segs_w, max(nseg - kp * segs_w, 0));
-#else
-    const int myseg = nseg > kp ? (nseg - kp + kw - 1) / kw : 0;
-#endif
-    const int ngroups = ((nseg + kw - 1) / kw + Q4TC_SEGS - 1) / Q4TC_SEGS;
-    // The matrix of this warp's group and its first row in logical block L.
-    auto matrix = [&](const Q4Block<Q4Bnb>& L) -> Q4Bnb {
-        return (PAIR && grp == 1) ? L.qb : L.qa;
-    };
-    auto first_row = [&](const Q4Block<Q4Bnb>& L) {
-        return PAIR ? L.blk * 16 : (L.blk * groups + grp) * 16;
-    };
-    // Group gi of logical block L: per segment the two rows' 16 bytes and
-    // the scale words of this lane's row and chunks (finished when used).
-    auto load_group = [&](const Q4Block<Q4Bnb>& L, int gi, uint4 (&w)[Q4TC_SEGS][2],
-                          float (&s)[Q4TC_SEGS][2], float (&z)[Q4TC_SEGS][2]) {
-        const Q4Bnb q = matrix(L);
-        const int r0 = first_row(L);
-        const u32 ra = min(r0 + g, L.out - 1), rb = min(r0 + g + 8, L.out - 1);
-        const u32 cpr = (u32)in >> 5;
-        const uint4* pa = q.w + (ra * cpr + (u32)t);
-        const uint4* pb = q.w + (rb * cpr + (u32)t);
-        // Flattened index of the lane's first weight of a scale.
-        const u32 e0 = ((t >> 1) ? rb : ra) * (u32)in + 64u * (u32)(t & 1);
-        // Blocks of 32 weights: each chunk of the lane has a scale.
-        const bool two_scales = q.bs_log2 < 6;
-#pragma unroll
-        for (int j = 0; j < Q4TC_SEGS; j++) {
-            const int i = gi * Q4TC_SEGS + j;
-            if (i < myseg) {
-#ifdef Q4TC_BLOCKED
-                const u32 seg = (u32)(kp * segs_w + i);
-#else
-                const u32 seg = (u32)(kp + kw * i);
-#endif
-                w[j][0] = __ldg(pa + 4 * seg);
-                w[j][1] = __ldg(pb + 4 * seg);
-                const u32 e = e0 + 128u * seg;
-                q.load_scale_of(e >> q.bs_log2, s[j][0], z[j][0]);
-                if (two_scales) q.load_scale_of((e + 32u) >> q.bs_log2, s[j][1], z[j][1]);
-            }
-        }
-    };
-    // Logical blocks are described again (`at`) where they are used rather
-    // than held, which would take registers the loads need.
-    uint4 w[Q4TC_SEGS][2];
-    float s[Q4TC_SEGS][2], z[Q4TC_SEGS][2];
-    // The first weights are loaded before waiting for the preceding kernel.
-    load_group(at(blockIdx.x), 0, w, s, z);
-    if (threadIdx.x < 16) zeros[threadIdx.x] = 0u;
-    const Q4Pairs pairs = q4_pair_tables<true, true>(luts, xsm);
-    pdl_wait();
-    if (blockIdx.x + gridDim.x >= nblocks) pdl_release();
-    cp_async_wait_all();
-    // Output row of this thread (threads below 16 * groups, or 16 with
-    // PAIR) and, with `acc`, the value it adds to.
-    const int orow = PAIR ? threadIdx.x : threadIdx.x & 15, ogrp = PAIR ? 0 : threadIdx.x >> 4;
-    const bool writer = threadIdx.x < (PAIR ? 16 : 16 * groups);
-    auto out_row = [&](const Q4Block<Q4Bnb>& L) {
-        return PAIR ? L.blk * 16 + orow : (L.blk * groups + ogrp) * 16 + orow;
-    };
-    auto y_before = [&](const Q4Block<Q4Bnb>& L) {
-        const int r = out_row(L);
-        return (!PAIR && acc && writer && r < L.out) ? L.y[r] : 0.f;
-    };
-    float yold = y_before(at(blockIdx.x));
-    stage_xh(x, nw, eps, (u32*)xh, nullptr, in, cd);
-    // Where this lane's B column reads a segment's x (zeros for the
-    // columns of other chunks).
-    const bool xcol = (g & 3) == t;
-    const u32* xbase = xcol ? xh + t * Q4_XH_WORDS : zeros;
-    const int xstep = xcol ? 4 * Q4_XH_WORDS : 0;
-    int b = blockIdx.x, gi = 0;
-    float sum = 0.f;
-    while (true) {
-        int nb = b, ngi = gi + 1;
-        if (ngi == ngroups) {
-            ngi = 0;
-            nb = b + gridDim.x;
-        }
-        uint4 wn[Q4TC_SEGS][2];
-        float sn[Q4TC_SEGS][2], zn[Q4TC_SEGS][2];
-        if (nb < nblocks) load_group(at(nb), ngi, wn, sn, zn);
-        const Q4Block<Q4Bnb> L = at(b);
-        const Q4Bnb q = matrix(L);
-        const u32 off = pairs.lane_off(luts, (PAIR && grp == 1) ? L.lut_b : L.lut_a);
-        const bool two_scales = q.bs_log2 < 6;
-#pragma unroll
-        for (int j = 0; j < Q4TC_SEGS; j++) {
-            const int i = gi * Q4TC_SEGS + j;
-            if (i < myseg) {
-#ifdef Q4TC_BLOCKED
-                const int seg = kp * segs_w + i;
-#else
-                const int seg = kp + kw * i;
-#endif
-                // B: this lane's column holds chunk g % 4 of the segment's
-                // x when that is its own chunk t, zeros otherwise.
-                u32 xw[16];
-                const uint4* xr = (const uint4*)(xbase + seg * xstep);
-#pragma unroll
-                for (int m = 0; m < 4; m++) {
-                    const uint4 v = xr[m];
-                    xw[4 * m] = v.x;
-                    xw[4 * m + 1] = v.y;
-                    xw[4 * m + 2] = v.z;
-                    xw[4 * m + 3] = v.w;
-                }
-                const u32 wa[4] = {w[j][0].x, w[j][0].y, w[j][0].z, w[j][0].w};
-                const u32 wb[4] = {w[j][1].x, w[j][1].y, w[j][1].z, w[j][1].w};
-                float d[4] = {0.f, 0.f, 0.f, 0.f};
-#ifdef Q4TC_SPLITACC
-                float e[4] = {0.f, 0.f, 0.f, 0.f};
-#endif
-#pragma unroll
-                for (int st = 0; st < 8; st++) {
-                    const int k = st >> 1, by = 2 * (st & 1);
-                    const u32 a[4] = {q4_pair_h(pairs.base, off, wa[k], by),
-                                      q4_pair_h(pairs.base, off, wb[k], by),
-                                      q4_pair_h(pairs.base, off, wa[k], by + 1),
-                                      q4_pair_h(pairs.base, off, wb[k], by + 1)};
-#ifdef Q4TC_SPLITACC
-                    mma_16816((st & 1) ? e : d, a, xw[2 * st], xw[2 * st + 1]);
-#else
-                    mma_16816(d, a, xw[2 * st], xw[2 * st + 1]);
-#endif
-                }
-#ifdef Q4TC_SPLITACC
-#pragma unroll
-                for (int m = 0; m < 4; m++) d[m] += e[m];
-#endif
-                const float da = (t >> 1) ? d[2] : d[0], db = (t >> 1) ? d[3] : d[1];
-                float s0 = s[j][0], z0 = z[j][0];
-                q.finish_scale(s0, z0);
-                if (two_scales) {
-                    float s1 = s[j][1], z1 = z[j][1];
-                    q.finish_scale(s1, z1);
-                    sum = fmaf(s0, da, fmaf(s1, db, sum));
-                } else {
-                    sum = fmaf(s0, da + db, sum);
-                }
-            }
-        }
-        if (ngi == 0) {
-            // Logical block b is done: lanes t and t ^ 1 hold the two chunk
-            // pairs of one row.
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            if ((t & 1) == 0) red[warp][g + 4 * t] = sum;
-            sum = 0.f;
-            __syncthreads();
-            const int r = out_row(L);
-            if (writer && r < L.out) {
-                if (PAIR) {
-                    float gs = 0.f, us = 0.f;
-                    for (int k = 0; k < kw; k++) {
-                        gs += red[k][orow];
-                        us += red[kw + k][orow];
-                    }
-                    gs = rnd(gs, cd);
-                    us = rnd(us, cd);
-                    L.y[r] = gs / (1.0f + expf(-gs)) * us;
-                } else {
-                    float v = 0.f;
-                    for (int k = 0; k < kw; k++) v += red[ogrp * kw + k][orow];
-                    L.y[r] = acc ? yold + rnd(v, cd) : rnd(v, cd);
-                }
-            }
-            if (nb >= nblocks) {
-                trace_event(TRACE_DONE);
-                break;
-            }
-            // The next logical block reuses `red`.
-            __syncthreads();
-            if (nb + gridDim.x >= nblocks) pdl_release();
-            yold = y_before(at(nb));
-        }
-#pragma unroll
-        for (int j = 0; j < Q4TC_SEGS; j++) {
-            w[j][0] = wn[j][0];
-            w[j][1] = wn[j][1];
-            s[j][0] = sn[j][0];
-            s[j][1] = sn[j][1];
-            z[j][0] = zn[j][0];
-            z[j][1] = zn[j][1];
-        }
-        b = nb;
-        gi = ngi;
-    }
-}
-
 // Starts copying the second-level code tables of a launch's
 // double-quantized matrices (256 floats each; null: none) to shared memory
 // `c2s` (16-byte aligned), 256 floats apart, so that a scale waits for one
@@ -931,35 +666,6 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
             at, q4_blocks(out, Q4_PAIR_ROWS(NB), ksplit), lut, x, n, in, ksplit, 0, 0, nw, eps);   \
     }
 
-// Tensor-core single-row kernels for an f16 compute dtype
-// (gemv_q4tc_body), arguments as GEMV_Q4BNB's; `ksplit` is kw.
-extern "C" __global__ void __launch_bounds__(256, 2)
-gemv_q4bnb_tc(const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x,
-              float* __restrict__ y, int n, int out, int in, int ksplit, int acc, int cd) {
-    __shared__ float lut[48];
-    __shared__ __align__(16) float c2s[256];
-    q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);
-    q4_tables(lut, a.code16, a.code16, a.code16);
-    const Q4Bnb q = q4_bnb(a, c2s, in);
-    const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };
-    gemv_q4tc_body<false>(at, q4_blocks(out, 16, ksplit), lut, x, in, ksplit, cd, acc, nullptr,
-                          0.f);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2)
-gemv_q4bnb_tc_pair(const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,
-                   const float* __restrict__ x, float* __restrict__ y, int n, int out, int in,
-                   int ksplit, int acc, int cd, const float* __restrict__ nw, float eps) {
-    __shared__ float lut[48];
-    __shared__ __align__(16) float c2s[512];
-    q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr, nullptr);
-    q4_tables(lut, a.code16, b2.code16, b2.code16);
-    const Q4Bnb qa = q4_bnb(a, c2s, in);
-    const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);
-    const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; };
-    gemv_q4tc_body<true>(at, (out + 15) / 16, lut, x, in, 4, cd, 0, nw, eps);
-}
-
 GEMV_Q4BNB(b1, 1, false)
 GEMV_Q4BNB(b8, 8, false)
 GEMV_Q4BNB(h1, 1, true)
@@ -1001,29 +707,6 @@ __device__ __forceinline__ void q4bnb_norm3(const Q4BnbArgs& a0, const Q4BnbArgs
 
 GEMV_Q4BNB_NORM3(, false)
 GEMV_Q4BNB_NORM3(_h, true)
-
-// The Q, K and V projections in the tensor-core kernel (gemv_q4tc_body):
-// logical blocks of 16 * 8 / ksplit rows, picked as in q4bnb_norm3.
-extern "C" __global__ void __launch_bounds__(256, 2)
-gemv_q4bnb_norm3_tc(const __grid_constant__ Q4BnbArgs a0, const __grid_constant__ Q4BnbArgs a1,
-                    const __grid_constant__ Q4BnbArgs a2, GemvMulti m,
-                    const float* __restrict__ x, const float* __restrict__ nw, float eps, int in,
-                    int ksplit, int cd) {
-    __shared__ float lut[48];
-    __shared__ __align__(16) float c2s[768];
-    q4_code2_tables(c2s, a0.codes ? a0.code2 : nullptr, a1.codes ? a1.code2 : nullptr,
-                    a2.codes ? a2.code2 : nullptr);
-    q4_tables(lut, a0.code16, a1.code16, a2.code16);
-    const auto at = [&](int b) {
-        int blk, out;
-        float* y;
-        const int i = multi_pick(m, b, blk, y, out);
-        const Q4Bnb q = q4_bnb(i == 0 ? a0 : (i == 1 ? a1 : a2), c2s + 256 * i, in);
-        return Q4Block<Q4Bnb>{q, q, lut + 16 * i, lut + 16 * i, y, out, blk};
-    };
-    gemv_q4tc_body<false>(at, m.blocks[0] + m.blocks[1] + m.blocks[2], lut, x, in, ksplit, cd, 0,
-                          nw, eps);
-}
 
 extern "C" __global__ void __launch_bounds__(256, 2)
 gemv_q4packed_norm3(Q4PackedArgs a0, Q4PackedArgs a1, Q4PackedArgs a2, GemvMulti m,
