@@ -142,17 +142,13 @@ struct Q4PairEntry<true> {
 
 // Fills the pair tables in `mem` from `luts`; callers sync before reading.
 // Each warp finds which tables are the same on its own; thread t of the 256
-// fills entry t, its 128 bytes of slots as 8 groups of 16 bytes, group
-// (q + t) % 8 at step q so that the 8 threads one store serves meet 8
-// different banks: 8 stores a thread where filling a slot at a time took
-// S, and each pair is computed once instead of once per store.
+// fills slot t % S of entries (256 / S) i + t / S (i < S), so its slot and
+// table stay fixed.
 template <bool HI_FIRST, bool H>
 __device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem) {
     static_assert(GEMV_WARPS * 32 == 256, "the pair tables are filled by 256 threads");
     typedef typename Q4PairEntry<H>::T E;
     constexpr int S = H ? 32 : 16;
-    // Slots of a 16-byte group.
-    constexpr int G = S / 8;
     const int l = threadIdx.x & 15;
     const u32 a = __float_as_uint(luts[l]), b = __float_as_uint(luts[16 + l]);
     const u32 c = __float_as_uint(luts[32 + l]);
@@ -161,39 +157,22 @@ __device__ __forceinline__ Q4Pairs q4_pair_tables(const float* luts, float* mem)
     const int id1 = s10 ? 0 : 1, id2 = s20 ? 0 : (s21 ? id1 : id1 + 1);
     const int ntab = max(id1, id2) + 1;
     const int k = S / ntab;
-    const int e = threadIdx.x;
-    // Entry e's pair in each of the three tables.
-    E v[3];
+    const int slot_here = threadIdx.x % S;
+    const int ti = min(per_slots<H>(slot_here, ntab), ntab - 1);
+    const float* lut = ti == 0 ? luts : (ti == id1 ? luts + 16 : luts + 32);
+    E* t = (E*)mem;
 #pragma unroll
-    for (int i = 0; i < 3; i++) {
-        const float first = luts[16 * i + (e >> 4)], second = luts[16 * i + (e & 15)];
+    for (int i = 0; i < S; i++) {
+        const int e = threadIdx.x / S + (256 / S) * i;
+        const float first = lut[e >> 4], second = lut[e & 15];
         if constexpr (H)
-            v[i] = HI_FIRST ? pack_h2(first, second) : pack_h2(second, first);
+            t[2 * S * e + slot_here] = HI_FIRST ? pack_h2(first, second) : pack_h2(second, first);
         else
-            v[i] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
-    }
-    // The pair of slot `slot`: slot / (S / ntab) numbers its distinct table,
-    // the last one taking the remainder.
-    auto slot_pair = [&](int slot) {
-        const int ti = min(per_slots<H>(slot, ntab), ntab - 1);
-        return ti == 0 ? v[0] : (ti == id1 ? v[1] : v[2]);
-    };
-    uint4* entry = (uint4*)((u8*)mem + e * (H ? 256 : 128));
-#pragma unroll
-    for (int q = 0; q < 8; q++) {
-        const int gq = (q + e) & 7;
-        E g[G];
-#pragma unroll
-        for (int j = 0; j < G; j++) g[j] = ntab == 1 ? v[0] : slot_pair(G * gq + j);
-        if constexpr (H)
-            entry[gq] = make_uint4(g[0], g[1], g[2], g[3]);
-        else
-            entry[gq] = make_uint4(__float_as_uint(g[0].x), __float_as_uint(g[0].y),
-                                   __float_as_uint(g[1].x), __float_as_uint(g[1].y));
+            t[S * e + slot_here] = HI_FIRST ? make_float2(first, second) : make_float2(second, first);
     }
     const int lane = threadIdx.x & 31, slot = lane - k * per_slots<H>(lane, ntab);
     Q4Pairs p;
-    p.base = (const u8*)mem;
+    p.base = (const u8*)t;
     p.off[0] = (u32)(slot * sizeof(E));
     p.off[1] = (u32)((id1 * k + slot) * sizeof(E));
     p.off[2] = (u32)((id2 * k + slot) * sizeof(E));
