@@ -424,6 +424,11 @@ int main() {
     const Shape llama1b{2048, 8192, 32, 8, 64, 640, 530};
     ok &= run_case(llama1b, 2, 1, 1, 132, 7);
     ok &= run_case(llama1b, 1, 2, 0, 132, 9);
+    // SmolLM2-135M shapes: with in = 576 the single-row f32 kernels' pair
+    // tables start 2376 bytes into dynamic shared memory (q4_pairs_at), 8-
+    // but not 16-byte aligned, where a 16-byte store faults on a GPU.
+    const Shape smollm2{576, 1536, 9, 3, 64, 48, 40};
+    ok &= run_case(smollm2, 1, 0, 0, 30, 5);
     // Half-precision single-row kernels (NF4/FP4 with an f16 or bf16
     // compute dtype).
     ok &= run_case(small, 2, 1, 2, 2, 3, false, true);

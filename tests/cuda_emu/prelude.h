@@ -28,10 +28,13 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 typedef unsigned long long u64;
 
-struct float2 { float x, y; };
-struct float4 { float x, y, z, w; };
-struct uint2 { unsigned x, y; };
-struct uint4 { unsigned x, y, z, w; };
+// Aligned as CUDA aligns them: on a GPU a vector load or store through a
+// pointer not aligned to its type faults, and the test compiles the
+// emulation with -fsanitize=alignment so that one aborts here too.
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 inline float2 make_float2(float a, float b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
@@ -40,7 +43,9 @@ struct dim3 { unsigned x = 1, y = 1, z = 1; };
 
 thread_local dim3 threadIdx;
 dim3 blockIdx, blockDim, gridDim;
-// Dynamic shared memory of this block (every `extern __shared__` array).
+// Dynamic shared memory of this block (every `extern __shared__` array):
+// a std::vector in launch (decode_block_vs_definition.cpp), so 16-byte
+// aligned (__STDCPP_DEFAULT_NEW_ALIGNMENT__), the least a GPU's is.
 float* emu_dyn_smem;
 std::barrier<>* emu_block_bar;
 struct EmuWarp {
@@ -111,13 +116,31 @@ inline u32 hfma2(u32 a, u32 b, u32 c) {
     }
     return d;
 }
+// The PTX of ld_cg2, ld_cg4 and cp_async16 is a vector access, which faults
+// on a GPU unless its address is aligned to its size; the scalar copies
+// below would not, so they check.
+inline void emu_vector_aligned(const void* p, uintptr_t n, const char* what) {
+    if ((uintptr_t)p % n != 0) {
+        fprintf(stderr, "%s: misaligned address %p for a %u-byte vector access\n", what, p,
+                (unsigned)n);
+        abort();
+    }
+}
 inline float ld_cg(const float* p) { return *(const volatile float*)p; }
-inline float2 ld_cg2(const float* p) { return make_float2(ld_cg(p), ld_cg(p + 1)); }
+inline float2 ld_cg2(const float* p) {
+    emu_vector_aligned(p, 8, "ld_cg2");
+    return make_float2(ld_cg(p), ld_cg(p + 1));
+}
 inline float4 ld_cg4(const float* p) {
+    emu_vector_aligned(p, 16, "ld_cg4");
     return make_float4(ld_cg(p), ld_cg(p + 1), ld_cg(p + 2), ld_cg(p + 3));
 }
 inline void pdl_wait() {}
 inline void pdl_release() {}
 inline void trace_event(int) {}
-inline void cp_async16(float* dst, const float* src) { memcpy(dst, src, 16); }
+inline void cp_async16(float* dst, const float* src) {
+    emu_vector_aligned(dst, 16, "cp_async16 (shared)");
+    emu_vector_aligned(src, 16, "cp_async16 (global)");
+    memcpy(dst, src, 16);
+}
 inline void cp_async_wait_all() {}
