@@ -104,9 +104,10 @@ fn q4_offsets_fit(rows: usize, cols: usize) -> bool {
 }
 
 /// The 4-bit kernel instance for a batch of `rows` (one for single rows,
-/// one for up to eight) and its tiling: single rows stage x in shared
-/// memory, in f16 when `half` (see [`q4_half`]), and their blocks loop over
-/// logical blocks.
+/// one for up to four, one for up to eight) and its tiling: every instance
+/// keeps its code-pair tables in shared memory and its blocks loop over
+/// logical blocks, so that a block fills the tables once; single rows also
+/// stage x there, in f16 when `half` (see [`q4_half`]).
 fn q4_kernel(
     gpu: &Gpu,
     base: &str,
@@ -117,12 +118,19 @@ fn q4_kernel(
     half: bool,
 ) -> Result<(String, GemvTiling)> {
     if rows > 1 {
-        return Ok((format!("{base}_b{GEMV_MAX_ROWS}{suffix}"), tilings.batch));
+        let (nb, tiling) = if rows <= 4 {
+            (4, tilings.batch4)
+        } else {
+            (GEMV_MAX_ROWS, tilings.batch8)
+        };
+        let name = format!("{base}_b{nb}{suffix}");
+        let smem = stage_smem(gpu, &name, q4_pair_floats(false))?;
+        return Ok((name, tiling.looping_q4(smem)));
     }
     let tag = if half { "h1" } else { "b1" };
     let name = format!("{base}_{tag}{suffix}");
     let smem = stage_smem(gpu, &name, q4_staged_floats(in_f, half))?;
-    Ok((name, tilings.single.single_row_q4(smem)))
+    Ok((name, tilings.single.looping_q4(smem)))
 }
 
 /// Whether a single row meets NF4/FP4 weights of compute dtype `cd`
@@ -139,19 +147,24 @@ fn q4_half(cd: i32) -> bool {
 #[derive(Clone, Copy)]
 struct Q4Tilings {
     single: GemvTiling,
-    batch: GemvTiling,
+    /// Batches of up to four rows (the `b4` instances).
+    batch4: GemvTiling,
+    /// Batches of up to eight rows (the `b8` instances).
+    batch8: GemvTiling,
 }
 
 /// 4-bit single-matrix kernels: four rows per warp in both instances, a
 /// single row's row groups on at most four warps.
 const Q4_SINGLE: Q4Tilings = Q4Tilings {
     single: WIDE_SINGLE,
-    batch: WIDE,
+    batch4: WIDE,
+    batch8: WIDE,
 };
 /// 4-bit pair kernels.
 const Q4_PAIR: Q4Tilings = Q4Tilings {
     single: WIDE_PAIR_SINGLE,
-    batch: WIDE_PAIR,
+    batch4: WIDE_PAIR_BATCH4,
+    batch8: WIDE_PAIR,
 };
 
 /// Floats of a single-row 4-bit kernel's code-pair tables: 256 entries of
@@ -517,7 +530,7 @@ pub fn norm_matmuls(
     let smem = stage_smem(gpu, name, floats)?;
     let tiling = match weights {
         Norm3Weights::Dense(_) => tiling.with_smem(smem),
-        _ => tiling.single_row_q4(smem),
+        _ => tiling.looping_q4(smem),
     };
     let outs: Vec<usize> = ws.iter().map(|w| w.shape().0).collect();
     let rpw = tiling.rows_per_warp;
@@ -823,8 +836,8 @@ impl GemvTiling {
         GemvTiling { smem, ..self }
     }
 
-    /// A single-row 4-bit kernel: `smem` bytes, blocks loop.
-    fn single_row_q4(self, smem: u32) -> Self {
+    /// A 4-bit kernel: `smem` bytes, blocks loop over logical blocks.
+    fn looping_q4(self, smem: u32) -> Self {
         GemvTiling {
             smem,
             looping: true,
@@ -856,8 +869,12 @@ const NARROW: GemvTiling = GemvTiling::new(2, 8);
 const NARROW_PAIR: GemvTiling = GemvTiling::new(1, 8);
 /// 4-bit kernels (gemv_q4.cu): four rows per warp, 32 weights per lane.
 const WIDE: GemvTiling = GemvTiling::new(4, 32);
-/// 4-bit pair kernels for batches: one row of each matrix per warp, 32
-/// weights per lane.
+/// 4-bit pair kernels for batches of up to four rows: two rows of each
+/// matrix per warp, so that each x value loaded serves four weight rows
+/// (`Q4_PAIR_ROWS` in gemv_q4.cu).
+const WIDE_PAIR_BATCH4: GemvTiling = GemvTiling::new(2, 32);
+/// 4-bit pair kernels for batches of up to eight rows: one row of each
+/// matrix per warp, 32 weights per lane.
 const WIDE_PAIR: GemvTiling = GemvTiling::new(1, 32);
 /// 4-bit pair kernels for a single row: two rows of each matrix per warp
 /// (`Q4_PAIR_ROWS` in gemv_q4.cu), each row group on one warp (measured

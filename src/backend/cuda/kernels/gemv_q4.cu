@@ -4,14 +4,15 @@
 // blocks and packed groups of at least 32 columns), so the lane sums
 // x·code over them and adds s * (sum - z * sum(x)) once. The 16 code values
 // (the NF4/FP4 table, or 0..15 for packed integers) sit in shared memory,
-// where 32 lanes read them without bank conflicts; single rows look up the
-// codes of a whole byte at once in a table of code pairs (Q4Pairs). Weight
+// where 32 lanes read them without bank conflicts; lanes look up the codes
+// of a whole byte at once in a table of code pairs (Q4Pairs). Weight
 // values are not rounded to the weight dtype one by one as `gemv_bnb4` does:
 // the products stay in f32, a rounding difference within the dtype's bound;
 // single NF4/FP4 rows of an f16 or bf16 compute dtype take f16 products
 // summed in f16 over 32 weights instead (the `h1` and `norm3_h` kernels).
 // Single-row launches need q4_pairs_at<H>(in) + Q4_PAIR_FLOATS floats of
-// dynamic shared memory (Q4_PAIR_FLOATS_H with H).
+// dynamic shared memory (Q4_PAIR_FLOATS_H with H), batch launches
+// Q4_PAIR_FLOATS (the tables only).
 
 // bitsandbytes NF4/FP4: high nibble first; absmax per block of 2^bs_log2 >= 32
 // flattened weights, double-quantized when `codes` is set. Offsets are 32-bit
@@ -76,12 +77,6 @@ struct Q4Packed {
         z = (float)__float_as_uint(z);
     }
 };
-
-// Code of weight k (0..7) of a 32-bit word.
-template <bool HI_FIRST>
-__device__ __forceinline__ int nibble(u32 word, int k) {
-    return HI_FIRST ? (word >> (8 * (k >> 1) + ((k & 1) ? 0 : 4))) & 15 : (word >> (4 * k)) & 15;
-}
 
 // Where a single-row launch's code-pair tables start in its dynamic shared
 // memory, in floats: after the staged row (see q4_staged_floats in
@@ -288,13 +283,15 @@ struct Q4Block {
 // the previous kernel. Single-row instances (NB = 1) stage their input once
 // per block, RMS-normalized by `nw` when it is set.
 //
-// Single rows decode a byte (two weights) with one shared-memory load from a
-// table of the 256 code pairs (Q4Pairs, built from `luts`, the 48 floats
-// q4_tables fills); batched instances look up each 4-bit code in its
-// 16-entry table. The products are the same either way, bit for bit. With
-// H (single rows whose compute dtype is f16 or bf16) the pairs and the
-// staged row are f16 (stage_xh): a lane's 32 products of a round are summed
-// in f16 pairs, then in f32 with the run's scale.
+// A byte (two weights) is decoded with one shared-memory load from a table
+// of the 256 code pairs (Q4Pairs, built from `luts`, the 48 floats
+// q4_tables fills). Single rows sum x·code over a lane's 32 weights and
+// scale the sum once; batches scale each weight once (code * s, or for
+// packed integers code * s - z * s, which is exact) and multiply it into
+// every row, reading x from global memory (L1). With H (single rows whose
+// compute dtype is f16 or bf16) the pairs and the staged row are f16
+// (stage_xh): a lane's 32 products of a round are summed in f16 pairs, then
+// in f32 with the run's scale.
 template <class Q, int R, bool PAIR, int NB, bool H, class At>
 __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __restrict__ luts,
                                              const float* __restrict__ x, int n, int in,
@@ -331,7 +328,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     // (weights never depend on it).
     if (c0 < chunks) load_round(L, g.rows, c0, wv, s, z);
     Q4Pairs pairs{};
-    if (NB == 1) pairs = q4_pair_tables<Q::HI_FIRST, H>(luts, xsm + q4_pairs_at<H>(in));
+    pairs = q4_pair_tables<Q::HI_FIRST, H>(luts, NB == 1 ? xsm + q4_pairs_at<H>(in) : xsm);
     // A block releases the next kernel when it starts its last logical
     // block: blocks that loop hold it back until then, so that its blocks'
     // prologues (weight loads, code tables) do not compete with this
@@ -340,7 +337,8 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     pdl_wait();
     if (blockIdx.x + gridDim.x >= nblocks) pdl_release();
     // The second-level code tables (q4_code2_tables) have arrived; the
-    // barrier in stage_x, or this one, publishes them.
+    // barrier in stage_x, or this one, publishes them and the code-pair
+    // tables.
     cp_async_wait_all();
     float yold = gemv_y_before<R, PAIR>(L.y, n, L.out, g.row0, ksplit, acc);
     // Single rows: the block stages x (normalized by `nw` when set, rounded
@@ -361,8 +359,8 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
         const float2* tab_b = (const float2*)(pairs.base + off_b);
         Q4Block<Q> Ln = L;
         GemvRows<R, PAIR> gn = g;
-        // Single rows: whether the next logical block's first round is
-        // already loading (issued during this block's last round).
+        // Whether the next logical block's first round is already loading
+        // (issued during this block's last round).
         bool next_loading = false;
         float accv[R][NB];
 #pragma unroll
@@ -370,15 +368,14 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
 #pragma unroll
             for (int bb = 0; bb < NB; bb++) accv[r][bb] = 0.f;
         for (int c = c0; c < chunks; c += step) {
-            // Single rows: the next round's loads (of this logical block or
-            // the next one) go out before this round's arithmetic (batched
-            // instances have no registers to spare for it).
+            // The next round's loads (of this logical block or the next
+            // one) go out before this round's arithmetic.
             const bool more = c + step < chunks;
             uint4 wn[R];
             float sn[R], zn[R];
-            if (NB == 1 && more) {
+            if (more) {
                 load_round(L, g.rows, c + step, wn, sn, zn);
-            } else if (NB == 1 && nb < nblocks) {
+            } else if (nb < nblocks) {
                 Ln = at(nb);
                 gn = GemvRows<R, PAIR>(Ln.out, ksplit, Ln.blk);
                 load_round(Ln, gn.rows, c0, wn, sn, zn);
@@ -411,7 +408,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                     ((PAIR && (r & 1)) ? L.qb : L.qa).finish_scale(sr, zr);
                     accv[r][0] = fmaf(sr, h2_sum(hsum[r]) * run, accv[r][0]);
                 }
-            } else {
+            } else if constexpr (NB == 1) {
                 float dot[R][NB], xs[NB];
 #pragma unroll
                 for (int bb = 0; bb < NB; bb++) {
@@ -425,38 +422,20 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
 #pragma unroll
                     for (int r = 0; r < R; r++) {
                         const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                        if (NB == 1) {
-                            const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
+                        const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
 #pragma unroll
-                            for (int b = 0; b < 4; b++) {
-                                const float2 pr = q4_pair_f32(tab, word, b);
-                                wf[r][2 * b] = pr.x;
-                                wf[r][2 * b + 1] = pr.y;
-                            }
-                        } else {
-                            const float* lut = (PAIR && (r & 1)) ? L.lut_b : L.lut_a;
-#pragma unroll
-                            for (int k = 0; k < 8; k++) wf[r][k] = lut[nibble<Q::HI_FIRST>(word, k)];
+                        for (int b = 0; b < 4; b++) {
+                            const float2 pr = q4_pair_f32(tab, word, b);
+                            wf[r][2 * b] = pr.x;
+                            wf[r][2 * b + 1] = pr.y;
                         }
                     }
 #pragma unroll
                     for (int bb = 0; bb < NB; bb++) {
                         if (bb < n) {
-                            float4 x0, x1;
-                            if (NB == 1) {
-                                const float* xp = xsm + c * 33 + 8 * j;
-                                x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
-                                x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
-                            } else {
-                                const float4* xp =
-                                    (const float4*)(x + (size_t)bb * in + (size_t)c * 32 + 8 * j);
-                                x0 = xp[0];
-                                x1 = xp[1];
-                            }
-                            if (cd && NB != 1) {
-                                x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
-                                x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
-                            }
+                            const float* xp = xsm + c * 33 + 8 * j;
+                            const float4 x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
+                            const float4 x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
                             if (Q::HAS_ZERO)
                                 xs[bb] += ((x0.x + x0.y) + (x0.z + x0.w)) + ((x1.x + x1.y) + (x1.z + x1.w));
 #pragma unroll
@@ -486,16 +465,67 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                             accv[r][bb] = fmaf(sr, d, accv[r][bb]);
                         }
                 }
+            } else {
+                // Batches: each weight pair is decoded once and scaled once
+                // (w = code * s, or (code - z) * s as code * s - z * s,
+                // exact for packed integers), then multiplied into every
+                // row of the batch.
+                float sc[R], zs[R];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float sr = s[r], zr = z[r];
+                    ((PAIR && (r & 1)) ? L.qb : L.qa).finish_scale(sr, zr);
+                    sc[r] = sr;
+                    zs[r] = -(zr * sr);
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    float wf[R][8];
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+                        const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
+#pragma unroll
+                        for (int b = 0; b < 4; b++) {
+                            const float2 pr = q4_pair_f32(tab, word, b);
+                            wf[r][2 * b] = Q::HAS_ZERO ? fmaf(pr.x, sc[r], zs[r]) : pr.x * sc[r];
+                            wf[r][2 * b + 1] = Q::HAS_ZERO ? fmaf(pr.y, sc[r], zs[r]) : pr.y * sc[r];
+                        }
+                    }
+#pragma unroll
+                    for (int bb = 0; bb < NB; bb++) {
+                        if (bb < n) {
+                            const float4* xp =
+                                (const float4*)(x + (size_t)bb * in + (size_t)c * 32 + 8 * j);
+                            float4 x0 = xp[0], x1 = xp[1];
+                            if (cd) {
+                                x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
+                                x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
+                            }
+#pragma unroll
+                            for (int r = 0; r < R; r++) {
+                                float a = accv[r][bb];
+                                a = fmaf(wf[r][0], x0.x, a);
+                                a = fmaf(wf[r][1], x0.y, a);
+                                a = fmaf(wf[r][2], x0.z, a);
+                                a = fmaf(wf[r][3], x0.w, a);
+                                a = fmaf(wf[r][4], x1.x, a);
+                                a = fmaf(wf[r][5], x1.y, a);
+                                a = fmaf(wf[r][6], x1.z, a);
+                                a = fmaf(wf[r][7], x1.w, a);
+                                accv[r][bb] = a;
+                            }
+                        }
+                    }
+                }
             }
-            if (NB == 1 && (more || next_loading))
+            if (more || next_loading)
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     wv[r] = wn[r];
                     s[r] = sn[r];
                     z[r] = zn[r];
                 }
-            else if (more)
-                load_round(L, g.rows, c + step, wv, s, z);
         }
         gemv_finish<R, PAIR, NB>(accv, L.y, n, L.out, row0, ksplit, cd, acc, yold);
         b = nb;
@@ -578,14 +608,17 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
 
 // Output rows of each matrix per warp in the pair kernels: two for a single
 // row (x is read once for four weight rows, and each warp has four
-// independent sums; compiled for two blocks per SM), one for batches.
-// `WIDE_PAIR_SINGLE` and `WIDE_PAIR` in matmul.rs.
-#define Q4_PAIR_ROWS(NB) ((NB) == 1 ? 2 : 1)
+// independent sums; compiled for two blocks per SM) and for batches of up
+// to four rows (each x value loaded serves four weight rows), one for
+// batches of up to eight. `WIDE_PAIR_SINGLE`, `WIDE_PAIR_BATCH4` and
+// `WIDE_PAIR` in matmul.rs.
+#define Q4_PAIR_ROWS(NB) ((NB) <= 4 ? 2 : 1)
 #define Q4_PAIR_BOUNDS(NB) __launch_bounds__(256, (NB) == 1 ? 2 : 1)
 
 // bitsandbytes kernels take their matrices as Q4BnbArgs, the pair kernels an
-// optional RMS-norm weight `nw`. Instances: b1 single rows, b8 batches, h1
-// single rows in half precision (H in gemv_q4_body).
+// optional RMS-norm weight `nw`. Instances: b1 single rows, b4 and b8
+// batches of up to four and eight rows, h1 single rows in half precision (H
+// in gemv_q4_body).
 #define GEMV_Q4BNB(TAG, NB, H)                                                                     \
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_##TAG(                            \
         const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y,   \
@@ -646,9 +679,11 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
     }
 
 GEMV_Q4BNB(b1, 1, false)
+GEMV_Q4BNB(b4, 4, false)
 GEMV_Q4BNB(b8, 8, false)
 GEMV_Q4BNB(h1, 1, true)
 GEMV_Q4PACKED(1)
+GEMV_Q4PACKED(4)
 GEMV_Q4PACKED(8)
 
 // The Q, K and V projections of one RMS-normalized input row in one launch;
