@@ -480,8 +480,9 @@ fn fused_gate_up_silu_matches_for_each_format() {
 
 /// RMS norm folded into the projections that follow it (`norm_matmuls` for
 /// Q/K/V-shaped weights, `norm_gate_up_silu`) against the CPU's separate
-/// norm and products: single rows take the fused kernels, larger batches the
-/// separate path.
+/// norm and products: single rows take the fused kernels, and so do batches
+/// of 4-bit gate/up weights (the `b4` and `b8` instances); other batches
+/// take the separate path.
 fn norm_fused_case(
     what: &str,
     ws: &[LinearWeight],
@@ -504,7 +505,7 @@ fn norm_fused_case(
     let nw: Vec<f32> = (0..in_f).map(|_| rng.random_range(0.5f32..1.5)).collect();
     let (cn, gn) = (c.upload_vector(&nw).unwrap(), g.upload_vector(&nw).unwrap());
     let eps = 1e-5;
-    for n in [1, 3] {
+    for n in [1, 3, 8] {
         let x = randn(&mut rng, n * in_f, 2.0);
         let (cx, gx) = pair(&g, n, in_f, &x);
         for k in 1..=ws.len() {

@@ -115,22 +115,63 @@ fn q4_kernel(
     in_f: usize,
     suffix: &str,
     tilings: Q4Tilings,
-    half: bool,
+    stage: Q4Stage,
 ) -> Result<(String, GemvTiling)> {
     if rows > 1 {
-        let (nb, tiling) = if rows <= 4 {
-            (4, tilings.batch4)
+        let nb = q4_batch(rows);
+        let tiling = if nb == 4 {
+            tilings.batch4
         } else {
-            (GEMV_MAX_ROWS, tilings.batch8)
+            tilings.batch8
         };
         let name = format!("{base}_b{nb}{suffix}");
-        let smem = stage_smem(gpu, &name, q4_pair_floats(false))?;
+        let smem = stage_smem(gpu, &name, q4_batch_floats(nb, in_f, stage.norm))?;
         return Ok((name, tiling.looping_q4(smem)));
     }
-    let tag = if half { "h1" } else { "b1" };
+    let tag = if stage.half { "h1" } else { "b1" };
     let name = format!("{base}_{tag}{suffix}");
-    let smem = stage_smem(gpu, &name, q4_staged_floats(in_f, half))?;
+    let smem = stage_smem(gpu, &name, q4_staged_floats(in_f, stage.half))?;
     Ok((name, tilings.single.looping_q4(smem)))
+}
+
+/// How a 4-bit launch stages its input: single rows in f16 when `half`
+/// (see [`q4_half`]); batches normalize and stage their rows when `norm`.
+#[derive(Clone, Copy)]
+struct Q4Stage {
+    half: bool,
+    norm: bool,
+}
+
+/// Staging without f16 single rows or normalized batch rows (packed
+/// single-matrix products).
+const NO_STAGE: Q4Stage = Q4Stage {
+    half: false,
+    norm: false,
+};
+
+/// The largest batch of the 4-bit instance that takes `rows` rows (`b4` or
+/// `b8`).
+fn q4_batch(rows: usize) -> usize {
+    if rows <= 4 { 4 } else { GEMV_MAX_ROWS }
+}
+
+/// Dynamic shared memory of a 4-bit batch launch of instance `nb`, in
+/// floats: the code-pair tables, then with `norm` its `nb` normalized rows
+/// (`Q4_BATCH_ROWS_AT` in gemv_q4.cu).
+fn q4_batch_floats(nb: usize, in_f: usize, norm: bool) -> usize {
+    let rows = if norm { nb * q4_row_floats(in_f) } else { 0 };
+    q4_pair_floats(false) + rows
+}
+
+/// Most dynamic shared memory a 4-bit batch launch takes to normalize its
+/// rows (under the 227 KiB an H100 block may have, with room for the
+/// kernel's static shared memory); wider rows take the separate norm.
+const Q4_BATCH_NORM_MAX_BYTES: usize = 192 * 1024;
+
+/// Floats of one f32 row staged with a pad word per 32 values, rounded up
+/// to an even count (`q4_pairs_at<false>` in gemv_q4.cu).
+fn q4_row_floats(in_f: usize) -> usize {
+    (in_f + in_f / 32).next_multiple_of(2)
 }
 
 /// Whether a single row meets NF4/FP4 weights of compute dtype `cd`
@@ -183,7 +224,7 @@ fn q4_staged_floats(in_f: usize, half: bool) -> usize {
     let row = if half {
         21 * (in_f / 32)
     } else {
-        (in_f + in_f / 32).next_multiple_of(2)
+        q4_row_floats(in_f)
     };
     row + q4_pair_floats(half)
 }
@@ -205,9 +246,12 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
             if q4_bnb_ok(q) {
-                let half = q4_half(cd);
+                let stage = Q4Stage {
+                    half: q4_half(cd),
+                    norm: false,
+                };
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", Q4_SINGLE, half)?;
+                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "", Q4_SINGLE, stage)?;
                 let a = Q4BnbArgs::of(q);
                 g.launch(gpu, &name, vec![arg(&a)], &[arg(&cd)], x, y, tiling)?;
             } else {
@@ -220,7 +264,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
             let params = packed_params(q);
             if q4_packed_ok(q) {
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", Q4_SINGLE, false)?;
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "", Q4_SINGLE, NO_STAGE)?;
                 g.launch(gpu, &name, params.args(), &[], x, y, tiling)?;
             } else {
                 let name = gemv_kernel(&format!("gemv_packed{}", q.bits), x.rows, "");
@@ -261,8 +305,10 @@ impl NormArgs {
 
 /// `silu(x·Gᵀ) ⊙ (x·Uᵀ)` in one fused GEMV when the batch is small and both
 /// weights share a format that has a pair kernel; with `norm`, of
-/// `rms_norm(x)` for a single row. `None` when no kernel fits (the caller
-/// then runs the products, the activation and the norm separately).
+/// `rms_norm(x)` for a single row, or for a batch of 4-bit weights whose
+/// normalized rows fit the launch's shared memory. `None` when no kernel
+/// fits (the caller then runs the products, the activation and the norm
+/// separately).
 pub fn gate_up_silu(
     gpu: &Gpu,
     x: &CudaTensor,
@@ -274,7 +320,9 @@ pub fn gate_up_silu(
     if up.shape() != (out_f, in_f) || x.cols != in_f || x.rows == 0 || x.rows > GEMV_MAX_ROWS {
         return Ok(None);
     }
-    if norm.is_some_and(|n| x.rows != 1 || n.weight.len() != in_f) {
+    let batch_norm_fits =
+        || q4_batch_floats(q4_batch(x.rows), in_f, true) * 4 <= Q4_BATCH_NORM_MAX_BYTES;
+    if norm.is_some_and(|n| n.weight.len() != in_f || (x.rows > 1 && !batch_norm_fits())) {
         return Ok(None);
     }
     let y = CudaTensor::empty(gpu, x.rows, out_f)?;
@@ -293,7 +341,7 @@ pub fn gate_up_silu(
                 buf: buf2,
                 ..
             },
-        ) if dtype == dtype2 && in_f % 8 == 0 => {
+        ) if dtype == dtype2 && in_f % 8 == 0 && (norm.is_none() || x.rows == 1) => {
             let name = &dense_kernel(*dtype, x.rows, "_pair");
             let smem = if norm.is_some() {
                 stage_smem(gpu, name, in_f)?
@@ -307,9 +355,12 @@ pub fn gate_up_silu(
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let cd = dtype_mode(a.compute_dtype);
             if q4_bnb_ok(a) && q4_bnb_ok(b) {
-                let half = q4_half(cd);
+                let stage = Q4Stage {
+                    half: q4_half(cd),
+                    norm: norm.is_some(),
+                };
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", Q4_PAIR, half)?;
+                    q4_kernel(gpu, "gemv_q4bnb", x.rows, in_f, "_pair", Q4_PAIR, stage)?;
                 let (qa, qb) = (Q4BnbArgs::of(a), Q4BnbArgs::of(b));
                 let post = [arg(&cd), nargs[0], nargs[1]];
                 g.launch(gpu, &name, vec![arg(&qa), arg(&qb)], &post, x, &y, tiling)?;
@@ -328,8 +379,12 @@ pub fn gate_up_silu(
             let mut pre = pa.args();
             pre.extend(pb.args());
             if q4_packed_ok(a) && q4_packed_ok(b) {
+                let stage = Q4Stage {
+                    half: false,
+                    norm: norm.is_some(),
+                };
                 let (name, tiling) =
-                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", Q4_PAIR, false)?;
+                    q4_kernel(gpu, "gemv_q4packed", x.rows, in_f, "_pair", Q4_PAIR, stage)?;
                 g.launch(gpu, &name, pre, &nargs, x, &y, tiling)?;
             } else if norm.is_none() {
                 let name = gemv_kernel(&format!("gemv_packed{}", a.bits), x.rows, "_pair");

@@ -12,7 +12,8 @@
 // summed in f16 over 32 weights instead (the `h1` and `norm3_h` kernels).
 // Single-row launches need q4_pairs_at<H>(in) + Q4_PAIR_FLOATS floats of
 // dynamic shared memory (Q4_PAIR_FLOATS_H with H), batch launches
-// Q4_PAIR_FLOATS (the tables only).
+// Q4_PAIR_FLOATS (the tables), plus NB * q4_pairs_at<false>(in) when they
+// normalize their rows (q4_batch_rows).
 
 // bitsandbytes NF4/FP4: high nibble first; absmax per block of 2^bs_log2 >= 32
 // flattened weights, double-quantized when `codes` is set. Offsets are 32-bit
@@ -88,6 +89,12 @@ template <bool H>
 __device__ __forceinline__ int q4_pairs_at(int in) {
     return H ? (Q4_XH_WORDS + 1) * (in >> 5) : (in + in / 32 + 1) & ~1;
 }
+
+// Where a batch launch's staged rows start in its dynamic shared memory, in
+// floats: after its code-pair tables, row b at b * q4_pairs_at<false>(in)
+// from there, each with one pad word per 32 values as stage_x<true> writes
+// them.
+#define Q4_BATCH_ROWS_AT Q4_PAIR_FLOATS
 
 // Floats of the code-pair tables: 256 entries, each holding its pair in 16
 // slots of two floats (128 bytes), or with H in 32 slots of one f16 pair in
@@ -288,7 +295,8 @@ struct Q4Block {
 // q4_tables fills). Single rows sum x·code over a lane's 32 weights and
 // scale the sum once; batches scale each weight once (code * s, or for
 // packed integers code * s - z * s, which is exact) and multiply it into
-// every row, reading x from global memory (L1). With H (single rows whose
+// every row, reading x from global memory (L1), or with `nw` from the
+// normalized rows staged in shared memory. With H (single rows whose
 // compute dtype is f16 or bf16) the pairs and the staged row are f16
 // (stage_xh): a lane's 32 products of a round are summed in f16 pairs, then
 // in f32 with the run's scale.
@@ -343,10 +351,16 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     float yold = gemv_y_before<R, PAIR>(L.y, n, L.out, g.row0, ksplit, acc);
     // Single rows: the block stages x (normalized by `nw` when set, rounded
     // to `cd`) with one pad word per 32 values, or with H in f16 (stage_xh).
+    // Batches stage their rows the same way when `nw` is set (the norm needs
+    // each whole row) and read x from global memory otherwise.
+    const int xrow = q4_pairs_at<false>(in);
+    float* xb = xsm + Q4_BATCH_ROWS_AT;
     if (H)
         stage_xh(x, nw, eps, (u32*)xsm, (float*)xscale, in, cd);
     else if (NB == 1)
         stage_x<true>(x, nw, eps, xsm, in, cd);
+    else if (nw)
+        for (int bb = 0; bb < n; bb++) stage_x<true>(x + (size_t)bb * in, nw, eps, xb + bb * xrow, in, cd);
     else
         __syncthreads();
     for (int b = blockIdx.x; b < nblocks;) {
@@ -495,12 +509,20 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
 #pragma unroll
                     for (int bb = 0; bb < NB; bb++) {
                         if (bb < n) {
-                            const float4* xp =
-                                (const float4*)(x + (size_t)bb * in + (size_t)c * 32 + 8 * j);
-                            float4 x0 = xp[0], x1 = xp[1];
-                            if (cd) {
-                                x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
-                                x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
+                            float4 x0, x1;
+                            if (nw) {
+                                const float* xp = xb + bb * xrow + c * 33 + 8 * j;
+                                x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
+                                x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
+                            } else {
+                                const float4* xp =
+                                    (const float4*)(x + (size_t)bb * in + (size_t)c * 32 + 8 * j);
+                                x0 = xp[0];
+                                x1 = xp[1];
+                                if (cd) {
+                                    x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
+                                    x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
+                                }
                             }
 #pragma unroll
                             for (int r = 0; r < R; r++) {
