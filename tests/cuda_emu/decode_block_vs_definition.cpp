@@ -7,8 +7,10 @@
 // weight formats, double quantization, compute-dtype rounding, split rows
 // (ksplit > 1) on Llama-3.2-1B shapes, the half-precision single-row
 // NF4/FP4 kernels, grids capped below each launch's logical blocks (blocks
-// looping over several), and caches long enough for multi-tile key ranges. Prints one line per case and exits non-zero when a
-// case is outside its bound.
+// looping over several), and caches long enough for multi-tile key ranges;
+// the batch GEMV instances (2 to 8 rows) of an MLP have cases of their own.
+// Prints one line per case and exits non-zero when a case is outside its
+// bound.
 #include "kernels.cpp"
 
 #include <algorithm>
@@ -408,6 +410,78 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     return ok && ref_ok;
 }
 
+// The batch kernels (2 to 8 rows: the `b4` and `b8` instances) of an MLP:
+// gate/up + SiLU of `n` rows, RMS-normalized in the launch when `norm`,
+// then down added to each row's residual, launched as matmul.rs launches
+// them (grids capped at `cap` blocks, so that blocks loop), against the
+// definition in double precision.
+static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool norm, int sm,
+                           int cap) {
+    arena_used = 0;
+    const int nb = n <= 4 ? 4 : 8;
+    const int rpw = nb == 4 ? 2 : 1;  // Q4_PAIR_ROWS, WIDE_PAIR_BATCH4 / WIDE_PAIR
+    float* code16 = rand_f(16, -1.f, 1.f);
+    Layer<Q4BnbArgs> wb{};
+    Layer<Q4PackedArgs> wp{};
+    const int rows[3] = {inter, inter, hidden}, ins[3] = {hidden, hidden, inter};
+    for (int i = 0; i < 3; i++) {
+        if (fmt == 2) wp.m[4 + i] = make_packed(rows[i], ins[i], 64);
+        else wb.m[4 + i] = make_bnb(rows[i], ins[i], fmt == 1, code16);
+    }
+    const float* nw = norm ? rand_f(hidden, 0.5f, 1.5f) : nullptr;
+    const float* x = rand_f((size_t)n * hidden, -1.f, 1.f);
+    float* y = rand_f((size_t)n * hidden, -1.f, 1.f);
+    const std::vector<float> y0(y, y + (size_t)n * hidden);
+    float* act = dalloc<float>((size_t)n * inter);
+    const float eps = 1e-5f;
+    const int ks_gu = gemv_ksplit(sm, inter, hidden / 32, rpw);
+    const int ks_down = gemv_ksplit(sm, hidden, inter / 32, 4);
+    const size_t tables = (size_t)Q4_PAIR_FLOATS * 4;
+    const size_t gu_smem = tables + (norm ? (size_t)nb * q4_pairs_at<false>(hidden) * 4 : 0);
+    launch({(unsigned)std::min(q4_blocks_h(inter, rpw, ks_gu), cap)}, 256, gu_smem, [&] {
+        if (fmt == 2) {
+            const Q4PackedArgs &g = wp.m[4], &u = wp.m[5];
+            (nb == 4 ? gemv_q4packed_b4_pair : gemv_q4packed_b8_pair)(
+                g.w, g.scales, g.zeros, nullptr, g.wpr, g.gsize, u.w, u.scales, u.zeros, nullptr,
+                u.wpr, u.gsize, x, act, n, inter, hidden, ks_gu, 0, nw, eps);
+        } else {
+            (nb == 4 ? gemv_q4bnb_b4_pair : gemv_q4bnb_b8_pair)(wb.m[4], wb.m[5], x, act, n, inter,
+                                                               hidden, ks_gu, 0, cd, nw, eps);
+        }
+    });
+    launch({(unsigned)std::min(q4_blocks_h(hidden, 4, ks_down), cap)}, 256, tables, [&] {
+        if (fmt == 2) {
+            const Q4PackedArgs& d = wp.m[6];
+            (nb == 4 ? gemv_q4packed_b4 : gemv_q4packed_b8)(d.w, d.scales, d.zeros, nullptr, d.wpr,
+                                                             d.gsize, act, y, n, hidden, inter,
+                                                             ks_down, 1);
+        } else {
+            (nb == 4 ? gemv_q4bnb_b4 : gemv_q4bnb_b8)(wb.m[6], act, y, n, hidden, inter, ks_down, 1,
+                                                       cd);
+        }
+    });
+    double ea = 0, ey = 0;
+    for (int b = 0; b < n; b++) {
+        std::vector<double> h(x + (size_t)b * hidden, x + (size_t)(b + 1) * hidden);
+        if (norm) h = rms_norm(h, nw, eps);
+        const std::vector<double> g = matvec(fmt, wb, wp, 4, inter, hidden, h);
+        const std::vector<double> u = matvec(fmt, wb, wp, 5, inter, hidden, h);
+        std::vector<double> a(inter);
+        for (int i = 0; i < inter; i++) a[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
+        std::vector<double> want = matvec(fmt, wb, wp, 6, hidden, inter, a);
+        for (int i = 0; i < hidden; i++) want[i] += y0[(size_t)b * hidden + i];
+        ea = std::max(ea, rel_err(act + (size_t)b * inter, a));
+        ey = std::max(ey, rel_err(y + (size_t)b * hidden, want));
+    }
+    const double tol = fmt == 2 || cd == 0 ? 1e-5 : (cd == 1 ? 2e-3 : 1e-2);
+    const bool within = ea < tol && ey < tol;
+    printf("batch %d (b%d)%s, fmt %d cd %d, h%d i%d, ks %d/%d, cap %d: RAN; reference act %.1e "
+           "y %.1e: %s\n",
+           n, nb, norm ? " norm" : "", fmt, cd, hidden, inter, ks_gu, ks_down, cap, ea, ey,
+           within ? "WITHIN" : "OUTSIDE");
+    return within;
+}
+
 int main() {
     arena = (char*)mmap(nullptr, arena_cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (arena == MAP_FAILED) return 2;
@@ -434,6 +508,15 @@ int main() {
     ok &= run_case(small, 2, 1, 2, 2, 3, false, true);
     ok &= run_case(small, 1, 0, 1, 2, 3, true, true);
     ok &= run_case(llama1b, 1, 1, 2, 132, 7, false, true);
+    // Batch instances: both formats, f32 and f16 compute, both instances,
+    // with and without the norm, rows of 576 (SmolLM2), 256 and 2048.
+    ok &= run_batch_case(1, 0, 3, 576, 384, true, 2, 3);
+    ok &= run_batch_case(0, 1, 8, 256, 512, true, 2, 3);
+    ok &= run_batch_case(2, 0, 2, 256, 512, false, 2, 3);
+    ok &= run_batch_case(2, 0, 6, 576, 384, true, 2, 3);
+    // Rows split over two warps (ksplit 2): gate/up, then down.
+    ok &= run_batch_case(1, 0, 4, 2048, 256, true, 8, 5);
+    ok &= run_batch_case(2, 0, 5, 256, 2048, false, 8, 5);
     printf(ok ? "ALL WITHIN\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }
