@@ -82,6 +82,18 @@ __device__ __forceinline__ float sum_squares4(float4 v, float ss) {
     return fmaf(v.w, v.w, ss);
 }
 
+// a + w · (x0, x1) over 8 weights, one fused multiply-add each in order.
+__device__ __forceinline__ float dot8(const float (&w)[8], float4 x0, float4 x1, float a) {
+    a = fmaf(w[0], x0.x, a);
+    a = fmaf(w[1], x0.y, a);
+    a = fmaf(w[2], x0.z, a);
+    a = fmaf(w[3], x0.w, a);
+    a = fmaf(w[4], x1.x, a);
+    a = fmaf(w[5], x1.y, a);
+    a = fmaf(w[6], x1.z, a);
+    return fmaf(w[7], x1.w, a);
+}
+
 // Stages the single input row `x` (`in` values, in % 4 == 0) of a one-row
 // GEMV in shared memory `xs`, rounded to the compute dtype `cd`. With `nw`
 // the row is first RMS-normalized and scaled by `nw` with the arithmetic of
@@ -329,17 +341,7 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
                     }
 #pragma unroll
                     for (int r = 0; r < R; r++) {
-                        const float* wr = w[u][r];
-                        float a = accv[r][b];
-                        a = fmaf(wr[0], x0.x, a);
-                        a = fmaf(wr[1], x0.y, a);
-                        a = fmaf(wr[2], x0.z, a);
-                        a = fmaf(wr[3], x0.w, a);
-                        a = fmaf(wr[4], x1.x, a);
-                        a = fmaf(wr[5], x1.y, a);
-                        a = fmaf(wr[6], x1.z, a);
-                        a = fmaf(wr[7], x1.w, a);
-                        accv[r][b] = a;
+                        accv[r][b] = dot8(w[u][r], x0, x1, accv[r][b]);
                     }
                 }
             }

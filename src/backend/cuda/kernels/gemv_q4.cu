@@ -270,6 +270,31 @@ __device__ __forceinline__ void stage_xh(const float* __restrict__ x, const floa
     __syncthreads();
 }
 
+// Eight consecutive values of a row staged by stage_x<true> (4-byte
+// aligned only: the pad words shift each run of 32).
+__device__ __forceinline__ void staged8(const float* xp, float4& x0, float4& x1) {
+    x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
+    x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
+}
+
+// The f32 code pairs of word j of each row's 16 bytes (`wv`), rows of `qb`
+// (odd rows of a PAIR) from `tab_b`: wf[r] holds row r's 8 codes in order.
+template <int R, bool PAIR>
+__device__ __forceinline__ void q4_decode_word(const uint4 (&wv)[R], int j, const float2* tab_a,
+                                               const float2* tab_b, float (&wf)[R][8]) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
+        const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const float2 pr = q4_pair_f32(tab, word, b);
+            wf[r][2 * b] = pr.x;
+            wf[r][2 * b + 1] = pr.y;
+        }
+    }
+}
+
 // One logical block of a 4-bit launch: its matrices (PAIR: gate, up) and
 // code tables, where it writes `out` rows, and its index among the blocks
 // of its matrix.
@@ -433,38 +458,16 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     float wf[R][8];
-#pragma unroll
-                    for (int r = 0; r < R; r++) {
-                        const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                        const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
-#pragma unroll
-                        for (int b = 0; b < 4; b++) {
-                            const float2 pr = q4_pair_f32(tab, word, b);
-                            wf[r][2 * b] = pr.x;
-                            wf[r][2 * b + 1] = pr.y;
-                        }
-                    }
+                    q4_decode_word<R, PAIR>(wv, j, tab_a, tab_b, wf);
 #pragma unroll
                     for (int bb = 0; bb < NB; bb++) {
                         if (bb < n) {
-                            const float* xp = xsm + c * 33 + 8 * j;
-                            const float4 x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
-                            const float4 x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
+                            float4 x0, x1;
+                            staged8(xsm + c * 33 + 8 * j, x0, x1);
                             if (Q::HAS_ZERO)
                                 xs[bb] += ((x0.x + x0.y) + (x0.z + x0.w)) + ((x1.x + x1.y) + (x1.z + x1.w));
 #pragma unroll
-                            for (int r = 0; r < R; r++) {
-                                float a = dot[r][bb];
-                                a = fmaf(wf[r][0], x0.x, a);
-                                a = fmaf(wf[r][1], x0.y, a);
-                                a = fmaf(wf[r][2], x0.z, a);
-                                a = fmaf(wf[r][3], x0.w, a);
-                                a = fmaf(wf[r][4], x1.x, a);
-                                a = fmaf(wf[r][5], x1.y, a);
-                                a = fmaf(wf[r][6], x1.z, a);
-                                a = fmaf(wf[r][7], x1.w, a);
-                                dot[r][bb] = a;
-                            }
+                            for (int r = 0; r < R; r++) dot[r][bb] = dot8(wf[r], x0, x1, dot[r][bb]);
                         }
                     }
                 }
@@ -495,25 +498,18 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     float wf[R][8];
+                    q4_decode_word<R, PAIR>(wv, j, tab_a, tab_b, wf);
 #pragma unroll
-                    for (int r = 0; r < R; r++) {
-                        const u32 word = j == 0 ? wv[r].x : j == 1 ? wv[r].y : j == 2 ? wv[r].z : wv[r].w;
-                        const float2* tab = (PAIR && (r & 1)) ? tab_b : tab_a;
+                    for (int r = 0; r < R; r++)
 #pragma unroll
-                        for (int b = 0; b < 4; b++) {
-                            const float2 pr = q4_pair_f32(tab, word, b);
-                            wf[r][2 * b] = Q::HAS_ZERO ? fmaf(pr.x, sc[r], zs[r]) : pr.x * sc[r];
-                            wf[r][2 * b + 1] = Q::HAS_ZERO ? fmaf(pr.y, sc[r], zs[r]) : pr.y * sc[r];
-                        }
-                    }
+                        for (int k = 0; k < 8; k++)
+                            wf[r][k] = Q::HAS_ZERO ? fmaf(wf[r][k], sc[r], zs[r]) : wf[r][k] * sc[r];
 #pragma unroll
                     for (int bb = 0; bb < NB; bb++) {
                         if (bb < n) {
                             float4 x0, x1;
                             if (nw) {
-                                const float* xp = xb + bb * xrow + c * 33 + 8 * j;
-                                x0 = make_float4(xp[0], xp[1], xp[2], xp[3]);
-                                x1 = make_float4(xp[4], xp[5], xp[6], xp[7]);
+                                staged8(xb + bb * xrow + c * 33 + 8 * j, x0, x1);
                             } else {
                                 const float4* xp =
                                     (const float4*)(x + (size_t)bb * in + (size_t)c * 32 + 8 * j);
@@ -525,18 +521,7 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                                 }
                             }
 #pragma unroll
-                            for (int r = 0; r < R; r++) {
-                                float a = accv[r][bb];
-                                a = fmaf(wf[r][0], x0.x, a);
-                                a = fmaf(wf[r][1], x0.y, a);
-                                a = fmaf(wf[r][2], x0.z, a);
-                                a = fmaf(wf[r][3], x0.w, a);
-                                a = fmaf(wf[r][4], x1.x, a);
-                                a = fmaf(wf[r][5], x1.y, a);
-                                a = fmaf(wf[r][6], x1.z, a);
-                                a = fmaf(wf[r][7], x1.w, a);
-                                accv[r][bb] = a;
-                            }
+                            for (int r = 0; r < R; r++) accv[r][bb] = dot8(wf[r], x0, x1, accv[r][bb]);
                         }
                     }
                 }
