@@ -13,7 +13,7 @@
 // Single-row launches need q4_pairs_at<H>(in) + Q4_PAIR_FLOATS floats of
 // dynamic shared memory (Q4_PAIR_FLOATS_H with H), batch launches
 // Q4_PAIR_FLOATS (the tables), plus NB * q4_pairs_at<false>(in) when they
-// normalize their rows (q4_batch_rows).
+// normalize their rows (Q4_BATCH_ROWS_AT; q4_batch_floats in matmul.rs).
 
 // bitsandbytes NF4/FP4: high nibble first; absmax per block of 2^bs_log2 >= 32
 // flattened weights, double-quantized when `codes` is set. Offsets are 32-bit
