@@ -237,6 +237,28 @@ static double rel_err(const float* got, const std::vector<double>& want) {
     return sqrt(num / (den > 0 ? den : 1));
 }
 
+// A block's MLP in double precision: silu(G h) * (U h) (matrices 4 and 5,
+// `inter` x `hidden`) and the down product of that (matrix 6).
+struct Mlp {
+    std::vector<double> act, down;
+};
+static Mlp reference_mlp(int fmt, const Layer<Q4BnbArgs>& wb, const Layer<Q4PackedArgs>& wp,
+                         const std::vector<double>& h, int hidden, int inter) {
+    const auto g = matvec(fmt, wb, wp, 4, inter, hidden, h);
+    const auto u = matvec(fmt, wb, wp, 5, inter, hidden, h);
+    std::vector<double> act(inter);
+    for (int i = 0; i < inter; i++) act[i] = g[i] / (1 + exp(-g[i])) * u[i];
+    std::vector<double> down = matvec(fmt, wb, wp, 6, hidden, inter, act);
+    return Mlp{act, down};
+}
+
+// The bound on a product's relative error in format `fmt` with compute
+// dtype `cd` (none, f16, bf16), f32 products (not the half-precision
+// single-row kernels).
+static double product_tol(int fmt, int cd) {
+    return fmt == 2 || cd == 0 ? 1e-5 : (cd == 1 ? 2e-3 : 1e-2);
+}
+
 // One block in double precision from its definition (no kernel code):
 // updates the residual row `x` and returns the key and value appended at
 // position `pos`.
@@ -277,13 +299,8 @@ static Appended reference_block(const Shape& s, int fmt, const Layer<Q4BnbArgs>&
     }
     const auto o = matvec(fmt, wb, wp, 3, s.hidden, qo, att);
     for (int i = 0; i < s.hidden; i++) x[i] += o[i];
-    const auto h2 = rms_norm(x, ln2, eps);
-    const auto g = matvec(fmt, wb, wp, 4, s.inter, s.hidden, h2);
-    const auto u = matvec(fmt, wb, wp, 5, s.inter, s.hidden, h2);
-    std::vector<double> act(s.inter);
-    for (int i = 0; i < s.inter; i++) act[i] = g[i] / (1 + exp(-g[i])) * u[i];
-    const auto d = matvec(fmt, wb, wp, 6, s.hidden, s.inter, act);
-    for (int i = 0; i < s.hidden; i++) x[i] += d[i];
+    const Mlp m = reference_mlp(fmt, wb, wp, rms_norm(x, ln2, eps), s.hidden, s.inter);
+    for (int i = 0; i < s.hidden; i++) x[i] += m.down[i];
     return Appended{k, v};
 }
 
@@ -399,7 +416,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
     }
     const double ex = rel_err(a.x, x);
     // Half-precision kernels: f16 products summed in f16 over 32 weights.
-    const double tol = half ? (cd == 2 ? 1e-2 : 5e-3) : (fmt == 2 || cd == 0 ? 1e-5 : (cd == 1 ? 2e-3 : 1e-2));
+    const double tol = half ? (cd == 2 ? 1e-2 : 5e-3) : product_tol(fmt, cd);
     const bool ref_ok = ex < tol && ek < tol && ev < tol;
     printf("%d layers, fmt %d%s%s cd %d, h%d i%d q%d kv%d D%d len%d pos%d, ks %d/%d/%d/%d, cap %d: "
            "%s; reference x %.1e k %.1e v %.1e: %s\n",
@@ -464,16 +481,13 @@ static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool n
     for (int b = 0; b < n; b++) {
         std::vector<double> h(x + (size_t)b * hidden, x + (size_t)(b + 1) * hidden);
         if (norm) h = rms_norm(h, nw, eps);
-        const std::vector<double> g = matvec(fmt, wb, wp, 4, inter, hidden, h);
-        const std::vector<double> u = matvec(fmt, wb, wp, 5, inter, hidden, h);
-        std::vector<double> a(inter);
-        for (int i = 0; i < inter; i++) a[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
-        std::vector<double> want = matvec(fmt, wb, wp, 6, hidden, inter, a);
+        Mlp m = reference_mlp(fmt, wb, wp, h, hidden, inter);
+        std::vector<double>& want = m.down;
         for (int i = 0; i < hidden; i++) want[i] += y0[(size_t)b * hidden + i];
-        ea = std::max(ea, rel_err(act + (size_t)b * inter, a));
+        ea = std::max(ea, rel_err(act + (size_t)b * inter, m.act));
         ey = std::max(ey, rel_err(y + (size_t)b * hidden, want));
     }
-    const double tol = fmt == 2 || cd == 0 ? 1e-5 : (cd == 1 ? 2e-3 : 1e-2);
+    const double tol = product_tol(fmt, cd);
     const bool within = ea < tol && ey < tol;
     printf("batch %d (b%d)%s, fmt %d cd %d, h%d i%d, ks %d/%d, cap %d: RAN; reference act %.1e "
            "y %.1e: %s\n",

@@ -94,6 +94,17 @@ __device__ __forceinline__ float dot8(const float (&w)[8], float4 x0, float4 x1,
     return fmaf(w[7], x1.w, a);
 }
 
+// Eight consecutive values of row data at `xp` (16-byte aligned) in global
+// memory, rounded to the compute dtype `cd`.
+__device__ __forceinline__ void load_x8(const float* xp, int cd, float4& x0, float4& x1) {
+    x0 = ((const float4*)xp)[0];
+    x1 = ((const float4*)xp)[1];
+    if (cd) {
+        x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
+        x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
+    }
+}
+
 // Stages the single input row `x` (`in` values, in % 4 == 0) of a one-row
 // GEMV in shared memory `xs`, rounded to the compute dtype `cd`. With `nw`
 // the row is first RMS-normalized and scaled by `nw` with the arithmetic of
@@ -333,12 +344,8 @@ __device__ __forceinline__ void gemv_body(const L ld, const L ld2, const float* 
 #pragma unroll
             for (int b = 0; b < NB; b++) {
                 if (b < n) {
-                    const float4* xp = (const float4*)(x + (size_t)b * in + (size_t)c * 8);
-                    float4 x0 = xp[0], x1 = xp[1];
-                    if (cd) {
-                        x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
-                        x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
-                    }
+                    float4 x0, x1;
+                    load_x8(x + (size_t)b * in + (size_t)c * 8, cd, x0, x1);
 #pragma unroll
                     for (int r = 0; r < R; r++) {
                         accv[r][b] = dot8(w[u][r], x0, x1, accv[r][b]);

@@ -360,6 +360,9 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
     // The first weights are loaded before waiting for the preceding kernel
     // (weights never depend on it).
     if (c0 < chunks) load_round(L, g.rows, c0, wv, s, z);
+    // Declared apart from the call: initialized in the declaration,
+    // gemv_q4packed_norm3 compiles with its registers renamed, away from
+    // the SASS measured on the GPU (bench/RESULTS.md, twenty-second session).
     Q4Pairs pairs{};
     pairs = q4_pair_tables<Q::HI_FIRST, H>(luts, NB == 1 ? xsm + q4_pairs_at<H>(in) : xsm);
     // A block releases the next kernel when it starts its last logical
@@ -508,18 +511,10 @@ __device__ __forceinline__ void gemv_q4_body(At at, int nblocks, const float* __
                     for (int bb = 0; bb < NB; bb++) {
                         if (bb < n) {
                             float4 x0, x1;
-                            if (nw) {
+                            if (nw)
                                 staged8(xb + bb * xrow + c * 33 + 8 * j, x0, x1);
-                            } else {
-                                const float4* xp =
-                                    (const float4*)(x + (size_t)bb * in + (size_t)c * 32 + 8 * j);
-                                x0 = xp[0];
-                                x1 = xp[1];
-                                if (cd) {
-                                    x0 = make_float4(rnd(x0.x, cd), rnd(x0.y, cd), rnd(x0.z, cd), rnd(x0.w, cd));
-                                    x1 = make_float4(rnd(x1.x, cd), rnd(x1.y, cd), rnd(x1.z, cd), rnd(x1.w, cd));
-                                }
-                            }
+                            else
+                                load_x8(x + (size_t)bb * in + (size_t)c * 32 + 8 * j, cd, x0, x1);
 #pragma unroll
                             for (int r = 0; r < R; r++) accv[r][bb] = dot8(wf[r], x0, x1, accv[r][bb]);
                         }
