@@ -360,6 +360,23 @@ fn matmul_case(what: &str, w: &LinearWeight, tol_gemv: f64, tol_gemm: f64, seed:
     }
 }
 
+/// A bf16 weight with as many rows as an lm_head: batches of 2 to 8 take
+/// the tensor-core kernel (`gemv_bf16_mma`, split inputs), which must stay
+/// within the f32 GEMV's bound.
+#[test]
+fn dense_bf16_mma_matches_on_lm_head_shapes() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let (out_f, in_f) = (40_000, 1024);
+    let raw = randn(&mut rng, out_f * in_f, 0.05);
+    matmul_case(
+        "bf16 40000x1024",
+        &dense(out_f, in_f, DType::BF16, &raw),
+        1e-4,
+        2e-3,
+        13,
+    );
+}
+
 #[test]
 fn dense_matmul_matches_for_every_dtype() {
     let mut rng = StdRng::seed_from_u64(6);

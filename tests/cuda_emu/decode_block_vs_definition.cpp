@@ -433,7 +433,7 @@ static bool run_case(const Shape& s, int layers, int fmt, int cd, int sm, int ca
 // them (grids capped at `cap` blocks, so that blocks loop), against the
 // definition in double precision.
 static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool norm, int sm,
-                           int cap) {
+                           int cap, bool mma = false) {
     arena_used = 0;
     const int nb = n <= 4 ? 4 : 8;
     const int rpw = nb == 4 ? 2 : 1;  // Q4_PAIR_ROWS, WIDE_PAIR_BATCH4 / WIDE_PAIR
@@ -451,10 +451,21 @@ static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool n
     const std::vector<float> y0(y, y + (size_t)n * hidden);
     float* act = dalloc<float>((size_t)n * inter);
     const float eps = 1e-5f;
-    const int ks_gu = gemv_ksplit(sm, inter, hidden / 32, rpw);
-    const int ks_down = gemv_ksplit(sm, hidden, inter / 32, 4);
+    // The tensor-core kernels: 16-row tiles and 128-input rounds (MMA in
+    // matmul.rs).
+    const int ks_gu = mma ? gemv_ksplit(sm, inter, hidden / 4, 16) : gemv_ksplit(sm, inter, hidden / 32, rpw);
+    const int ks_down = mma ? gemv_ksplit(sm, hidden, inter / 4, 16) : gemv_ksplit(sm, hidden, inter / 32, 4);
     const size_t tables = (size_t)Q4_PAIR_FLOATS * 4;
     const size_t gu_smem = tables + (norm ? (size_t)nb * q4_pairs_at<false>(hidden) * 4 : 0);
+    if (mma) {
+        // Grids capped at `cap` blocks (blocks loop); shared memory: the
+        // tables, then the staged B fragments.
+        launch({(unsigned)std::min(q4_blocks_h(inter, 16, ks_gu), cap)}, 256, tables + mma_b_words(hidden) * 4, [&] {
+            gemv_q4bnb_mma_pair(wb.m[4], wb.m[5], x, act, n, inter, hidden, ks_gu, 0, cd, nw, eps);
+        });
+        launch({(unsigned)std::min(q4_blocks_h(hidden, 16, ks_down), cap)}, 256, tables + mma_b_words(inter) * 4,
+               [&] { gemv_q4bnb_mma(wb.m[6], act, y, n, hidden, inter, ks_down, 1, cd); });
+    } else {
     launch({(unsigned)std::min(q4_blocks_h(inter, rpw, ks_gu), cap)}, 256, gu_smem, [&] {
         if (fmt == 2) {
             const Q4PackedArgs &g = wp.m[4], &u = wp.m[5];
@@ -477,6 +488,7 @@ static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool n
                                                        cd);
         }
     });
+    }
     double ea = 0, ey = 0;
     for (int b = 0; b < n; b++) {
         std::vector<double> h(x + (size_t)b * hidden, x + (size_t)(b + 1) * hidden);
@@ -489,10 +501,39 @@ static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool n
     }
     const double tol = product_tol(fmt, cd);
     const bool within = ea < tol && ey < tol;
-    printf("batch %d (b%d)%s, fmt %d cd %d, h%d i%d, ks %d/%d, cap %d: RAN; reference act %.1e "
+    printf("batch %d (%s)%s, fmt %d cd %d, h%d i%d, ks %d/%d, cap %d: RAN; reference act %.1e "
            "y %.1e: %s\n",
-           n, nb, norm ? " norm" : "", fmt, cd, hidden, inter, ks_gu, ks_down, cap, ea, ey,
+           n, mma ? "mma" : (nb == 4 ? "b4" : "b8"), norm ? " norm" : "", fmt, cd, hidden, inter, ks_gu, ks_down, cap, ea, ey,
            within ? "WITHIN" : "OUTSIDE");
+    return within;
+}
+
+// The dense bf16 tensor-core kernel (gemv_bf16_mma): `n` rows added to
+// a residual, a grid of `grid` blocks looping over the 16-row tiles (the
+// last one partial), against the product in double precision.
+static bool run_dense_mma_case(int n, int out, int in, int grid) {
+    arena_used = 0;
+    u16* w = dalloc<u16>((size_t)out * in);
+    for (size_t i = 0; i < (size_t)out * in; i++) w[i] = f2bf(urand(-1.f, 1.f));
+    const float* x = rand_f((size_t)n * in, -1.f, 1.f);
+    float* y = rand_f((size_t)n * out, -1.f, 1.f);
+    const std::vector<float> y0(y, y + (size_t)n * out);
+    launch({(unsigned)grid}, 256, (size_t)mma_dense_b_words(in) * 4,
+           [&] { gemv_bf16_mma(w, x, y, n, out, in, 1, 1); });
+    double err = 0;
+    for (int b = 0; b < n; b++) {
+        std::vector<double> want(out);
+        for (int r = 0; r < out; r++) {
+            double s = y0[(size_t)b * out + r];
+            for (int c = 0; c < in; c++)
+                s += (double)__uint_as_float((u32)w[(size_t)r * in + c] << 16) * x[(size_t)b * in + c];
+            want[r] = s;
+        }
+        err = std::max(err, rel_err(y + (size_t)b * out, want));
+    }
+    const bool within = err < 1e-5;
+    printf("dense bf16 mma, batch %d, %dx%d, grid %d: RAN; reference y %.1e: %s\n", n, out, in,
+           grid, err, within ? "WITHIN" : "OUTSIDE");
     return within;
 }
 
@@ -531,6 +572,16 @@ int main() {
     // Rows split over two warps (ksplit 2): gate/up, then down.
     ok &= run_batch_case(1, 0, 4, 2048, 256, true, 8, 5);
     ok &= run_batch_case(2, 0, 5, 256, 2048, false, 8, 5);
+    // Tensor-core instances (NF4/FP4 with an f16 or bf16 compute dtype):
+    // both dtypes, with and without double quantization and the norm, rows
+    // of 576 (a last round of 64 inputs), warps sharing a tile (ksplit 8
+    // for gate/up, then for down).
+    ok &= run_batch_case(0, 1, 8, 256, 512, true, 2, 3, true);
+    ok &= run_batch_case(1, 2, 3, 576, 384, true, 2, 3, true);
+    ok &= run_batch_case(1, 1, 5, 2048, 256, false, 8, 5, true);
+    ok &= run_batch_case(0, 2, 2, 256, 2048, true, 8, 5, true);
+    ok &= run_dense_mma_case(5, 300, 256, 2);
+    ok &= run_dense_mma_case(8, 64, 128, 1);
     printf(ok ? "ALL WITHIN\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

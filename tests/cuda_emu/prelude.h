@@ -144,3 +144,49 @@ inline void cp_async16(float* dst, const float* src) {
     memcpy(dst, src, 16);
 }
 inline void cp_async_wait_all() {}
+
+// The tensor-core helpers of gemv_mma.cu. mma_16816 is warp-collective:
+// the lanes' fragments meet in `emu_mma` (per block, i.e. per process, one
+// slot per warp), every lane rebuilds the 16x16 A and 16x8 B tiles from the
+// PTX fragment layouts and computes its own four C elements.
+inline void prefetch_l2(const void*) {}
+inline u32 mma_pack2(float lo, float hi, bool bf) {
+    const u16 l = bf ? f2bf(lo) : f2h(lo), h = bf ? f2bf(hi) : f2h(hi);
+    return (u32)l | ((u32)h << 16);
+}
+struct EmuMma {
+    u32 a[32][4], b[32][2];
+};
+static EmuMma emu_mma[32];
+inline void mma_16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1, bool bf) {
+    EmuMma& f = emu_mma[threadIdx.x / 32];
+    const int lane = threadIdx.x & 31;
+    memcpy(f.a[lane], a, sizeof(f.a[lane]));
+    f.b[lane][0] = b0;
+    f.b[lane][1] = b1;
+    emu_warp->bar->arrive_and_wait();
+    auto half = [&](u32 w, int i) {
+        const u16 v = (u16)(w >> (16 * i));
+        return bf ? __uint_as_float((u32)v << 16) : h2f(v);
+    };
+    float A[16][16], B[16][8];
+    for (int L = 0; L < 32; L++) {
+        const int g = L >> 2, t = L & 3;
+        for (int e = 0; e < 2; e++) {
+            A[g][2 * t + e] = half(f.a[L][0], e);
+            A[g + 8][2 * t + e] = half(f.a[L][1], e);
+            A[g][2 * t + 8 + e] = half(f.a[L][2], e);
+            A[g + 8][2 * t + 8 + e] = half(f.a[L][3], e);
+            B[2 * t + e][g] = half(f.b[L][0], e);
+            B[2 * t + 8 + e][g] = half(f.b[L][1], e);
+        }
+    }
+    emu_warp->bar->arrive_and_wait();
+    const int g = lane >> 2, t = lane & 3;
+    for (int e = 0; e < 4; e++) {
+        const int m = g + 8 * (e >> 1), n = 2 * t + (e & 1);
+        double s = 0;
+        for (int k = 0; k < 16; k++) s += (double)A[m][k] * B[k][n];
+        c[e] += (float)s;
+    }
+}

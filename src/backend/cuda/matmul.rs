@@ -3,6 +3,7 @@
 //! larger ones through cuBLAS.
 
 use std::ffi::c_void;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 use cudarc::cublas::result::gemm_ex;
@@ -78,6 +79,57 @@ pub fn matmul_add(gpu: &Gpu, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight)
     super::ops::add_assign(gpu, x, &y)
 }
 
+/// Whether a batch of `rows` with NF4/FP4 weights `q` takes the
+/// tensor-core kernels (gemv_mma.cu): 2 to 8 rows, an f16 or bf16 compute
+/// dtype, the shapes of the 32-weights-per-lane kernels, staged inputs that
+/// fit shared memory, and not switched off ([`mma_enabled`]).
+fn q4_mma_ok(q: &CudaBnb4, rows: usize) -> bool {
+    mma_enabled()
+        && rows > 1
+        && q.compute_dtype != DType::F32
+        && q4_bnb_ok(q)
+        && mma_smem_floats(q.cols) * 4 <= MMA_MAX_SMEM_BYTES
+}
+
+/// Whether a batch of `rows` with a dense `dtype` weight of `out_f` x
+/// `in_f` takes the tensor-core kernel `gemv_bf16_mma`: bf16 weights, 2 to
+/// 8 rows, at least eight 16-row tiles per SM (the lm_head: the kernel's
+/// warps each own whole tiles), rows of a multiple of 64 inputs whose
+/// staged halves fit shared memory, and not switched off
+/// ([`mma_enabled`]).
+fn dense_mma_ok(gpu: &Gpu, dtype: DType, rows: usize, out_f: usize, in_f: usize) -> bool {
+    mma_enabled()
+        && dtype == DType::BF16
+        && rows > 1
+        && out_f >= 16 * GEMV_WARPS * gpu.sm_count
+        && in_f.is_multiple_of(64)
+        && mma_dense_b_words(in_f) * 4 <= MMA_MAX_SMEM_BYTES
+}
+
+/// Words (floats) of `gemv_bf16_mma`'s staged inputs: four per lane, step
+/// and 64-input round (`mma_dense_b_words` in gemv_mma.cu).
+fn mma_dense_b_words(in_f: usize) -> usize {
+    in_f / 64 * 4 * 32 * 4
+}
+
+/// Whether the tensor-core kernels are on (`QUANTBENCH_CUDA_MMA=0` turns
+/// them off, for comparing the two paths).
+fn mma_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("QUANTBENCH_CUDA_MMA").as_deref() != Ok("0"))
+}
+
+/// Most dynamic shared memory a tensor-core launch may take (with its
+/// static shared memory, within an H100 SM's 227 KiB per block).
+const MMA_MAX_SMEM_BYTES: usize = 192 * 1024;
+
+/// Dynamic shared memory of a tensor-core launch for `in_f`-wide rows, in
+/// floats: the code-pair tables, then the staged B fragments (two words
+/// per lane, step and 128-input round: `mma_b_words` in gemv_mma.cu).
+fn mma_smem_floats(in_f: usize) -> usize {
+    q4_pair_floats(false) + in_f.div_ceil(128) * 8 * 32 * 2
+}
+
 /// Whether NF4/FP4 weights take the 32-weights-per-lane kernel: rows a
 /// multiple of 32, blocks of at least 32, and 32-bit offsets
 /// ([`q4_offsets_fit`]).
@@ -126,12 +178,12 @@ fn q4_kernel(
         };
         let name = format!("{base}_b{nb}{suffix}");
         let smem = stage_smem(gpu, &name, q4_batch_floats(nb, in_f, stage.norm))?;
-        return Ok((name, tiling.looping_q4(smem)));
+        return Ok((name, tiling.looping(smem)));
     }
     let tag = if stage.half { "h1" } else { "b1" };
     let name = format!("{base}_{tag}{suffix}");
     let smem = stage_smem(gpu, &name, q4_staged_floats(in_f, stage.half))?;
-    Ok((name, tilings.single.looping_q4(smem)))
+    Ok((name, tilings.single.looping(smem)))
 }
 
 /// How a 4-bit launch stages its input: single rows in f16 when `half`
@@ -238,6 +290,13 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
     }
     let g = Gemv { out_f, in_f, acc };
     match w {
+        CudaWeight::Dense { dtype, buf, .. } if dense_mma_ok(gpu, *dtype, x.rows, out_f, in_f) => {
+            let name = "gemv_bf16_mma";
+            let smem = stage_smem(gpu, name, mma_dense_b_words(in_f))?;
+            let p = buf.ptr();
+            let tiling = MMA.split_at_most(1).looping(smem);
+            g.launch(gpu, name, vec![arg(&p)], &[], x, y, tiling)?;
+        }
         CudaWeight::Dense { dtype, buf, .. } if in_f % 8 == 0 => {
             let name = dense_kernel(*dtype, x.rows, "");
             let p = buf.ptr();
@@ -245,7 +304,12 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         }
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
-            if q4_bnb_ok(q) {
+            if q4_mma_ok(q, x.rows) {
+                let name = "gemv_q4bnb_mma";
+                let tiling = MMA.looping(stage_smem(gpu, name, mma_smem_floats(in_f))?);
+                let a = Q4BnbArgs::of(q);
+                g.launch(gpu, name, vec![arg(&a)], &[arg(&cd)], x, y, tiling)?;
+            } else if q4_bnb_ok(q) {
                 let stage = Q4Stage {
                     half: q4_half(cd),
                     norm: false,
@@ -320,8 +384,14 @@ pub fn gate_up_silu(
     if up.shape() != (out_f, in_f) || x.cols != in_f || x.rows == 0 || x.rows > GEMV_MAX_ROWS {
         return Ok(None);
     }
+    let mma = match (gate, up) {
+        (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) => {
+            a.compute_dtype == b.compute_dtype && q4_mma_ok(a, x.rows) && q4_mma_ok(b, x.rows)
+        }
+        _ => false,
+    };
     let batch_norm_fits =
-        || q4_batch_floats(q4_batch(x.rows), in_f, true) * 4 <= Q4_BATCH_NORM_MAX_BYTES;
+        || mma || q4_batch_floats(q4_batch(x.rows), in_f, true) * 4 <= Q4_BATCH_NORM_MAX_BYTES;
     if norm.is_some_and(|n| n.weight.len() != in_f || (x.rows > 1 && !batch_norm_fits())) {
         return Ok(None);
     }
@@ -354,7 +424,13 @@ pub fn gate_up_silu(
         }
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let cd = dtype_mode(a.compute_dtype);
-            if q4_bnb_ok(a) && q4_bnb_ok(b) {
+            if mma {
+                let name = "gemv_q4bnb_mma_pair";
+                let tiling = MMA.looping(stage_smem(gpu, name, mma_smem_floats(in_f))?);
+                let (qa, qb) = (Q4BnbArgs::of(a), Q4BnbArgs::of(b));
+                let post = [arg(&cd), nargs[0], nargs[1]];
+                g.launch(gpu, name, vec![arg(&qa), arg(&qb)], &post, x, &y, tiling)?;
+            } else if q4_bnb_ok(a) && q4_bnb_ok(b) {
                 let stage = Q4Stage {
                     half: q4_half(cd),
                     norm: norm.is_some(),
@@ -585,7 +661,7 @@ pub fn norm_matmuls(
     let smem = stage_smem(gpu, name, floats)?;
     let tiling = match weights {
         Norm3Weights::Dense(_) => tiling.with_smem(smem),
-        _ => tiling.looping_q4(smem),
+        _ => tiling.looping(smem),
     };
     let outs: Vec<usize> = ws.iter().map(|w| w.shape().0).collect();
     let rpw = tiling.rows_per_warp;
@@ -891,8 +967,8 @@ impl GemvTiling {
         GemvTiling { smem, ..self }
     }
 
-    /// A 4-bit kernel: `smem` bytes, blocks loop over logical blocks.
-    fn looping_q4(self, smem: u32) -> Self {
+    /// A kernel of `smem` bytes whose blocks loop over logical blocks.
+    fn looping(self, smem: u32) -> Self {
         GemvTiling {
             smem,
             looping: true,
@@ -939,6 +1015,11 @@ const WIDE_PAIR_SINGLE: GemvTiling = GemvTiling::new(2, 32).split_at_most(1);
 /// group (for Llama-3.2-1B's down projection, 2048 rows of 8192, faster than
 /// eight: bench/RESULTS.md, fourteenth session).
 const WIDE_SINGLE: GemvTiling = WIDE.split_at_most(4);
+
+/// Tensor-core 4-bit kernels (gemv_mma.cu): a warp holds a tile of 16
+/// rows; a round is 128 inputs, so that `ksplit` keeps each warp at least
+/// two rounds.
+const MMA: GemvTiling = GemvTiling::new(16, 4);
 
 /// One GEMV product's shape and whether it adds to its output.
 struct Gemv {
