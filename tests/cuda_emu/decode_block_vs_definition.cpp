@@ -464,7 +464,7 @@ static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool n
             gemv_q4bnb_mma_pair(wb.m[4], wb.m[5], x, act, n, inter, hidden, ks_gu, 0, cd, nw, eps);
         });
         launch({(unsigned)std::min(q4_blocks_h(hidden, 16, ks_down), cap)}, 256, tables + mma_b_words(inter) * 4,
-               [&] { gemv_q4bnb_mma(wb.m[6], act, y, n, hidden, inter, ks_down, 1, cd); });
+               [&] { gemv_q4bnb_mma(wb.m[6], act, y, n, hidden, inter, ks_down, 1, cd, nullptr, 0.f); });
     } else {
     launch({(unsigned)std::min(q4_blocks_h(inter, rpw, ks_gu), cap)}, 256, gu_smem, [&] {
         if (fmt == 2) {

@@ -305,10 +305,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
             if q4_mma_ok(q, x.rows) {
-                let name = "gemv_q4bnb_mma";
-                let tiling = MMA.looping(stage_smem(gpu, name, mma_smem_floats(in_f))?);
-                let a = Q4BnbArgs::of(q);
-                g.launch(gpu, name, vec![arg(&a)], &[arg(&cd)], x, y, tiling)?;
+                q4_mma_gemv(gpu, x, q, y, acc, None)?;
             } else if q4_bnb_ok(q) {
                 let stage = Q4Stage {
                     half: q4_half(cd),
@@ -338,6 +335,31 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// The tensor-core GEMV (`gemv_q4bnb_mma`) of the batch `x` with `q` into
+/// `y` (adding to it when `acc`), of `rms_norm(x)` with `norm`.
+fn q4_mma_gemv(
+    gpu: &Gpu,
+    x: &CudaTensor,
+    q: &CudaBnb4,
+    y: &CudaTensor,
+    acc: bool,
+    norm: Option<FusedNorm>,
+) -> Result<()> {
+    let name = "gemv_q4bnb_mma";
+    let tiling = MMA.looping(stage_smem(gpu, name, mma_smem_floats(q.cols))?);
+    let g = Gemv {
+        out_f: q.rows,
+        in_f: q.cols,
+        acc,
+    };
+    let a = Q4BnbArgs::of(q);
+    let cd = dtype_mode(q.compute_dtype);
+    let na = NormArgs::of(norm);
+    let nargs = na.args();
+    let post = [arg(&cd), nargs[0], nargs[1]];
+    g.launch(gpu, name, vec![arg(&a)], &post, x, y, tiling)
 }
 
 /// An RMS norm folded into a single-row GEMV: the norm's weight and epsilon.
@@ -639,9 +661,11 @@ fn norm3_kernel(
     }
 }
 
-/// `rms_norm(x)·Wᵀ` for up to three weights of one format in one launch
-/// (a block's Q, K and V projections of a single decode row); `None` when
-/// the batch, the shapes or the formats have no such kernel.
+/// `rms_norm(x)·Wᵀ` for up to three weights of one format with the norm
+/// folded in: in one launch for a single decode row (a block's Q, K and V
+/// projections), one tensor-core launch per weight for batches that take
+/// them; `None` when the batch, the shapes or the formats have no such
+/// kernel.
 pub fn norm_matmuls(
     gpu: &Gpu,
     x: &CudaTensor,
@@ -649,10 +673,31 @@ pub fn norm_matmuls(
     ws: &[&CudaWeight],
 ) -> Result<Option<Vec<CudaTensor>>> {
     let in_f = x.cols;
-    if x.rows != 1 || ws.is_empty() || ws.len() > 3 || norm.weight.len() != in_f {
+    if ws.is_empty() || ws.len() > 3 || norm.weight.len() != in_f {
         return Ok(None);
     }
     if ws.iter().any(|w| w.shape().1 != in_f) {
+        return Ok(None);
+    }
+    // Batches whose weights all take the tensor-core kernel: one launch
+    // per weight, each normalizing the rows itself.
+    let mma: Option<Vec<&CudaBnb4>> = ws
+        .iter()
+        .map(|w| match w {
+            CudaWeight::Bnb4(q) if q4_mma_ok(q, x.rows) && x.rows <= GEMV_MAX_ROWS => Some(q),
+            _ => None,
+        })
+        .collect();
+    if let Some(qs) = mma {
+        let mut ys = Vec::with_capacity(qs.len());
+        for q in qs {
+            let y = CudaTensor::empty(gpu, x.rows, q.rows)?;
+            q4_mma_gemv(gpu, x, q, &y, false, Some(norm))?;
+            ys.push(y);
+        }
+        return Ok(Some(ys));
+    }
+    if x.rows != 1 {
         return Ok(None);
     }
     let Some((name, tiling, weights, floats)) = norm3_kernel(ws, in_f) else {

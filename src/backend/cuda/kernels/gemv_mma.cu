@@ -298,17 +298,17 @@ __device__ __forceinline__ void gemv_q4bnb_mma_body(const Q4Bnb& qa, const Q4Bnb
     }
 }
 
-// Single-matrix and pair (gate/up + SiLU, optional RMS norm `nw`) kernels;
-// `cd` is 1 (f16) or 2 (bf16).
+// Single-matrix and pair (gate/up + SiLU) kernels, both with an optional
+// RMS norm `nw`; `cd` is 1 (f16) or 2 (bf16).
 extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_mma(
     const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y, int n,
-    int out, int in, int ksplit, int acc, int cd) {
+    int out, int in, int ksplit, int acc, int cd, const float* __restrict__ nw, float eps) {
     __shared__ float lut[48];
     __shared__ __align__(16) float c2s[256];
     q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);
     q4_tables(lut, a.code16, a.code16, a.code16);
     const Q4Bnb q = q4_bnb(a, c2s, in);
-    gemv_q4bnb_mma_body<false>(q, q, lut, x, y, n, out, in, ksplit, acc, cd, nullptr, 0.f);
+    gemv_q4bnb_mma_body<false>(q, q, lut, x, y, n, out, in, ksplit, acc, cd, nw, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4bnb_mma_pair(
