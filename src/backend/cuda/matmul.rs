@@ -79,13 +79,19 @@ pub fn matmul_add(gpu: &Gpu, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight)
     super::ops::add_assign(gpu, x, &y)
 }
 
+/// Fewest rows for which NF4/FP4 batches take the tensor-core kernels: on
+/// an H100 (Llama-3.2-1B shapes, `nf4,compute_dtype=f16`) a batch-2 step
+/// took 1.72 ms with them against 1.59 without, batch 4 1.85 against 2.14
+/// and batch 8 2.30 against 3.40 (bench/RESULTS.md, twenty-third session).
+const MMA_MIN_ROWS: usize = 4;
+
 /// Whether a batch of `rows` with NF4/FP4 weights `q` takes the
-/// tensor-core kernels (gemv_mma.cu): 2 to 8 rows, an f16 or bf16 compute
+/// tensor-core kernels (gemv_mma.cu): 4 to 8 rows, an f16 or bf16 compute
 /// dtype, the shapes of the 32-weights-per-lane kernels, staged inputs that
 /// fit shared memory, and not switched off ([`mma_enabled`]).
 fn q4_mma_ok(q: &CudaBnb4, rows: usize) -> bool {
     mma_enabled()
-        && rows > 1
+        && rows >= MMA_MIN_ROWS
         && q.compute_dtype != DType::F32
         && q4_bnb_ok(q)
         && mma_smem_floats(q.cols) * 4 <= MMA_MAX_SMEM_BYTES
