@@ -66,15 +66,41 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // matmul.rs).
 __device__ __forceinline__ int mma_b_words(int in) { return ((in + 127) >> 7) * 8 * 32 * 2; }
 
+// A thread's entries go MMA_STAGE_LOADS at a time, all loads first, so
+// that their latencies overlap.
+#define MMA_STAGE_LOADS 4
+
+// Loads the inputs of a thread's next MMA_STAGE_LOADS staging entries, e0,
+// e0 + blockDim.x, ..., of a layout of W-input rounds (W / 16 steps each):
+// entry e is lane L = e % 32 = 4 g + t of step (e / 32) % (W / 16) of round
+// e / (2 W), i.e. inputs W rc + W/4 t + 4 st .. + 3 of row g, with those
+// of the norm weight `nw` when it is set. Entries past
+// `entries`, rows past `n` and inputs past the row are not live and load
+// zeros.
+template <int W>
+__device__ __forceinline__ void mma_stage_load(const float* __restrict__ x,
+                                               const float* __restrict__ nw, int n, int in,
+                                               int entries, int e0, float4 (&v)[MMA_STAGE_LOADS],
+                                               float4 (&w4)[MMA_STAGE_LOADS],
+                                               bool (&live)[MMA_STAGE_LOADS]) {
+#pragma unroll
+    for (int u = 0; u < MMA_STAGE_LOADS; u++) {
+        const int e = e0 + u * (int)blockDim.x;
+        const int lane = e & 31, st = (e >> 5) & (W / 16 - 1), rc = e / (2 * W);
+        const int g = lane >> 2;
+        const int col = W * rc + (W / 4) * (lane & 3) + 4 * st;
+        live[u] = e < entries && g < n && col < in;
+        v[u] = live[u] ? *(const float4*)(x + (size_t)g * in + col)
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
+        if (nw && live[u]) w4[u] = *(const float4*)(nw + col);
+    }
+}
+
 // Stages the B fragments of the `n` rows of `x` (RMS-normalized by `nw`
 // when set, with `inv` the rows' inverse RMS) at `b`: the two words of
 // round rc, step st, lane L = 4 g + t at 2 ((8 rc + st) 32 + L) hold inputs
 // 128 rc + 32 t + 4 st .. + 3 of row g, rounded to the compute dtype; zero
 // for rows past n and inputs past the row.
-// A thread's entries go MMA_STAGE_LOADS at a time, all loads first, so
-// that their latencies overlap.
-#define MMA_STAGE_LOADS 4
-
 __device__ __forceinline__ void mma_stage_x(const float* __restrict__ x,
                                             const float* __restrict__ nw, const float* inv, int n,
                                             int in, bool bf, uint2* b) {
@@ -82,32 +108,18 @@ __device__ __forceinline__ void mma_stage_x(const float* __restrict__ x,
     for (int e0 = threadIdx.x; e0 < entries; e0 += MMA_STAGE_LOADS * bd) {
         float4 v[MMA_STAGE_LOADS], w4[MMA_STAGE_LOADS];
         bool live[MMA_STAGE_LOADS];
-#pragma unroll
-        for (int u = 0; u < MMA_STAGE_LOADS; u++) {
-            const int e = e0 + u * bd;
-            const int lane = e & 31, st = (e >> 5) & 7, rc = e >> 8;
-            const int g = lane >> 2, col = 128 * rc + 32 * (lane & 3) + 4 * st;
-            live[u] = e < entries && g < n && col < in;
-            if (live[u]) {
-                v[u] = *(const float4*)(x + (size_t)g * in + col);
-                if (nw) w4[u] = *(const float4*)(nw + col);
-            }
-        }
+        mma_stage_load<128>(x, nw, n, in, entries, e0, v, w4, live);
 #pragma unroll
         for (int u = 0; u < MMA_STAGE_LOADS; u++) {
             const int e = e0 + u * bd;
             if (e >= entries) break;
-            uint2 f = make_uint2(0u, 0u);
-            if (live[u]) {
-                float4 a = v[u];
-                if (nw) {
-                    const float r = inv[(e & 31) >> 2];
-                    a = make_float4((a.x * r) * w4[u].x, (a.y * r) * w4[u].y,
-                                    (a.z * r) * w4[u].z, (a.w * r) * w4[u].w);
-                }
-                f = make_uint2(mma_pack2(a.x, a.y, bf), mma_pack2(a.z, a.w, bf));
+            float4 a = v[u];
+            if (nw && live[u]) {
+                const float r = inv[(e & 31) >> 2];
+                a = make_float4((a.x * r) * w4[u].x, (a.y * r) * w4[u].y, (a.z * r) * w4[u].z,
+                                (a.w * r) * w4[u].w);
             }
-            b[e] = f;
+            b[e] = make_uint2(mma_pack2(a.x, a.y, bf), mma_pack2(a.z, a.w, bf));
         }
     }
 }
@@ -352,15 +364,9 @@ __device__ __forceinline__ void mma_dense_stage_x(const float* __restrict__ x, i
                                                   uint4* b) {
     const int entries = mma_dense_b_words(in) >> 2, bd = blockDim.x;
     for (int e0 = threadIdx.x; e0 < entries; e0 += MMA_STAGE_LOADS * bd) {
-        float4 v[MMA_STAGE_LOADS];
-#pragma unroll
-        for (int u = 0; u < MMA_STAGE_LOADS; u++) {
-            const int e = e0 + u * bd;
-            const int lane = e & 31, st = (e >> 5) & 3, rc = e >> 7;
-            const int g = lane >> 2, col = 64 * rc + 16 * (lane & 3) + 4 * st;
-            v[u] = e < entries && g < n ? *(const float4*)(x + (size_t)g * in + col)
-                                        : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
+        float4 v[MMA_STAGE_LOADS], w4[MMA_STAGE_LOADS];
+        bool live[MMA_STAGE_LOADS];
+        mma_stage_load<64>(x, nullptr, n, in, entries, e0, v, w4, live);
 #pragma unroll
         for (int u = 0; u < MMA_STAGE_LOADS; u++) {
             const int e = e0 + u * bd;
