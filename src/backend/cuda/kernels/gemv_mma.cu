@@ -70,29 +70,39 @@ __device__ __forceinline__ int mma_b_words(int in) { return ((in + 127) >> 7) * 
 // that their latencies overlap.
 #define MMA_STAGE_LOADS 4
 
-// Loads the inputs of a thread's next MMA_STAGE_LOADS staging entries, e0,
-// e0 + blockDim.x, ..., of a layout of W-input rounds (W / 16 steps each):
-// entry e is lane L = e % 32 = 4 g + t of step (e / 32) % (W / 16) of round
-// e / (2 W), i.e. inputs W rc + W/4 t + 4 st .. + 3 of row g, with those
-// of the norm weight `nw` when it is set. Entries past
-// `entries`, rows past `n` and inputs past the row are not live and load
-// zeros.
-template <int W>
-__device__ __forceinline__ void mma_stage_load(const float* __restrict__ x,
-                                               const float* __restrict__ nw, int n, int in,
-                                               int entries, int e0, float4 (&v)[MMA_STAGE_LOADS],
-                                               float4 (&w4)[MMA_STAGE_LOADS],
-                                               bool (&live)[MMA_STAGE_LOADS]) {
+// Stages a batch's inputs for the MMAs as `entries` entries of a layout
+// of W-input rounds (W / 16 steps each): entry e is lane L = e % 32 =
+// 4 g + t of step (e / 32) % (W / 16) of round e / (2 W), i.e. inputs
+// W rc + W/4 t + 4 st .. + 3 of row g, with those of the norm weight `nw`
+// when it is set. A thread takes entries threadIdx.x, + blockDim.x, ...,
+// loading MMA_STAGE_LOADS of them before `store(e, v, w4, live)` converts
+// and stores each; entries of rows past `n` or inputs past the row are not
+// live and load zeros.
+template <int W, class Store>
+__device__ __forceinline__ void mma_stage(const float* __restrict__ x,
+                                          const float* __restrict__ nw, int n, int in,
+                                          int entries, Store store) {
+    const int bd = blockDim.x;
+    for (int e0 = threadIdx.x; e0 < entries; e0 += MMA_STAGE_LOADS * bd) {
+        float4 v[MMA_STAGE_LOADS], w4[MMA_STAGE_LOADS];
+        bool live[MMA_STAGE_LOADS];
 #pragma unroll
-    for (int u = 0; u < MMA_STAGE_LOADS; u++) {
-        const int e = e0 + u * (int)blockDim.x;
-        const int lane = e & 31, st = (e >> 5) & (W / 16 - 1), rc = e / (2 * W);
-        const int g = lane >> 2;
-        const int col = W * rc + (W / 4) * (lane & 3) + 4 * st;
-        live[u] = e < entries && g < n && col < in;
-        v[u] = live[u] ? *(const float4*)(x + (size_t)g * in + col)
-                       : make_float4(0.f, 0.f, 0.f, 0.f);
-        if (nw && live[u]) w4[u] = *(const float4*)(nw + col);
+        for (int u = 0; u < MMA_STAGE_LOADS; u++) {
+            const int e = e0 + u * bd;
+            const int lane = e & 31, st = (e >> 5) & (W / 16 - 1), rc = e / (2 * W);
+            const int g = lane >> 2;
+            const int col = W * rc + (W / 4) * (lane & 3) + 4 * st;
+            live[u] = e < entries && g < n && col < in;
+            v[u] = live[u] ? *(const float4*)(x + (size_t)g * in + col)
+                           : make_float4(0.f, 0.f, 0.f, 0.f);
+            if (nw && live[u]) w4[u] = *(const float4*)(nw + col);
+        }
+#pragma unroll
+        for (int u = 0; u < MMA_STAGE_LOADS; u++) {
+            const int e = e0 + u * bd;
+            if (e >= entries) break;
+            store(e, v[u], w4[u], live[u]);
+        }
     }
 }
 
@@ -104,24 +114,15 @@ __device__ __forceinline__ void mma_stage_load(const float* __restrict__ x,
 __device__ __forceinline__ void mma_stage_x(const float* __restrict__ x,
                                             const float* __restrict__ nw, const float* inv, int n,
                                             int in, bool bf, uint2* b) {
-    const int entries = mma_b_words(in) >> 1, bd = blockDim.x;
-    for (int e0 = threadIdx.x; e0 < entries; e0 += MMA_STAGE_LOADS * bd) {
-        float4 v[MMA_STAGE_LOADS], w4[MMA_STAGE_LOADS];
-        bool live[MMA_STAGE_LOADS];
-        mma_stage_load<128>(x, nw, n, in, entries, e0, v, w4, live);
-#pragma unroll
-        for (int u = 0; u < MMA_STAGE_LOADS; u++) {
-            const int e = e0 + u * bd;
-            if (e >= entries) break;
-            float4 a = v[u];
-            if (nw && live[u]) {
-                const float r = inv[(e & 31) >> 2];
-                a = make_float4((a.x * r) * w4[u].x, (a.y * r) * w4[u].y, (a.z * r) * w4[u].z,
-                                (a.w * r) * w4[u].w);
-            }
-            b[e] = make_uint2(mma_pack2(a.x, a.y, bf), mma_pack2(a.z, a.w, bf));
-        }
-    }
+    mma_stage<128>(x, nw, n, in, mma_b_words(in) >> 1,
+                   [&](int e, float4 a, const float4& w4, bool live) {
+                       if (nw && live) {
+                           const float r = inv[(e & 31) >> 2];
+                           a = make_float4((a.x * r) * w4.x, (a.y * r) * w4.y, (a.z * r) * w4.z,
+                                           (a.w * r) * w4.w);
+                       }
+                       b[e] = make_uint2(mma_pack2(a.x, a.y, bf), mma_pack2(a.z, a.w, bf));
+                   });
 }
 
 // One round's weights and scales of a lane's two rows (g, g + 8) of each
@@ -362,21 +363,13 @@ __device__ __forceinline__ void mma_split2(float a, float b, u32& hi, u32& lo) {
 
 __device__ __forceinline__ void mma_dense_stage_x(const float* __restrict__ x, int n, int in,
                                                   uint4* b) {
-    const int entries = mma_dense_b_words(in) >> 2, bd = blockDim.x;
-    for (int e0 = threadIdx.x; e0 < entries; e0 += MMA_STAGE_LOADS * bd) {
-        float4 v[MMA_STAGE_LOADS], w4[MMA_STAGE_LOADS];
-        bool live[MMA_STAGE_LOADS];
-        mma_stage_load<64>(x, nullptr, n, in, entries, e0, v, w4, live);
-#pragma unroll
-        for (int u = 0; u < MMA_STAGE_LOADS; u++) {
-            const int e = e0 + u * bd;
-            if (e >= entries) break;
-            uint4 f;
-            mma_split2(v[u].x, v[u].y, f.x, f.z);
-            mma_split2(v[u].z, v[u].w, f.y, f.w);
-            b[e] = f;
-        }
-    }
+    mma_stage<64>(x, nullptr, n, in, mma_dense_b_words(in) >> 2,
+                  [&](int e, float4 v, const float4&, bool) {
+                      uint4 f;
+                      mma_split2(v.x, v.y, f.x, f.z);
+                      mma_split2(v.z, v.w, f.y, f.w);
+                      b[e] = f;
+                  });
 }
 
 // y (+)= x·Wᵀ for `n` rows (2..8) of `x` and bf16 `w` ([out, in], in % 64
