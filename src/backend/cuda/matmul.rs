@@ -91,10 +91,10 @@ const MMA_MIN_ROWS: usize = 4;
 /// fit shared memory, and not switched off ([`mma_enabled`]).
 fn q4_mma_ok(q: &CudaBnb4, rows: usize) -> bool {
     mma_enabled()
-        && rows >= MMA_MIN_ROWS
+        && (MMA_MIN_ROWS..=GEMV_MAX_ROWS).contains(&rows)
         && q.compute_dtype != DType::F32
         && q4_bnb_ok(q)
-        && mma_smem_floats(q.cols) * 4 <= MMA_MAX_SMEM_BYTES
+        && mma_smem_floats(q.cols) * 4 <= LAUNCH_MAX_SMEM_BYTES
 }
 
 /// Whether a batch of `rows` with a dense `dtype` weight of `out_f` x
@@ -106,10 +106,10 @@ fn q4_mma_ok(q: &CudaBnb4, rows: usize) -> bool {
 fn dense_mma_ok(gpu: &Gpu, dtype: DType, rows: usize, out_f: usize, in_f: usize) -> bool {
     mma_enabled()
         && dtype == DType::BF16
-        && rows > 1
+        && (2..=GEMV_MAX_ROWS).contains(&rows)
         && out_f >= 16 * GEMV_WARPS * gpu.sm_count
         && in_f.is_multiple_of(64)
-        && mma_dense_b_words(in_f) * 4 <= MMA_MAX_SMEM_BYTES
+        && mma_dense_b_words(in_f) * 4 <= LAUNCH_MAX_SMEM_BYTES
 }
 
 /// Words (floats) of `gemv_bf16_mma`'s staged inputs: four per lane, step
@@ -125,15 +125,16 @@ fn mma_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("QUANTBENCH_CUDA_MMA").as_deref() != Ok("0"))
 }
 
-/// Most dynamic shared memory a tensor-core launch may take (with its
-/// static shared memory, within an H100 SM's 227 KiB per block).
-const MMA_MAX_SMEM_BYTES: usize = 192 * 1024;
-
-/// Dynamic shared memory of a tensor-core launch for `in_f`-wide rows, in
-/// floats: the code-pair tables, then the staged B fragments (two words
-/// per lane, step and 128-input round: `mma_b_words` in gemv_mma.cu).
+/// Dynamic shared memory of a 4-bit tensor-core launch for `in_f`-wide
+/// rows, in floats: the code-pair tables, then the staged B fragments.
 fn mma_smem_floats(in_f: usize) -> usize {
-    q4_pair_floats(false) + in_f.div_ceil(128) * 8 * 32 * 2
+    q4_pair_floats(false) + mma_b_words(in_f)
+}
+
+/// Words (floats) of the 4-bit tensor-core kernels' staged inputs: two per
+/// lane, step and 128-input round (`mma_b_words` in gemv_mma.cu).
+fn mma_b_words(in_f: usize) -> usize {
+    in_f.div_ceil(128) * 8 * 32 * 2
 }
 
 /// Whether NF4/FP4 weights take the 32-weights-per-lane kernel: rows a
@@ -221,10 +222,11 @@ fn q4_batch_floats(nb: usize, in_f: usize, norm: bool) -> usize {
     q4_pair_floats(false) + rows
 }
 
-/// Most dynamic shared memory a 4-bit batch launch takes to normalize its
-/// rows (under the 227 KiB an H100 block may have, with room for the
-/// kernel's static shared memory); wider rows take the separate norm.
-const Q4_BATCH_NORM_MAX_BYTES: usize = 192 * 1024;
+/// Most dynamic shared memory a batch launch's staged rows may bring it to
+/// (under the 227 KiB an H100 block may have, with room for the kernel's
+/// static shared memory): wider rows take the separate norm (4-bit batch
+/// instances) or the CUDA-core kernels (tensor-core launches).
+const LAUNCH_MAX_SMEM_BYTES: usize = 192 * 1024;
 
 /// Floats of one f32 row staged with a pad word per 32 values, rounded up
 /// to an even count (`q4_pairs_at<false>` in gemv_q4.cu).
@@ -311,7 +313,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
             if q4_mma_ok(q, x.rows) {
-                q4_mma_gemv(gpu, x, q, y, acc, None)?;
+                q4_mma_gemv(gpu, x, q, None, y, acc, None)?;
             } else if q4_bnb_ok(q) {
                 let stage = Q4Stage {
                     half: q4_half(cd),
@@ -343,29 +345,47 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
     Ok(true)
 }
 
-/// The tensor-core GEMV (`gemv_q4bnb_mma`) of the batch `x` with `q` into
-/// `y` (adding to it when `acc`), of `rms_norm(x)` with `norm`.
+/// The tensor-core GEMV of the batch `x` with `q` into `y` (adding to it
+/// when `acc`), or with `up` silu(x·Qᵀ) * (x·Upᵀ) (`gemv_q4bnb_mma_pair`),
+/// of `rms_norm(x)` with `norm`.
 fn q4_mma_gemv(
     gpu: &Gpu,
     x: &CudaTensor,
     q: &CudaBnb4,
+    up: Option<&CudaBnb4>,
     y: &CudaTensor,
     acc: bool,
     norm: Option<FusedNorm>,
 ) -> Result<()> {
-    let name = "gemv_q4bnb_mma";
+    let name = if up.is_some() {
+        "gemv_q4bnb_mma_pair"
+    } else {
+        "gemv_q4bnb_mma"
+    };
     let tiling = MMA.looping(stage_smem(gpu, name, mma_smem_floats(q.cols))?);
     let g = Gemv {
         out_f: q.rows,
         in_f: q.cols,
         acc,
     };
-    let a = Q4BnbArgs::of(q);
+    let args: Vec<Q4BnbArgs> = [Some(q), up]
+        .into_iter()
+        .flatten()
+        .map(Q4BnbArgs::of)
+        .collect();
     let cd = dtype_mode(q.compute_dtype);
     let na = NormArgs::of(norm);
     let nargs = na.args();
     let post = [arg(&cd), nargs[0], nargs[1]];
-    g.launch(gpu, name, vec![arg(&a)], &post, x, y, tiling)
+    g.launch(
+        gpu,
+        name,
+        args.iter().map(arg).collect(),
+        &post,
+        x,
+        y,
+        tiling,
+    )
 }
 
 /// An RMS norm folded into a single-row GEMV: the norm's weight and epsilon.
@@ -419,7 +439,7 @@ pub fn gate_up_silu(
         _ => false,
     };
     let batch_norm_fits =
-        || mma || q4_batch_floats(q4_batch(x.rows), in_f, true) * 4 <= Q4_BATCH_NORM_MAX_BYTES;
+        || mma || q4_batch_floats(q4_batch(x.rows), in_f, true) * 4 <= LAUNCH_MAX_SMEM_BYTES;
     if norm.is_some_and(|n| n.weight.len() != in_f || (x.rows > 1 && !batch_norm_fits())) {
         return Ok(None);
     }
@@ -453,11 +473,7 @@ pub fn gate_up_silu(
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let cd = dtype_mode(a.compute_dtype);
             if mma {
-                let name = "gemv_q4bnb_mma_pair";
-                let tiling = MMA.looping(stage_smem(gpu, name, mma_smem_floats(in_f))?);
-                let (qa, qb) = (Q4BnbArgs::of(a), Q4BnbArgs::of(b));
-                let post = [arg(&cd), nargs[0], nargs[1]];
-                g.launch(gpu, name, vec![arg(&qa), arg(&qb)], &post, x, &y, tiling)?;
+                q4_mma_gemv(gpu, x, a, Some(b), &y, false, norm)?;
             } else if q4_bnb_ok(a) && q4_bnb_ok(b) {
                 let stage = Q4Stage {
                     half: q4_half(cd),
@@ -690,7 +706,7 @@ pub fn norm_matmuls(
     let mma: Option<Vec<&CudaBnb4>> = ws
         .iter()
         .map(|w| match w {
-            CudaWeight::Bnb4(q) if q4_mma_ok(q, x.rows) && x.rows <= GEMV_MAX_ROWS => Some(q),
+            CudaWeight::Bnb4(q) if q4_mma_ok(q, x.rows) => Some(q),
             _ => None,
         })
         .collect();
@@ -698,7 +714,7 @@ pub fn norm_matmuls(
         let mut ys = Vec::with_capacity(qs.len());
         for q in qs {
             let y = CudaTensor::empty(gpu, x.rows, q.rows)?;
-            q4_mma_gemv(gpu, x, q, &y, false, Some(norm))?;
+            q4_mma_gemv(gpu, x, q, None, &y, false, Some(norm))?;
             ys.push(y);
         }
         return Ok(Some(ys));
