@@ -498,8 +498,9 @@ fn fused_gate_up_silu_matches_for_each_format() {
 /// RMS norm folded into the projections that follow it (`norm_matmuls` for
 /// Q/K/V-shaped weights, `norm_gate_up_silu`) against the CPU's separate
 /// norm and products: single rows take the fused kernels, and so do batches
-/// of 4-bit gate/up weights (the `b4` and `b8` instances); other batches
-/// take the separate path.
+/// of 4-bit gate/up weights (the `b4` and `b8` instances, or from 4 rows
+/// with an f16 or bf16 compute dtype the tensor-core kernels, which also
+/// fold the norm into Q/K/V); other batches take the separate path.
 fn norm_fused_case(
     what: &str,
     ws: &[LinearWeight],
