@@ -125,7 +125,7 @@ static Q4BnbArgs make_bnb(int rows, int in, bool dq, float* code16) {
 
 static Q4PackedArgs make_packed(int rows, int in, int gsize) {
     Q4PackedArgs a{};
-    int groups = in / gsize;
+    int groups = (in + gsize - 1) / gsize;
     a.w = rand_words((size_t)rows * in / 8);
     u16* sc = dalloc<u16>((size_t)groups * rows);
     u16* z = dalloc<u16>((size_t)groups * rows);
@@ -442,7 +442,8 @@ static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool n
     Layer<Q4PackedArgs> wp{};
     const int rows[3] = {inter, inter, hidden}, ins[3] = {hidden, hidden, inter};
     for (int i = 0; i < 3; i++) {
-        if (fmt == 2) wp.m[4 + i] = make_packed(rows[i], ins[i], 64);
+        // The packed tensor-core kernels take groups of a multiple of 128.
+        if (fmt == 2) wp.m[4 + i] = make_packed(rows[i], ins[i], mma ? 128 : 64);
         else wb.m[4 + i] = make_bnb(rows[i], ins[i], fmt == 1, code16);
     }
     const float* nw = norm ? rand_f(hidden, 0.5f, 1.5f) : nullptr;
@@ -457,7 +458,16 @@ static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool n
     const int ks_down = mma ? gemv_ksplit(sm, hidden, inter / 4, 16) : gemv_ksplit(sm, hidden, inter / 32, 4);
     const size_t tables = (size_t)Q4_PAIR_FLOATS * 4;
     const size_t gu_smem = tables + (norm ? (size_t)nb * q4_pairs_at<false>(hidden) * 4 : 0);
-    if (mma) {
+    if (mma && fmt == 2) {
+        // Packed: the tables, then the batch's split B fragments
+        // (mma_split_b_words in matmul.rs).
+        const auto split_words = [&](int in) { return (size_t)(in + 127) / 128 * 8 * n * 16; };
+        const Q4PackedArgs &g = wp.m[4], &u = wp.m[5], &d = wp.m[6];
+        launch({(unsigned)std::min(q4_blocks_h(inter, 16, ks_gu), cap)}, 256, tables + split_words(hidden) * 4,
+               [&] { gemv_q4packed_mma_pair(g, u, x, act, n, inter, hidden, ks_gu, 0, nw, eps); });
+        launch({(unsigned)std::min(q4_blocks_h(hidden, 16, ks_down), cap)}, 256, tables + split_words(inter) * 4,
+               [&] { gemv_q4packed_mma(d, act, y, n, hidden, inter, ks_down, 1, nullptr, 0.f); });
+    } else if (mma) {
         // Grids capped at `cap` blocks (blocks loop); shared memory: the
         // tables, then the staged B fragments.
         launch({(unsigned)std::min(q4_blocks_h(inter, 16, ks_gu), cap)}, 256, tables + mma_b_words(hidden) * 4, [&] {
@@ -580,6 +590,10 @@ int main() {
     ok &= run_batch_case(1, 2, 3, 576, 384, true, 2, 3, true);
     ok &= run_batch_case(1, 1, 5, 2048, 256, false, 8, 5, true);
     ok &= run_batch_case(0, 2, 2, 256, 2048, true, 8, 5, true);
+    // Packed integers on the tensor cores: a batch of 4 with ragged rows
+    // (576 inputs: a half round), and 8 normalized rows at Llama widths.
+    ok &= run_batch_case(2, 0, 4, 576, 384, false, 2, 3, true);
+    ok &= run_batch_case(2, 0, 8, 2048, 256, true, 8, 5, true);
     ok &= run_dense_mma_case(5, 300, 256, 2);
     ok &= run_dense_mma_case(8, 64, 128, 1);
     printf(ok ? "ALL WITHIN\n" : "FAILURES\n");

@@ -125,10 +125,65 @@ fn mma_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("QUANTBENCH_CUDA_MMA").as_deref() != Ok("0"))
 }
 
+/// Whether a batch of `rows` with packed integers `q` takes the tensor-core
+/// kernels (`gemv_q4packed_mma*`): as [`q4_mma_ok`], for 4-bit groups of a
+/// multiple of 128 inputs (one scale per row and 128-input round).
+fn packed_mma_ok(q: &CudaPacked, rows: usize) -> bool {
+    mma_enabled()
+        && (MMA_MIN_ROWS..=GEMV_MAX_ROWS).contains(&rows)
+        && q4_packed_ok(q)
+        && q.group_size.is_multiple_of(128)
+        && (q4_pair_floats(false) + mma_split_b_words(rows, q.cols)) * 4 <= LAUNCH_MAX_SMEM_BYTES
+}
+
 /// Dynamic shared memory of a 4-bit tensor-core launch for `in_f`-wide
 /// rows, in floats: the code-pair tables, then the staged B fragments.
 fn mma_smem_floats(in_f: usize) -> usize {
     q4_pair_floats(false) + mma_b_words(in_f)
+}
+
+/// Words (floats) of the packed tensor-core kernels' staged inputs for a
+/// batch of `rows`: four (two bf16 halves of two pairs) per batch row,
+/// lane column, step and 128-input round (`mma_stage_x_split` in
+/// gemv_mma.cu).
+fn mma_split_b_words(rows: usize, in_f: usize) -> usize {
+    in_f.div_ceil(128) * 8 * rows * 4 * 4
+}
+
+/// A 4-bit weight of a batch that takes the tensor-core kernels.
+#[derive(Clone, Copy)]
+enum MmaWeight<'a> {
+    Bnb4(&'a CudaBnb4),
+    Packed(&'a CudaPacked),
+}
+
+impl<'a> MmaWeight<'a> {
+    /// `w` when a batch of `rows` takes the tensor-core kernels with it.
+    fn of(w: &'a CudaWeight, rows: usize) -> Option<Self> {
+        match w {
+            CudaWeight::Bnb4(q) if q4_mma_ok(q, rows) => Some(MmaWeight::Bnb4(q)),
+            CudaWeight::Packed(q) if packed_mma_ok(q, rows) => Some(MmaWeight::Packed(q)),
+            _ => None,
+        }
+    }
+
+    /// Output and input features.
+    fn shape(self) -> (usize, usize) {
+        match self {
+            MmaWeight::Bnb4(q) => (q.rows, q.cols),
+            MmaWeight::Packed(q) => (q.rows, q.cols),
+        }
+    }
+
+    /// Whether `self` and `up` can share a pair launch: the same format,
+    /// and for NF4/FP4 the same compute dtype.
+    fn pairs_with(self, up: MmaWeight) -> bool {
+        match (self, up) {
+            (MmaWeight::Bnb4(a), MmaWeight::Bnb4(b)) => a.compute_dtype == b.compute_dtype,
+            (MmaWeight::Packed(_), MmaWeight::Packed(_)) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Words (floats) of the 4-bit tensor-core kernels' staged inputs: two per
@@ -297,6 +352,10 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         return Ok(false);
     }
     let g = Gemv { out_f, in_f, acc };
+    if let Some(m) = MmaWeight::of(w, x.rows) {
+        q4_mma_gemv(gpu, x, m, None, y, acc, None)?;
+        return Ok(true);
+    }
     match w {
         CudaWeight::Dense { dtype, buf, .. } if dense_mma_ok(gpu, *dtype, x.rows, out_f, in_f) => {
             let name = "gemv_bf16_mma";
@@ -312,9 +371,7 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
         }
         CudaWeight::Bnb4(q) => {
             let cd = dtype_mode(q.compute_dtype);
-            if q4_mma_ok(q, x.rows) {
-                q4_mma_gemv(gpu, x, q, None, y, acc, None)?;
-            } else if q4_bnb_ok(q) {
+            if q4_bnb_ok(q) {
                 let stage = Q4Stage {
                     half: q4_half(cd),
                     norm: false,
@@ -345,47 +402,68 @@ fn gemv_into(gpu: &Gpu, x: &CudaTensor, w: &CudaWeight, y: &CudaTensor, acc: boo
     Ok(true)
 }
 
-/// The tensor-core GEMV of the batch `x` with `q` into `y` (adding to it
-/// when `acc`), or with `up` silu(x·Qᵀ) * (x·Upᵀ) (`gemv_q4bnb_mma_pair`),
+/// The tensor-core GEMV of the batch `x` with `w` into `y` (adding to it
+/// when `acc`), or with `up` (of the same format, see
+/// [`MmaWeight::pairs_with`]) silu(x·Wᵀ) * (x·Upᵀ) (the `_pair` kernels),
 /// of `rms_norm(x)` with `norm`.
 fn q4_mma_gemv(
     gpu: &Gpu,
     x: &CudaTensor,
-    q: &CudaBnb4,
-    up: Option<&CudaBnb4>,
+    w: MmaWeight,
+    up: Option<MmaWeight>,
     y: &CudaTensor,
     acc: bool,
     norm: Option<FusedNorm>,
 ) -> Result<()> {
-    let name = if up.is_some() {
-        "gemv_q4bnb_mma_pair"
-    } else {
-        "gemv_q4bnb_mma"
-    };
-    let tiling = MMA.looping(stage_smem(gpu, name, mma_smem_floats(q.cols))?);
-    let g = Gemv {
-        out_f: q.rows,
-        in_f: q.cols,
-        acc,
-    };
-    let args: Vec<Q4BnbArgs> = [Some(q), up]
-        .into_iter()
-        .flatten()
-        .map(Q4BnbArgs::of)
-        .collect();
-    let cd = dtype_mode(q.compute_dtype);
+    let (out_f, in_f) = w.shape();
+    let pair = if up.is_some() { "_pair" } else { "" };
+    let g = Gemv { out_f, in_f, acc };
     let na = NormArgs::of(norm);
     let nargs = na.args();
-    let post = [arg(&cd), nargs[0], nargs[1]];
-    g.launch(
-        gpu,
-        name,
-        args.iter().map(arg).collect(),
-        &post,
-        x,
-        y,
-        tiling,
-    )
+    let mats = [Some(w), up].into_iter().flatten();
+    match w {
+        MmaWeight::Bnb4(q) => {
+            let name = format!("gemv_q4bnb_mma{pair}");
+            let tiling = MMA.looping(stage_smem(gpu, &name, mma_smem_floats(in_f))?);
+            let args: Vec<Q4BnbArgs> = mats
+                .map(|m| match m {
+                    MmaWeight::Bnb4(q) => Ok(Q4BnbArgs::of(q)),
+                    MmaWeight::Packed(_) => bail!("an NF4/FP4 pair launch got a packed weight"),
+                })
+                .collect::<Result<_>>()?;
+            let cd = dtype_mode(q.compute_dtype);
+            let post = [arg(&cd), nargs[0], nargs[1]];
+            g.launch(
+                gpu,
+                &name,
+                args.iter().map(arg).collect(),
+                &post,
+                x,
+                y,
+                tiling,
+            )
+        }
+        MmaWeight::Packed(_) => {
+            let name = format!("gemv_q4packed_mma{pair}");
+            let floats = q4_pair_floats(false) + mma_split_b_words(x.rows, in_f);
+            let tiling = MMA.looping(stage_smem(gpu, &name, floats)?);
+            let args: Vec<Q4PackedArgs> = mats
+                .map(|m| match m {
+                    MmaWeight::Packed(q) => Ok(Q4PackedArgs::of(q)),
+                    MmaWeight::Bnb4(_) => bail!("a packed pair launch got an NF4/FP4 weight"),
+                })
+                .collect::<Result<_>>()?;
+            g.launch(
+                gpu,
+                &name,
+                args.iter().map(arg).collect(),
+                &nargs,
+                x,
+                y,
+                tiling,
+            )
+        }
+    }
 }
 
 /// An RMS norm folded into a single-row GEMV: the norm's weight and epsilon.
@@ -432,18 +510,21 @@ pub fn gate_up_silu(
     if up.shape() != (out_f, in_f) || x.cols != in_f || x.rows == 0 || x.rows > GEMV_MAX_ROWS {
         return Ok(None);
     }
-    let mma = match (gate, up) {
-        (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) => {
-            a.compute_dtype == b.compute_dtype && q4_mma_ok(a, x.rows) && q4_mma_ok(b, x.rows)
-        }
-        _ => false,
+    let mma = match (MmaWeight::of(gate, x.rows), MmaWeight::of(up, x.rows)) {
+        (Some(a), Some(b)) if a.pairs_with(b) => Some((a, b)),
+        _ => None,
     };
-    let batch_norm_fits =
-        || mma || q4_batch_floats(q4_batch(x.rows), in_f, true) * 4 <= LAUNCH_MAX_SMEM_BYTES;
+    let batch_norm_fits = || {
+        mma.is_some() || q4_batch_floats(q4_batch(x.rows), in_f, true) * 4 <= LAUNCH_MAX_SMEM_BYTES
+    };
     if norm.is_some_and(|n| n.weight.len() != in_f || (x.rows > 1 && !batch_norm_fits())) {
         return Ok(None);
     }
     let y = CudaTensor::empty(gpu, x.rows, out_f)?;
+    if let Some((a, b)) = mma {
+        q4_mma_gemv(gpu, x, a, Some(b), &y, false, norm)?;
+        return Ok(Some(y));
+    }
     let g = Gemv {
         out_f,
         in_f,
@@ -472,9 +553,7 @@ pub fn gate_up_silu(
         }
         (CudaWeight::Bnb4(a), CudaWeight::Bnb4(b)) if a.compute_dtype == b.compute_dtype => {
             let cd = dtype_mode(a.compute_dtype);
-            if mma {
-                q4_mma_gemv(gpu, x, a, Some(b), &y, false, norm)?;
-            } else if q4_bnb_ok(a) && q4_bnb_ok(b) {
+            if q4_bnb_ok(a) && q4_bnb_ok(b) {
                 let stage = Q4Stage {
                     half: q4_half(cd),
                     norm: norm.is_some(),
@@ -574,7 +653,8 @@ impl Q4BnbArgs {
     }
 }
 
-/// One matrix of a `gemv_q4packed_norm3` launch (`Q4PackedArgs`).
+/// One matrix of a `gemv_q4packed_norm3` or `gemv_q4packed_mma*` launch
+/// (`Q4PackedArgs`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Q4PackedArgs {
@@ -703,18 +783,12 @@ pub fn norm_matmuls(
     }
     // Batches whose weights all take the tensor-core kernel: one launch
     // per weight, each normalizing the rows itself.
-    let mma: Option<Vec<&CudaBnb4>> = ws
-        .iter()
-        .map(|w| match w {
-            CudaWeight::Bnb4(q) if q4_mma_ok(q, x.rows) => Some(q),
-            _ => None,
-        })
-        .collect();
-    if let Some(qs) = mma {
-        let mut ys = Vec::with_capacity(qs.len());
-        for q in qs {
-            let y = CudaTensor::empty(gpu, x.rows, q.rows)?;
-            q4_mma_gemv(gpu, x, q, None, &y, false, Some(norm))?;
+    let mma: Option<Vec<MmaWeight>> = ws.iter().map(|w| MmaWeight::of(w, x.rows)).collect();
+    if let Some(ms) = mma {
+        let mut ys = Vec::with_capacity(ms.len());
+        for m in ms {
+            let y = CudaTensor::empty(gpu, x.rows, m.shape().0)?;
+            q4_mma_gemv(gpu, x, m, None, &y, false, Some(norm))?;
             ys.push(y);
         }
         return Ok(Some(ys));

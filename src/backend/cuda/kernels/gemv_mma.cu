@@ -1,5 +1,6 @@
 // Batched 4-bit GEMVs on tensor cores: NF4/FP4 weights whose compute dtype
-// is f16 or bf16, batches of 2 to 8 rows. A warp computes a tile of 16
+// is f16 or bf16, and packed integers in groups of a multiple of 128
+// inputs, batches of 4 to 8 rows. A warp computes a tile of 16
 // output rows (with PAIR, 16 rows of gate and the same 16 of up) for all
 // rows of the batch at once with m16n8k16 MMAs: A holds the weights (16 rows
 // x 16 inputs), B the batch's inputs (16 inputs x 8 batch rows, rows past
@@ -7,6 +8,11 @@
 // before its half-precision GEMM: code * absmax in f32, rounded once to the
 // compute dtype; inputs are rounded to the compute dtype (exact for inputs
 // that already are). The products are exact in f32 and summed in f32.
+// Packed integers stay close to the f32 GEMVs instead: A holds code - zero
+// (exact in bf16), the inputs are split into bf16 halves (x = hi + lo, as
+// the dense kernel below does) and multiplied by both, and each round's sums
+// are scaled by their group's scale (one per row and round, since a group
+// spans whole rounds).
 //
 // Lane L = 4 g + t holds rows g and g + 8 of a tile. In a round of 128
 // inputs it loads 32 consecutive weights of each of its rows (16 bytes, one
@@ -19,9 +25,10 @@
 //
 // Dynamic shared memory: the code-pair tables (Q4_PAIR_FLOATS floats,
 // filled by q4_pair_tables, read with this lane's slot as the f32 GEMVs
-// do), then the batch's inputs as B fragments (mma_stage_x): each block
-// stages all of them once, so that a step reads its fragment with one
-// conflict-free 8-byte load instead of waiting on global memory.
+// do), then the batch's inputs as B fragments (mma_stage_x, or for packed
+// integers mma_stage_x_split): each block stages all of them once, so that
+// a step reads its fragment with one conflict-free load instead of waiting
+// on global memory.
 
 // Two f32 values rounded to the compute dtype (bf16 when `bf`, else f16) in
 // one word, `lo` in the low half.
@@ -32,6 +39,13 @@ __device__ __forceinline__ u32 mma_pack2(float lo, float hi, bool bf) {
     else
         asm("{ cvt.rn.f16x2.f32 %0, %1, %2; }" : "=r"(d) : "f"(hi), "f"(lo));
     return d;
+}
+
+// The hi and lo bf16 halves of two inputs, each half pair in one word.
+__device__ __forceinline__ void mma_split2(float a, float b, u32& hi, u32& lo) {
+    hi = mma_pack2(a, b, true);
+    const float ah = __uint_as_float(hi << 16), bh = __uint_as_float(hi & 0xffff0000u);
+    lo = mma_pack2(a - ah, b - bh, true);
 }
 
 // c += A·B for one m16n8k16 tile of the warp (A: a[4], B: b0, b1, as the
@@ -106,6 +120,18 @@ __device__ __forceinline__ void mma_stage(const float* __restrict__ x,
     }
 }
 
+// Entry `e`'s four inputs `a`, RMS-normalized by the norm weights `w4`
+// with its batch row's inverse RMS (`inv`) when `nw` is set and the entry
+// is live.
+__device__ __forceinline__ float4 mma_norm4(float4 a, const float4& w4, const float* inv, int e,
+                                            const float* nw, bool live) {
+    if (nw && live) {
+        const float r = inv[(e & 31) >> 2];
+        a = make_float4((a.x * r) * w4.x, (a.y * r) * w4.y, (a.z * r) * w4.z, (a.w * r) * w4.w);
+    }
+    return a;
+}
+
 // Stages the B fragments of the `n` rows of `x` (RMS-normalized by `nw`
 // when set, with `inv` the rows' inverse RMS) at `b`: the two words of
 // round rc, step st, lane L = 4 g + t at 2 ((8 rc + st) 32 + L) hold inputs
@@ -116,12 +142,27 @@ __device__ __forceinline__ void mma_stage_x(const float* __restrict__ x,
                                             int in, bool bf, uint2* b) {
     mma_stage<128>(x, nw, n, in, mma_b_words(in) >> 1,
                    [&](int e, float4 a, const float4& w4, bool live) {
-                       if (nw && live) {
-                           const float r = inv[(e & 31) >> 2];
-                           a = make_float4((a.x * r) * w4.x, (a.y * r) * w4.y, (a.z * r) * w4.z,
-                                           (a.w * r) * w4.w);
-                       }
+                       a = mma_norm4(a, w4, inv, e, nw, live);
                        b[e] = make_uint2(mma_pack2(a.x, a.y, bf), mma_pack2(a.z, a.w, bf));
+                   });
+}
+
+// Stages the B fragments of the `n` rows of `x` as mma_stage_x does, each
+// entry split into bf16 halves (hi b0, hi b1, lo b0, lo b1: mma_split2) and
+// only rows below n kept: the entry of round rc, step st, lane 4 g + t at
+// ((8 rc + st) n + g) 4 + t (`mma_split_b_words` words in all).
+__device__ __forceinline__ void mma_stage_x_split(const float* __restrict__ x,
+                                                  const float* __restrict__ nw, const float* inv,
+                                                  int n, int in, uint4* b) {
+    mma_stage<128>(x, nw, n, in, mma_b_words(in) >> 1,
+                   [&](int e, float4 a, const float4& w4, bool live) {
+                       const int g = (e & 31) >> 2;
+                       if (g >= n) return;
+                       a = mma_norm4(a, w4, inv, e, nw, live);
+                       uint4 f;
+                       mma_split2(a.x, a.y, f.x, f.z);
+                       mma_split2(a.z, a.w, f.y, f.w);
+                       b[((e >> 5) * n + g) * 4 + (e & 3)] = f;
                    });
 }
 
@@ -134,18 +175,27 @@ struct MmaRound {
 };
 
 // The A fragment of step `st` (0..7) of a round from the lane's weights `w`
-// (rows g, g + 8) and their scales: bytes 2 (st & 1) and + 1 of word st / 2,
-// each two weights decoded by the code-pair table `tab`, scaled and rounded.
+// (rows g, g + 8) and their scales and zeros: bytes 2 (st & 1) and + 1 of
+// word st / 2, each two weights decoded by the code-pair table `tab`, then
+// scaled and rounded to the compute dtype, or with ZERO (packed integers)
+// code - z in bf16, which is exact.
+template <bool ZERO>
 __device__ __forceinline__ void mma_a_frag(const uint4 (&w)[2], const float (&s)[2],
-                                           const float2* tab, int st, bool bf, u32 (&a)[4]) {
+                                           const float (&z)[2], const float2* tab, int st, bool bf,
+                                           u32 (&a)[4]) {
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int j = st >> 1;
         const u32 word = j == 0 ? w[h].x : j == 1 ? w[h].y : j == 2 ? w[h].z : w[h].w;
         const float2 p0 = q4_pair_f32(tab, word, 2 * (st & 1));
         const float2 p1 = q4_pair_f32(tab, word, 2 * (st & 1) + 1);
-        a[h] = mma_pack2(p0.x * s[h], p0.y * s[h], bf);
-        a[2 + h] = mma_pack2(p1.x * s[h], p1.y * s[h], bf);
+        if constexpr (ZERO) {
+            a[h] = mma_pack2(p0.x - z[h], p0.y - z[h], true);
+            a[2 + h] = mma_pack2(p1.x - z[h], p1.y - z[h], true);
+        } else {
+            a[h] = mma_pack2(p0.x * s[h], p0.y * s[h], bf);
+            a[2 + h] = mma_pack2(p1.x * s[h], p1.y * s[h], bf);
+        }
     }
 }
 
@@ -177,19 +227,20 @@ __device__ __forceinline__ void mma_row_norms(const float* __restrict__ x, int n
 // RMS-normalized by `nw` when it is set. Logical block b holds
 // GEMV_WARPS / ksplit tiles of 16 output rows; a block stages the inputs
 // once and takes logical blocks blockIdx.x, + gridDim.x, ... (the host
-// caps the grid at one wave).
-template <bool PAIR>
-__device__ __forceinline__ void gemv_q4bnb_mma_body(const Q4Bnb& qa, const Q4Bnb& qb,
-                                                    const float* luts,
-                                                    const float* __restrict__ x,
-                                                    float* __restrict__ y, int n, int out,
-                                                    int in, int ksplit, int acc, int cd,
-                                                    const float* __restrict__ nw, float eps) {
+// caps the grid at one wave). Q is Q4Bnb (compute dtype `cd`, 1 or 2) or
+// Q4Packed (`cd` 0: f32 results, bf16 MMAs on split inputs).
+template <class Q, bool PAIR>
+__device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const float* luts,
+                                                 const float* __restrict__ x,
+                                                 float* __restrict__ y, int n, int out, int in,
+                                                 int ksplit, int acc, int cd,
+                                                 const float* __restrict__ nw, float eps) {
     constexpr int T = PAIR ? 2 : 1;
+    constexpr bool SPLIT = Q::HAS_ZERO;
     extern __shared__ float xsm[];
     __shared__ float inv[MMA_BATCH];
     __shared__ float red[GEMV_WARPS][T][4][32];
-    const bool bf = cd == 2;
+    const bool bf = SPLIT || cd == 2;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3, kp = warp % ksplit;
     const int per_block = GEMV_WARPS / ksplit;
@@ -208,7 +259,7 @@ __device__ __forceinline__ void gemv_q4bnb_mma_body(const Q4Bnb& qa, const Q4Bnb
         for (int i = 0; i < T; i++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const Q4Bnb& q = i == 0 ? qa : qb;
+                const Q& q = i == 0 ? qa : qb;
                 if (ci < chunks) {
                     r.w[i][h] = q.load(rows[h], ci);
                     q.load_scale(rows[h], ci, r.s[i][h], r.z[i][h]);
@@ -232,11 +283,10 @@ __device__ __forceinline__ void gemv_q4bnb_mma_body(const Q4Bnb& qa, const Q4Bnb
             for (int i = 0; i < T; i++)
 #pragma unroll
                 for (int h = 0; h < 2; h++)
-                    prefetch_l2((i == 0 ? qa : qb).w + (u32)rows[h] * (u32)chunks +
-                                (u32)(4 * kp + t));
+                    prefetch_l2((i == 0 ? qa : qb).chunk(rows[h], 4 * kp + t));
     };
     prefetch(blockIdx.x);
-    Q4Pairs pairs = q4_pair_tables<true, false>(luts, xsm);
+    Q4Pairs pairs = q4_pair_tables<Q::HI_FIRST, false>(luts, xsm);
     pdl_wait();
     pdl_release();
     cp_async_wait_all();
@@ -245,7 +295,11 @@ __device__ __forceinline__ void gemv_q4bnb_mma_body(const Q4Bnb& qa, const Q4Bnb
     // second-level code tables, visible to every warp.
     __syncthreads();
     const uint2* bfrag = (const uint2*)(xsm + Q4_PAIR_FLOATS);
-    mma_stage_x(x, nw, inv, n, in, bf, (uint2*)bfrag);
+    const uint4* bsplit = (const uint4*)(xsm + Q4_PAIR_FLOATS);
+    if constexpr (SPLIT)
+        mma_stage_x_split(x, nw, inv, n, in, (uint4*)bsplit);
+    else
+        mma_stage_x(x, nw, inv, n, in, bf, (uint2*)bfrag);
     __syncthreads();
     const float2* tab[2] = {(const float2*)(pairs.base + pairs.lane_off(luts, luts)),
                             (const float2*)(pairs.base + pairs.lane_off(luts, luts + 16))};
@@ -267,17 +321,44 @@ __device__ __forceinline__ void gemv_q4bnb_mma_body(const Q4Bnb& qa, const Q4Bnb
             for (int i = 0; i < T; i++)
 #pragma unroll
                 for (int h = 0; h < 2; h++) {
-                    const Q4Bnb& q = i == 0 ? qa : qb;
+                    const Q& q = i == 0 ? qa : qb;
                     q.finish_scale(cur.s[i][h], cur.z[i][h]);
                 }
+            if constexpr (SPLIT) {
+                // Sums of code - z over the round, hi and lo inputs apart,
+                // then scaled by rows g (C elements 0, 1) and g + 8 (2, 3).
+                float ch[T][4], cl[T][4];
 #pragma unroll
-            for (int st = 0; st < 8; st++) {
-                const uint2 b = bfrag[(8 * rc + st) * 32 + lane];
+                for (int i = 0; i < T; i++)
 #pragma unroll
-                for (int i = 0; i < T; i++) {
-                    u32 a[4];
-                    mma_a_frag(cur.w[i], cur.s[i], tab[i], st, bf, a);
-                    mma_16816(c[i], a, b.x, b.y, bf);
+                    for (int e = 0; e < 4; e++) ch[i][e] = cl[i][e] = 0.f;
+#pragma unroll
+                for (int st = 0; st < 8; st++) {
+                    const uint4 b = g < n ? bsplit[((8 * rc + st) * n + g) * 4 + t]
+                                          : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                    for (int i = 0; i < T; i++) {
+                        u32 a[4];
+                        mma_a_frag<true>(cur.w[i], cur.s[i], cur.z[i], tab[i], st, true, a);
+                        mma_16816(ch[i], a, b.x, b.y, true);
+                        mma_16816(cl[i], a, b.z, b.w, true);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < T; i++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        c[i][e] = fmaf(cur.s[i][e >> 1], ch[i][e] + cl[i][e], c[i][e]);
+            } else {
+#pragma unroll
+                for (int st = 0; st < 8; st++) {
+                    const uint2 b = bfrag[(8 * rc + st) * 32 + lane];
+#pragma unroll
+                    for (int i = 0; i < T; i++) {
+                        u32 a[4];
+                        mma_a_frag<false>(cur.w[i], cur.s[i], cur.z[i], tab[i], st, bf, a);
+                        mma_16816(c[i], a, b.x, b.y, bf);
+                    }
                 }
             }
             if (rc + ksplit < rounds) cur = nxt;
@@ -321,7 +402,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_mma(
     q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);
     q4_tables(lut, a.code16, a.code16, a.code16);
     const Q4Bnb q = q4_bnb(a, c2s, in);
-    gemv_q4bnb_mma_body<false>(q, q, lut, x, y, n, out, in, ksplit, acc, cd, nw, eps);
+    gemv_q4_mma_body<Q4Bnb, false>(q, q, lut, x, y, n, out, in, ksplit, acc, cd, nw, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4bnb_mma_pair(
@@ -334,7 +415,29 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4bnb_mma_pair(
     q4_tables(lut, a.code16, b2.code16, b2.code16);
     const Q4Bnb qa = q4_bnb(a, c2s, in);
     const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);
-    gemv_q4bnb_mma_body<true>(qa, qb, lut, x, y, n, out, in, ksplit, 0, cd, nw, eps);
+    gemv_q4_mma_body<Q4Bnb, true>(qa, qb, lut, x, y, n, out, in, ksplit, 0, cd, nw, eps);
+}
+
+// The packed-integer kernels (Q4PackedArgs; groups of a multiple of 128
+// inputs), with the same optional RMS norm `nw`.
+extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_mma(
+    const __grid_constant__ Q4PackedArgs a, const float* __restrict__ x, float* __restrict__ y,
+    int n, int out, int in, int ksplit, int acc, const float* __restrict__ nw, float eps) {
+    __shared__ float lut[48];
+    q4_tables(lut, nullptr, nullptr, nullptr);
+    const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
+    gemv_q4_mma_body<Q4Packed, false>(q, q, lut, x, y, n, out, in, ksplit, acc, 0, nw, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4packed_mma_pair(
+    const __grid_constant__ Q4PackedArgs a, const __grid_constant__ Q4PackedArgs b2,
+    const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,
+    int acc, const float* __restrict__ nw, float eps) {
+    __shared__ float lut[48];
+    q4_tables(lut, nullptr, nullptr, nullptr);
+    const Q4Packed qa{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
+    const Q4Packed qb{b2.w, b2.scales, b2.zeros, in, out, b2.wpr, b2.gsize};
+    gemv_q4_mma_body<Q4Packed, true>(qa, qb, lut, x, y, n, out, in, ksplit, 0, 0, nw, eps);
 }
 
 // Dense bf16 weights on tensor cores, batches of 2 to 8 rows, for matrices
@@ -353,13 +456,6 @@ extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4bnb_mma_pair(
 // round and step, four words (hi b0, hi b1, lo b0, lo b1) per lane
 // (`mma_dense_b_words` in matmul.rs).
 __device__ __forceinline__ int mma_dense_b_words(int in) { return (in >> 6) * 4 * 32 * 4; }
-
-// The hi and lo bf16 halves of two inputs, each half pair in one word.
-__device__ __forceinline__ void mma_split2(float a, float b, u32& hi, u32& lo) {
-    hi = mma_pack2(a, b, true);
-    const float ah = __uint_as_float(hi << 16), bh = __uint_as_float(hi & 0xffff0000u);
-    lo = mma_pack2(a - ah, b - bh, true);
-}
 
 __device__ __forceinline__ void mma_dense_stage_x(const float* __restrict__ x, int n, int in,
                                                   uint4* b) {

@@ -29,9 +29,11 @@ struct Q4Bnb {
     int in, bs_log2, nbs_log2;
     static constexpr bool HI_FIRST = true;
     static constexpr bool HAS_ZERO = false;
-    __device__ __forceinline__ uint4 load(int row, int c) const {
-        return w[(u32)row * (u32)(in >> 5) + (u32)c];
+    // The 16 bytes of chunk c (32 weights) of row `row`.
+    __device__ __forceinline__ const uint4* chunk(int row, int c) const {
+        return w + ((u32)row * (u32)(in >> 5) + (u32)c);
     }
+    __device__ __forceinline__ uint4 load(int row, int c) const { return *chunk(row, c); }
     // The scale words of row `row`, chunk c, as loaded: the absmax, or with
     // double quantization the block's code (its bits) and nested absmax;
     // `finish_scale` turns them into the scale once they have arrived.
@@ -63,9 +65,10 @@ struct Q4Packed {
     int in, out, wpr, gsize;
     static constexpr bool HI_FIRST = false;
     static constexpr bool HAS_ZERO = true;
-    __device__ __forceinline__ uint4 load(int row, int c) const {
-        return ((const uint4*)w)[((u32)row * (u32)wpr >> 2) + (u32)c];
+    __device__ __forceinline__ const uint4* chunk(int row, int c) const {
+        return (const uint4*)w + (((u32)row * (u32)wpr >> 2) + (u32)c);
     }
+    __device__ __forceinline__ uint4 load(int row, int c) const { return *chunk(row, c); }
     // The f16 scale's and the zero's bits as loaded; `finish_scale`
     // converts them once they have arrived.
     __device__ __forceinline__ void load_scale(int row, int c, float& s, float& z) const {
