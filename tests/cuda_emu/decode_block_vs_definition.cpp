@@ -458,10 +458,16 @@ static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool n
     const int ks_down = mma ? gemv_ksplit(sm, hidden, inter / 4, 16) : gemv_ksplit(sm, hidden, inter / 32, 4);
     const size_t tables = (size_t)Q4_PAIR_FLOATS * 4;
     const size_t gu_smem = tables + (norm ? (size_t)nb * q4_pairs_at<false>(hidden) * 4 : 0);
-    if (mma && fmt == 2) {
-        // Packed: the tables, then the batch's split B fragments
-        // (mma_split_b_words in matmul.rs).
-        const auto split_words = [&](int in) { return (size_t)(in + 127) / 128 * 8 * n * 16; };
+    // Packed and f32 compute: the tables, then the batch's split B
+    // fragments (mma_split_b_words in matmul.rs).
+    const auto split_words = [&](int in) { return (size_t)(in + 127) / 128 * 8 * n * 16; };
+    if (mma && fmt != 2 && cd == 0) {
+        launch({(unsigned)std::min(q4_blocks_h(inter, 16, ks_gu), cap)}, 256, tables + split_words(hidden) * 4, [&] {
+            gemv_q4bnb_mma_f32_pair(wb.m[4], wb.m[5], x, act, n, inter, hidden, ks_gu, 0, cd, nw, eps);
+        });
+        launch({(unsigned)std::min(q4_blocks_h(hidden, 16, ks_down), cap)}, 256, tables + split_words(inter) * 4,
+               [&] { gemv_q4bnb_mma_f32(wb.m[6], act, y, n, hidden, inter, ks_down, 1, cd, nullptr, 0.f); });
+    } else if (mma && fmt == 2) {
         const Q4PackedArgs &g = wp.m[4], &u = wp.m[5], &d = wp.m[6];
         launch({(unsigned)std::min(q4_blocks_h(inter, 16, ks_gu), cap)}, 256, tables + split_words(hidden) * 4,
                [&] { gemv_q4packed_mma_pair(g, u, x, act, n, inter, hidden, ks_gu, 0, nw, eps); });
@@ -594,6 +600,9 @@ int main() {
     // (576 inputs: a half round), and 8 normalized rows at Llama widths.
     ok &= run_batch_case(2, 0, 4, 576, 384, false, 2, 3, true);
     ok &= run_batch_case(2, 0, 8, 2048, 256, true, 8, 5, true);
+    // NF4/FP4 of an f32 compute dtype: split weights and inputs.
+    ok &= run_batch_case(1, 0, 6, 576, 384, true, 2, 3, true);
+    ok &= run_batch_case(0, 0, 8, 2048, 256, false, 8, 5, true);
     ok &= run_dense_mma_case(5, 300, 256, 2);
     ok &= run_dense_mma_case(8, 64, 128, 1);
     printf(ok ? "ALL WITHIN\n" : "FAILURES\n");

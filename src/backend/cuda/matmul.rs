@@ -86,15 +86,25 @@ pub fn matmul_add(gpu: &Gpu, x: &mut CudaTensor, a: &CudaTensor, w: &CudaWeight)
 const MMA_MIN_ROWS: usize = 4;
 
 /// Whether a batch of `rows` with NF4/FP4 weights `q` takes the
-/// tensor-core kernels (gemv_mma.cu): 4 to 8 rows, an f16 or bf16 compute
-/// dtype, the shapes of the 32-weights-per-lane kernels, staged inputs that
-/// fit shared memory, and not switched off ([`mma_enabled`]).
+/// tensor-core kernels (gemv_mma.cu): 4 to 8 rows, the shapes of the
+/// 32-weights-per-lane kernels, staged inputs that fit shared memory, and
+/// not switched off ([`mma_enabled`]).
 fn q4_mma_ok(q: &CudaBnb4, rows: usize) -> bool {
     mma_enabled()
         && (MMA_MIN_ROWS..=GEMV_MAX_ROWS).contains(&rows)
-        && q.compute_dtype != DType::F32
         && q4_bnb_ok(q)
-        && mma_smem_floats(q.cols) * 4 <= LAUNCH_MAX_SMEM_BYTES
+        && bnb4_mma_smem_floats(q, rows) * 4 <= LAUNCH_MAX_SMEM_BYTES
+}
+
+/// Dynamic shared memory of an NF4/FP4 tensor-core launch for a batch of
+/// `rows`, in floats: the code-pair tables, then the staged inputs, split
+/// into bf16 halves for an f32 compute dtype (the `_f32` kernels).
+fn bnb4_mma_smem_floats(q: &CudaBnb4, rows: usize) -> usize {
+    if q.compute_dtype == DType::F32 {
+        q4_pair_floats(false) + mma_split_b_words(rows, q.cols)
+    } else {
+        mma_smem_floats(q.cols)
+    }
 }
 
 /// Whether a batch of `rows` with a dense `dtype` weight of `out_f` x
@@ -423,8 +433,14 @@ fn q4_mma_gemv(
     let mats = [Some(w), up].into_iter().flatten();
     match w {
         MmaWeight::Bnb4(q) => {
-            let name = format!("gemv_q4bnb_mma{pair}");
-            let tiling = MMA.looping(stage_smem(gpu, &name, mma_smem_floats(in_f))?);
+            let f32 = if q.compute_dtype == DType::F32 {
+                "_f32"
+            } else {
+                ""
+            };
+            let name = format!("gemv_q4bnb_mma{f32}{pair}");
+            let floats = bnb4_mma_smem_floats(q, x.rows);
+            let tiling = MMA.looping(stage_smem(gpu, &name, floats)?);
             let args: Vec<Q4BnbArgs> = mats
                 .map(|m| match m {
                     MmaWeight::Bnb4(q) => Ok(Q4BnbArgs::of(q)),

@@ -8,11 +8,13 @@
 // before its half-precision GEMM: code * absmax in f32, rounded once to the
 // compute dtype; inputs are rounded to the compute dtype (exact for inputs
 // that already are). The products are exact in f32 and summed in f32.
-// Packed integers stay close to the f32 GEMVs instead: A holds code - zero
-// (exact in bf16), the inputs are split into bf16 halves (x = hi + lo, as
-// the dense kernel below does) and multiplied by both, and each round's sums
-// are scaled by their group's scale (one per row and round, since a group
-// spans whole rounds).
+// Packed integers and an f32 compute dtype stay close to the f32 GEMVs
+// instead: the inputs are split into bf16 halves (x = hi + lo, as the dense
+// kernel below does) and multiplied by both. For packed integers A holds
+// code - zero (exact in bf16) and each round's sums are scaled by their
+// group's scale (one per row and round, since a group spans whole rounds);
+// for NF4/FP4 the dequantized weights are split into bf16 halves too, and
+// the products hi·hi, hi·lo and lo·hi summed (about 16 significant bits).
 //
 // Lane L = 4 g + t holds rows g and g + 8 of a tile. In a round of 128
 // inputs it loads 32 consecutive weights of each of its rows (16 bytes, one
@@ -174,24 +176,34 @@ struct MmaRound {
     float s[T][2], z[T][2];
 };
 
+// How mma_a_frag turns a weight's code into an A element: scaled and
+// rounded to the compute dtype (MMA_A_ROUND), code - zero in bf16, which is
+// exact for packed integers (MMA_A_ZERO), or scaled and split into bf16
+// halves, the hi half in `a` and the lo half in `lo` (MMA_A_SPLIT).
+#define MMA_A_ROUND 0
+#define MMA_A_ZERO 1
+#define MMA_A_SPLIT 2
+
 // The A fragment of step `st` (0..7) of a round from the lane's weights `w`
 // (rows g, g + 8) and their scales and zeros: bytes 2 (st & 1) and + 1 of
 // word st / 2, each two weights decoded by the code-pair table `tab`, then
-// scaled and rounded to the compute dtype, or with ZERO (packed integers)
-// code - z in bf16, which is exact.
-template <bool ZERO>
+// converted as MODE says.
+template <int MODE>
 __device__ __forceinline__ void mma_a_frag(const uint4 (&w)[2], const float (&s)[2],
                                            const float (&z)[2], const float2* tab, int st, bool bf,
-                                           u32 (&a)[4]) {
+                                           u32 (&a)[4], u32 (&lo)[4]) {
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         const int j = st >> 1;
         const u32 word = j == 0 ? w[h].x : j == 1 ? w[h].y : j == 2 ? w[h].z : w[h].w;
         const float2 p0 = q4_pair_f32(tab, word, 2 * (st & 1));
         const float2 p1 = q4_pair_f32(tab, word, 2 * (st & 1) + 1);
-        if constexpr (ZERO) {
+        if constexpr (MODE == MMA_A_ZERO) {
             a[h] = mma_pack2(p0.x - z[h], p0.y - z[h], true);
             a[2 + h] = mma_pack2(p1.x - z[h], p1.y - z[h], true);
+        } else if constexpr (MODE == MMA_A_SPLIT) {
+            mma_split2(p0.x * s[h], p0.y * s[h], a[h], lo[h]);
+            mma_split2(p1.x * s[h], p1.y * s[h], a[2 + h], lo[2 + h]);
         } else {
             a[h] = mma_pack2(p0.x * s[h], p0.y * s[h], bf);
             a[2 + h] = mma_pack2(p1.x * s[h], p1.y * s[h], bf);
@@ -227,16 +239,17 @@ __device__ __forceinline__ void mma_row_norms(const float* __restrict__ x, int n
 // RMS-normalized by `nw` when it is set. Logical block b holds
 // GEMV_WARPS / ksplit tiles of 16 output rows; a block stages the inputs
 // once and takes logical blocks blockIdx.x, + gridDim.x, ... (the host
-// caps the grid at one wave). Q is Q4Bnb (compute dtype `cd`, 1 or 2) or
-// Q4Packed (`cd` 0: f32 results, bf16 MMAs on split inputs).
-template <class Q, bool PAIR>
+// caps the grid at one wave). Q is Q4Bnb or Q4Packed; SPLIT (packed
+// integers, and NF4/FP4 of an f32 compute dtype, `cd` 0) splits the inputs
+// into bf16 halves, else `cd` (1 or 2) is the MMAs' input dtype.
+template <class Q, bool PAIR, bool SPLIT>
 __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const float* luts,
                                                  const float* __restrict__ x,
                                                  float* __restrict__ y, int n, int out, int in,
                                                  int ksplit, int acc, int cd,
                                                  const float* __restrict__ nw, float eps) {
+    static_assert(SPLIT || !Q::HAS_ZERO, "packed integers take split inputs");
     constexpr int T = PAIR ? 2 : 1;
-    constexpr bool SPLIT = Q::HAS_ZERO;
     extern __shared__ float xsm[];
     __shared__ float inv[MMA_BATCH];
     __shared__ float red[GEMV_WARPS][T][4][32];
@@ -309,11 +322,12 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
         MmaRound<T> cur;
         if (kp < rounds) load(rows, kp, cur);
         prefetch(blk + gridDim.x);
-        float c[T][4];
+        // With split NF4/FP4 weights, `c` takes hi·hi and `cs` hi·lo + lo·hi.
+        float c[T][4], cs[T][4];
 #pragma unroll
         for (int i = 0; i < T; i++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) c[i][e] = 0.f;
+            for (int e = 0; e < 4; e++) c[i][e] = cs[i][e] = 0.f;
         for (int rc = kp; rc < rounds; rc += ksplit) {
             MmaRound<T> nxt;
             if (rc + ksplit < rounds) load(rows, rc + ksplit, nxt);
@@ -324,7 +338,22 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
                     const Q& q = i == 0 ? qa : qb;
                     q.finish_scale(cur.s[i][h], cur.z[i][h]);
                 }
-            if constexpr (SPLIT) {
+            if constexpr (SPLIT && !Q::HAS_ZERO) {
+#pragma unroll
+                for (int st = 0; st < 8; st++) {
+                    const uint4 b = g < n ? bsplit[((8 * rc + st) * n + g) * 4 + t]
+                                          : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+                    for (int i = 0; i < T; i++) {
+                        u32 a[4], lo[4];
+                        mma_a_frag<MMA_A_SPLIT>(cur.w[i], cur.s[i], cur.z[i], tab[i], st, true, a,
+                                                lo);
+                        mma_16816(c[i], a, b.x, b.y, true);
+                        mma_16816(cs[i], a, b.z, b.w, true);
+                        mma_16816(cs[i], lo, b.x, b.y, true);
+                    }
+                }
+            } else if constexpr (SPLIT) {
                 // Sums of code - z over the round, hi and lo inputs apart,
                 // then scaled by rows g (C elements 0, 1) and g + 8 (2, 3).
                 float ch[T][4], cl[T][4];
@@ -338,8 +367,9 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
                                           : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
                     for (int i = 0; i < T; i++) {
-                        u32 a[4];
-                        mma_a_frag<true>(cur.w[i], cur.s[i], cur.z[i], tab[i], st, true, a);
+                        u32 a[4], lo[4];
+                        mma_a_frag<MMA_A_ZERO>(cur.w[i], cur.s[i], cur.z[i], tab[i], st, true, a,
+                                               lo);
                         mma_16816(ch[i], a, b.x, b.y, true);
                         mma_16816(cl[i], a, b.z, b.w, true);
                     }
@@ -355,8 +385,9 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
                     const uint2 b = bfrag[(8 * rc + st) * 32 + lane];
 #pragma unroll
                     for (int i = 0; i < T; i++) {
-                        u32 a[4];
-                        mma_a_frag<false>(cur.w[i], cur.s[i], cur.z[i], tab[i], st, bf, a);
+                        u32 a[4], lo[4];
+                        mma_a_frag<MMA_A_ROUND>(cur.w[i], cur.s[i], cur.z[i], tab[i], st, bf, a,
+                                                lo);
                         mma_16816(c[i], a, b.x, b.y, bf);
                     }
                 }
@@ -367,7 +398,8 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
 #pragma unroll
         for (int i = 0; i < T; i++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) red[warp][i][e][lane] = c[i][e];
+            for (int e = 0; e < 4; e++)
+                red[warp][i][e][lane] = SPLIT && !Q::HAS_ZERO ? c[i][e] + cs[i][e] : c[i][e];
         __syncthreads();
         if (kp == 0)
 #pragma unroll
@@ -393,30 +425,37 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
 }
 
 // Single-matrix and pair (gate/up + SiLU) kernels, both with an optional
-// RMS norm `nw`; `cd` is 1 (f16) or 2 (bf16).
-extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_mma(
-    const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y, int n,
-    int out, int in, int ksplit, int acc, int cd, const float* __restrict__ nw, float eps) {
-    __shared__ float lut[48];
-    __shared__ __align__(16) float c2s[256];
-    q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);
-    q4_tables(lut, a.code16, a.code16, a.code16);
-    const Q4Bnb q = q4_bnb(a, c2s, in);
-    gemv_q4_mma_body<Q4Bnb, false>(q, q, lut, x, y, n, out, in, ksplit, acc, cd, nw, eps);
-}
+// RMS norm `nw`: `cd` 1 (f16) or 2 (bf16), or with the _f32 suffix split
+// inputs and weights for an f32 compute dtype (`cd` 0).
+#define GEMV_Q4BNB_MMA(SUFFIX, SPLIT, PAIR_BLOCKS)                                                 \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_mma##SUFFIX(                      \
+        const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y,   \
+        int n, int out, int in, int ksplit, int acc, int cd, const float* __restrict__ nw,         \
+        float eps) {                                                                               \
+        __shared__ float lut[48];                                                                  \
+        __shared__ __align__(16) float c2s[256];                                                   \
+        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);                       \
+        q4_tables(lut, a.code16, a.code16, a.code16);                                              \
+        const Q4Bnb q = q4_bnb(a, c2s, in);                                                        \
+        gemv_q4_mma_body<Q4Bnb, false, SPLIT>(q, q, lut, x, y, n, out, in, ksplit, acc, cd, nw,    \
+                                              eps);                                                \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, PAIR_BLOCKS) gemv_q4bnb_mma##SUFFIX##_pair(  \
+        const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                 \
+        const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,    \
+        int acc, int cd, const float* __restrict__ nw, float eps) {                                \
+        __shared__ float lut[48];                                                                  \
+        __shared__ __align__(16) float c2s[512];                                                   \
+        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr, nullptr); \
+        q4_tables(lut, a.code16, b2.code16, b2.code16);                                            \
+        const Q4Bnb qa = q4_bnb(a, c2s, in);                                                       \
+        const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);                                                \
+        gemv_q4_mma_body<Q4Bnb, true, SPLIT>(qa, qb, lut, x, y, n, out, in, ksplit, 0, cd, nw,     \
+                                             eps);                                                 \
+    }
 
-extern "C" __global__ void __launch_bounds__(256, 3) gemv_q4bnb_mma_pair(
-    const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,
-    const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,
-    int acc, int cd, const float* __restrict__ nw, float eps) {
-    __shared__ float lut[48];
-    __shared__ __align__(16) float c2s[512];
-    q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr, nullptr);
-    q4_tables(lut, a.code16, b2.code16, b2.code16);
-    const Q4Bnb qa = q4_bnb(a, c2s, in);
-    const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);
-    gemv_q4_mma_body<Q4Bnb, true>(qa, qb, lut, x, y, n, out, in, ksplit, 0, cd, nw, eps);
-}
+GEMV_Q4BNB_MMA(, false, 3)
+GEMV_Q4BNB_MMA(_f32, true, 2)
 
 // The packed-integer kernels (Q4PackedArgs; groups of a multiple of 128
 // inputs), with the same optional RMS norm `nw`.
@@ -426,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_q4packed_mma(
     __shared__ float lut[48];
     q4_tables(lut, nullptr, nullptr, nullptr);
     const Q4Packed q{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
-    gemv_q4_mma_body<Q4Packed, false>(q, q, lut, x, y, n, out, in, ksplit, acc, 0, nw, eps);
+    gemv_q4_mma_body<Q4Packed, false, true>(q, q, lut, x, y, n, out, in, ksplit, acc, 0, nw, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4packed_mma_pair(
@@ -437,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemv_q4packed_mma_pair(
     q4_tables(lut, nullptr, nullptr, nullptr);
     const Q4Packed qa{a.w, a.scales, a.zeros, in, out, a.wpr, a.gsize};
     const Q4Packed qb{b2.w, b2.scales, b2.zeros, in, out, b2.wpr, b2.gsize};
-    gemv_q4_mma_body<Q4Packed, true>(qa, qb, lut, x, y, n, out, in, ksplit, 0, 0, nw, eps);
+    gemv_q4_mma_body<Q4Packed, true, true>(qa, qb, lut, x, y, n, out, in, ksplit, 0, 0, nw, eps);
 }
 
 // Dense bf16 weights on tensor cores, batches of 2 to 8 rows, for matrices
