@@ -338,25 +338,15 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
                     const Q& q = i == 0 ? qa : qb;
                     q.finish_scale(cur.s[i][h], cur.z[i][h]);
                 }
-            if constexpr (SPLIT && !Q::HAS_ZERO) {
-#pragma unroll
-                for (int st = 0; st < 8; st++) {
-                    const uint4 b = g < n ? bsplit[((8 * rc + st) * n + g) * 4 + t]
-                                          : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-                    for (int i = 0; i < T; i++) {
-                        u32 a[4], lo[4];
-                        mma_a_frag<MMA_A_SPLIT>(cur.w[i], cur.s[i], cur.z[i], tab[i], st, true, a,
-                                                lo);
-                        mma_16816(c[i], a, b.x, b.y, true);
-                        mma_16816(cs[i], a, b.z, b.w, true);
-                        mma_16816(cs[i], lo, b.x, b.y, true);
-                    }
-                }
-            } else if constexpr (SPLIT) {
-                // Sums of code - z over the round, hi and lo inputs apart,
-                // then scaled by rows g (C elements 0, 1) and g + 8 (2, 3).
+            if constexpr (SPLIT) {
+                // Split inputs: hi·hi into `hi`, the rest into `lo`, each
+                // step's products hi·hi and hi·lo (and for NF4/FP4 lo·hi).
+                // Packed integers sum code - z over the round apart (ch,
+                // cl), then scale the sums by rows g (C elements 0, 1) and
+                // g + 8 (2, 3).
                 float ch[T][4], cl[T][4];
+                float(&hi)[T][4] = Q::HAS_ZERO ? ch : c;
+                float(&lo)[T][4] = Q::HAS_ZERO ? cl : cs;
 #pragma unroll
                 for (int i = 0; i < T; i++)
 #pragma unroll
@@ -367,18 +357,20 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
                                           : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
                     for (int i = 0; i < T; i++) {
-                        u32 a[4], lo[4];
-                        mma_a_frag<MMA_A_ZERO>(cur.w[i], cur.s[i], cur.z[i], tab[i], st, true, a,
-                                               lo);
-                        mma_16816(ch[i], a, b.x, b.y, true);
-                        mma_16816(cl[i], a, b.z, b.w, true);
+                        u32 a[4], alo[4];
+                        mma_a_frag<Q::HAS_ZERO ? MMA_A_ZERO : MMA_A_SPLIT>(
+                            cur.w[i], cur.s[i], cur.z[i], tab[i], st, true, a, alo);
+                        mma_16816(hi[i], a, b.x, b.y, true);
+                        mma_16816(lo[i], a, b.z, b.w, true);
+                        if constexpr (!Q::HAS_ZERO) mma_16816(lo[i], alo, b.x, b.y, true);
                     }
                 }
+                if constexpr (Q::HAS_ZERO)
 #pragma unroll
-                for (int i = 0; i < T; i++)
+                    for (int i = 0; i < T; i++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++)
-                        c[i][e] = fmaf(cur.s[i][e >> 1], ch[i][e] + cl[i][e], c[i][e]);
+                        for (int e = 0; e < 4; e++)
+                            c[i][e] = fmaf(cur.s[i][e >> 1], ch[i][e] + cl[i][e], c[i][e]);
             } else {
 #pragma unroll
                 for (int st = 0; st < 8; st++) {
