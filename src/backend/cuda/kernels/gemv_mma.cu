@@ -424,11 +424,7 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
         const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y,   \
         int n, int out, int in, int ksplit, int acc, int cd, const float* __restrict__ nw,         \
         float eps) {                                                                               \
-        __shared__ float lut[48];                                                                  \
-        __shared__ __align__(16) float c2s[256];                                                   \
-        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);                       \
-        q4_tables(lut, a.code16, a.code16, a.code16);                                              \
-        const Q4Bnb q = q4_bnb(a, c2s, in);                                                        \
+        Q4BNB_SETUP;                                                                               \
         gemv_q4_mma_body<Q4Bnb, false, SPLIT>(q, q, lut, x, y, n, out, in, ksplit, acc, cd, nw,    \
                                               eps);                                                \
     }                                                                                              \
@@ -436,12 +432,7 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
         const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                 \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,    \
         int acc, int cd, const float* __restrict__ nw, float eps) {                                \
-        __shared__ float lut[48];                                                                  \
-        __shared__ __align__(16) float c2s[512];                                                   \
-        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr, nullptr); \
-        q4_tables(lut, a.code16, b2.code16, b2.code16);                                            \
-        const Q4Bnb qa = q4_bnb(a, c2s, in);                                                       \
-        const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);                                                \
+        Q4BNB_PAIR_SETUP;                                                                          \
         gemv_q4_mma_body<Q4Bnb, true, SPLIT>(qa, qb, lut, x, y, n, out, in, ksplit, 0, cd, nw,     \
                                              eps);                                                 \
     }

@@ -604,6 +604,23 @@ __device__ __forceinline__ Q4Bnb q4_bnb(const Q4BnbArgs& a, const float* c2s, in
     return Q4Bnb{(const uint4*)a.w, a.absmax, a.codes, c2s, a.offset, in, a.bs_log2, a.nbs_log2};
 }
 
+// The prologue of a kernel taking one bitsandbytes matrix `a` (Q4BnbArgs)
+// with `in` inputs: its code tables in shared memory (`lut`, `c2s`) and its
+// GEMV view `q`; with two (`a`, `b2`), `qa` and `qb`.
+#define Q4BNB_SETUP                                                                                \
+    __shared__ float lut[48];                                                                      \
+    __shared__ __align__(16) float c2s[256];                                                       \
+    q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);                           \
+    q4_tables(lut, a.code16, a.code16, a.code16);                                                  \
+    const Q4Bnb q = q4_bnb(a, c2s, in)
+#define Q4BNB_PAIR_SETUP                                                                           \
+    __shared__ float lut[48];                                                                      \
+    __shared__ __align__(16) float c2s[512];                                                       \
+    q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr, nullptr);     \
+    q4_tables(lut, a.code16, b2.code16, b2.code16);                                                \
+    const Q4Bnb qa = q4_bnb(a, c2s, in);                                                           \
+    const Q4Bnb qb = q4_bnb(b2, c2s + 256, in)
+
 // Logical blocks of a launch with `out` rows: `rows_per_group` output rows
 // per warp group, GEMV_WARPS / ksplit groups per block.
 __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit) {
@@ -628,11 +645,7 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
     extern "C" __global__ void __launch_bounds__(256) gemv_q4bnb_##TAG(                            \
         const __grid_constant__ Q4BnbArgs a, const float* __restrict__ x, float* __restrict__ y,   \
         int n, int out, int in, int ksplit, int acc, int cd) {                                     \
-        __shared__ float lut[48];                                                                  \
-        __shared__ __align__(16) float c2s[256];                                                   \
-        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, nullptr, nullptr);                       \
-        q4_tables(lut, a.code16, a.code16, a.code16);                                              \
-        const Q4Bnb q = q4_bnb(a, c2s, in);                                                        \
+        Q4BNB_SETUP;                                                                               \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{q, q, lut, lut, y, out, b}; };          \
         gemv_q4_body<Q4Bnb, 4, false, NB, H>(at, q4_blocks(out, 4, ksplit), lut, x, n, in, ksplit, \
                                           cd, acc, nullptr, 0.f);                                  \
@@ -641,12 +654,7 @@ __device__ __forceinline__ int q4_blocks(int out, int rows_per_group, int ksplit
         const __grid_constant__ Q4BnbArgs a, const __grid_constant__ Q4BnbArgs b2,                 \
         const float* __restrict__ x, float* __restrict__ y, int n, int out, int in, int ksplit,    \
         int acc, int cd, const float* __restrict__ nw, float eps) {                                \
-        __shared__ float lut[48];                                                                  \
-        __shared__ __align__(16) float c2s[512];                                                   \
-        q4_code2_tables(c2s, a.codes ? a.code2 : nullptr, b2.codes ? b2.code2 : nullptr, nullptr); \
-        q4_tables(lut, a.code16, b2.code16, b2.code16);                                            \
-        const Q4Bnb qa = q4_bnb(a, c2s, in);                                                       \
-        const Q4Bnb qb = q4_bnb(b2, c2s + 256, in);                                                \
+        Q4BNB_PAIR_SETUP;                                                                          \
         const auto at = [&](int b) { return Q4Block<Q4Bnb>{qa, qb, lut, lut + 16, y, out, b}; };   \
         gemv_q4_body<Q4Bnb, 2 * Q4_PAIR_ROWS(NB), true, NB, H>(at, q4_blocks(out, Q4_PAIR_ROWS(NB), \
                                                             ksplit), lut, x, n, in, ksplit, cd, 0, \
