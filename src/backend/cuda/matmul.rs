@@ -102,7 +102,7 @@ fn q4_mma_ok(q: &CudaBnb4, rows: usize) -> bool {
 /// into bf16 halves for an f32 compute dtype (the `_f32` kernels).
 fn bnb4_mma_smem_floats(q: &CudaBnb4, rows: usize) -> usize {
     if q.compute_dtype == DType::F32 {
-        q4_pair_floats(false) + mma_split_b_words(rows, q.cols)
+        split_mma_smem_floats(rows, q.cols)
     } else {
         mma_smem_floats(q.cols)
     }
@@ -154,7 +154,7 @@ fn packed_mma_ok(q: &CudaPacked, rows: usize) -> bool {
         && (MMA_MIN_ROWS..=GEMV_MAX_ROWS).contains(&rows)
         && q4_packed_ok(q)
         && q.group_size.is_multiple_of(128)
-        && (q4_pair_floats(false) + mma_split_b_words(rows, q.cols)) * 4 <= LAUNCH_MAX_SMEM_BYTES
+        && split_mma_smem_floats(rows, q.cols) * 4 <= LAUNCH_MAX_SMEM_BYTES
 }
 
 /// Dynamic shared memory of a 4-bit tensor-core launch for `in_f`-wide
@@ -163,12 +163,13 @@ fn mma_smem_floats(in_f: usize) -> usize {
     q4_pair_floats(false) + mma_b_words(in_f)
 }
 
-/// Words (floats) of the packed tensor-core kernels' staged inputs for a
-/// batch of `rows`: four (two bf16 halves of two pairs) per batch row,
-/// lane column, step and 128-input round (`mma_stage_x_split` in
-/// gemv_mma.cu).
-fn mma_split_b_words(rows: usize, in_f: usize) -> usize {
-    in_f.div_ceil(128) * 8 * rows * 4 * 4
+/// Dynamic shared memory of a split-input tensor-core launch (packed
+/// integers, f32-compute NF4/FP4) for a batch of `rows` of `in_f` inputs, in
+/// floats: the code-pair tables, then the staged inputs, four words (two
+/// bf16 halves of two pairs) per batch row, lane column, step and
+/// 128-input round (`mma_stage_x_split` in gemv_mma.cu).
+fn split_mma_smem_floats(rows: usize, in_f: usize) -> usize {
+    q4_pair_floats(false) + in_f.div_ceil(128) * 8 * rows * 4 * 4
 }
 
 /// A 4-bit weight of a batch that takes the tensor-core kernels.
@@ -436,13 +437,16 @@ fn q4_mma_gemv(
     acc: bool,
     norm: Option<FusedNorm>,
 ) -> Result<()> {
+    if let Some(u) = up
+        && !w.pairs_with(u)
+    {
+        bail!("a tensor-core pair launch needs two weights of one format and compute dtype");
+    }
     let (out_f, in_f) = w.shape();
     let pair = if up.is_some() { "_pair" } else { "" };
-    let g = Gemv { out_f, in_f, acc };
-    let na = NormArgs::of(norm);
-    let nargs = na.args();
-    let mats = [Some(w), up].into_iter().flatten();
-    match w {
+    // The kernel, its shared memory and, for NF4/FP4, the compute dtype
+    // argument that precedes the norm's.
+    let (name, floats, cd) = match w {
         MmaWeight::Bnb4(q) => {
             let f32 = if q.compute_dtype == DType::F32 {
                 "_f32"
@@ -450,47 +454,35 @@ fn q4_mma_gemv(
                 ""
             };
             let name = format!("gemv_q4bnb_mma{f32}{pair}");
-            let floats = bnb4_mma_smem_floats(q, x.rows);
-            let tiling = MMA.looping(stage_smem(gpu, &name, floats)?);
-            let args: Vec<Q4BnbArgs> = mats
-                .map(|m| match m {
-                    MmaWeight::Bnb4(q) => Ok(Q4BnbArgs::of(q)),
-                    MmaWeight::Packed(_) => bail!("an NF4/FP4 pair launch got a packed weight"),
-                })
-                .collect::<Result<_>>()?;
             let cd = dtype_mode(q.compute_dtype);
-            let post = [arg(&cd), nargs[0], nargs[1]];
-            g.launch(
-                gpu,
-                &name,
-                args.iter().map(arg).collect(),
-                &post,
-                x,
-                y,
-                tiling,
-            )
+            (name, bnb4_mma_smem_floats(q, x.rows), Some(cd))
         }
         MmaWeight::Packed(_) => {
             let name = format!("gemv_q4packed_mma{pair}");
-            let floats = q4_pair_floats(false) + mma_split_b_words(x.rows, in_f);
-            let tiling = MMA.looping(stage_smem(gpu, &name, floats)?);
-            let args: Vec<Q4PackedArgs> = mats
-                .map(|m| match m {
-                    MmaWeight::Packed(q) => Ok(Q4PackedArgs::of(q)),
-                    MmaWeight::Bnb4(_) => bail!("a packed pair launch got an NF4/FP4 weight"),
-                })
-                .collect::<Result<_>>()?;
-            g.launch(
-                gpu,
-                &name,
-                args.iter().map(arg).collect(),
-                &nargs,
-                x,
-                y,
-                tiling,
-            )
+            (name, split_mma_smem_floats(x.rows, in_f), None)
         }
-    }
+    };
+    let tiling = MMA.looping(stage_smem(gpu, &name, floats)?);
+    // One of these holds the matrices (the pair check above).
+    let mats = [Some(w), up].into_iter().flatten();
+    let bnb: Vec<Q4BnbArgs> = mats
+        .clone()
+        .filter_map(|m| match m {
+            MmaWeight::Bnb4(q) => Some(Q4BnbArgs::of(q)),
+            MmaWeight::Packed(_) => None,
+        })
+        .collect();
+    let packed: Vec<Q4PackedArgs> = mats
+        .filter_map(|m| match m {
+            MmaWeight::Packed(q) => Some(Q4PackedArgs::of(q)),
+            MmaWeight::Bnb4(_) => None,
+        })
+        .collect();
+    let pre = bnb.iter().map(arg).chain(packed.iter().map(arg)).collect();
+    let na = NormArgs::of(norm);
+    let post: Vec<Arg> = cd.iter().map(arg).chain(na.args()).collect();
+    let g = Gemv { out_f, in_f, acc };
+    g.launch(gpu, &name, pre, &post, x, y, tiling)
 }
 
 /// An RMS norm folded into a single-row GEMV: the norm's weight and epsilon.
