@@ -553,6 +553,32 @@ static bool run_dense_mma_case(int n, int out, int in, int grid) {
     return within;
 }
 
+// A single packed 4-bit matrix on the tensor cores (gemv_q4packed_mma):
+// `n` rows of an `out` x `in` product in groups of `gsize`, `ks` warps per
+// tile, a grid of `grid` blocks, against the product in double precision.
+static bool run_packed_mma_case(int n, int out, int in, int gsize, int grid, int ks) {
+    arena_used = 0;
+    const Q4PackedArgs q = make_packed(out, in, gsize);
+    const Q4BnbArgs none{};
+    const float* x = rand_f((size_t)n * in, -1.f, 1.f);
+    float* y = rand_f((size_t)n * out, -1.f, 1.f);
+    const size_t words = (size_t)(in + 127) / 128 * 8 * n * 16;
+    launch({(unsigned)grid}, 256, (size_t)Q4_PAIR_FLOATS * 4 + words * 4,
+           [&] { gemv_q4packed_mma(q, x, y, n, out, in, ks, 0, nullptr, 0.f); });
+    double err = 0;
+    for (int b = 0; b < n; b++) {
+        std::vector<double> want(out, 0.0);
+        for (int r = 0; r < out; r++)
+            for (int c = 0; c < in; c++)
+                want[r] += weight(2, none, q, out, in, r, c) * x[(size_t)b * in + c];
+        err = std::max(err, rel_err(y + (size_t)b * out, want));
+    }
+    const bool within = err < 1e-5;
+    printf("packed mma, batch %d, %dx%d g%d, ks %d, grid %d: RAN; reference y %.1e: %s\n", n, out,
+           in, gsize, ks, grid, err, within ? "WITHIN" : "OUTSIDE");
+    return within;
+}
+
 int main() {
     arena = (char*)mmap(nullptr, arena_cap, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (arena == MAP_FAILED) return 2;
@@ -596,13 +622,17 @@ int main() {
     ok &= run_batch_case(1, 2, 3, 576, 384, true, 2, 3, true);
     ok &= run_batch_case(1, 1, 5, 2048, 256, false, 8, 5, true);
     ok &= run_batch_case(0, 2, 2, 256, 2048, true, 8, 5, true);
-    // Packed integers on the tensor cores: a batch of 4 with ragged rows
+    // Packed integers on the tensor cores: a batch of 6 with ragged rows
     // (576 inputs: a half round), and 8 normalized rows at Llama widths.
-    ok &= run_batch_case(2, 0, 4, 576, 384, false, 2, 3, true);
+    ok &= run_batch_case(2, 0, 6, 576, 384, false, 2, 3, true);
     ok &= run_batch_case(2, 0, 8, 2048, 256, true, 8, 5, true);
     // NF4/FP4 of an f32 compute dtype: split weights and inputs.
     ok &= run_batch_case(1, 0, 6, 576, 384, true, 2, 3, true);
     ok &= run_batch_case(0, 0, 8, 2048, 256, false, 8, 5, true);
+    // One packed matrix: a partial last tile (72 rows), a half last round
+    // (320 inputs) whose dead chunks belong to lanes holding batch rows 4
+    // and 5, and two warps per tile.
+    ok &= run_packed_mma_case(5, 72, 320, 128, 1, 2);
     ok &= run_dense_mma_case(5, 300, 256, 2);
     ok &= run_dense_mma_case(8, 64, 128, 1);
     printf(ok ? "ALL WITHIN\n" : "FAILURES\n");

@@ -273,16 +273,14 @@ __device__ __forceinline__ void gemv_q4_mma_body(const Q& qa, const Q& qb, const
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const Q& q = i == 0 ? qa : qb;
-                if (ci < chunks) {
-                    r.w[i][h] = q.load(rows[h], ci);
-                    q.load_scale(rows[h], ci, r.s[i][h], r.z[i][h]);
-                } else {
-                    // Past the row: zero weights and scale (its inputs are
-                    // zero too), so nothing but zeros enters the sums.
-                    r.w[i][h] = make_uint4(0u, 0u, 0u, 0u);
-                    r.s[i][h] = 0.f;
-                    r.z[i][h] = 0.f;
-                }
+                // Past the row (the last round of a row of 64 mod 128
+                // inputs): zero weights, whose inputs are staged as zeros,
+                // so their products are zero; the scale is still the
+                // round's, read from the row's last chunk, because packed
+                // integers scale the lane's C elements with it, and those
+                // belong to batch rows 2t and 2t + 1, not to its chunk.
+                r.w[i][h] = ci < chunks ? q.load(rows[h], ci) : make_uint4(0u, 0u, 0u, 0u);
+                q.load_scale(rows[h], min(ci, chunks - 1), r.s[i][h], r.z[i][h]);
             }
     };
     // Requests a logical block's first round of weights into L2 (without
