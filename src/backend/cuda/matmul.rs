@@ -91,7 +91,6 @@ const MMA_MIN_ROWS: usize = 4;
 /// not switched off ([`mma_enabled`]).
 fn q4_mma_ok(q: &CudaBnb4, rows: usize) -> bool {
     mma_enabled()
-        && (q.compute_dtype != DType::F32 || split_mma_enabled())
         && (MMA_MIN_ROWS..=GEMV_MAX_ROWS).contains(&rows)
         && q4_bnb_ok(q)
         && bnb4_mma_smem_floats(q, rows) * 4 <= LAUNCH_MAX_SMEM_BYTES
@@ -136,21 +135,11 @@ fn mma_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("QUANTBENCH_CUDA_MMA").as_deref() != Ok("0"))
 }
 
-/// Whether the split-input tensor-core kernels (packed integers, and
-/// NF4/FP4 of an f32 compute dtype) are on: only with
-/// `QUANTBENCH_CUDA_MMA_SPLIT=1` until they have been run and measured on a
-/// GPU (bench/RESULTS.md, twenty-fourth session).
-fn split_mma_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("QUANTBENCH_CUDA_MMA_SPLIT").as_deref() == Ok("1"))
-}
-
 /// Whether a batch of `rows` with packed integers `q` takes the tensor-core
 /// kernels (`gemv_q4packed_mma*`): as [`q4_mma_ok`], for 4-bit groups of a
 /// multiple of 128 inputs (one scale per row and 128-input round).
 fn packed_mma_ok(q: &CudaPacked, rows: usize) -> bool {
     mma_enabled()
-        && split_mma_enabled()
         && (MMA_MIN_ROWS..=GEMV_MAX_ROWS).contains(&rows)
         && q4_packed_ok(q)
         && q.group_size.is_multiple_of(128)
