@@ -97,6 +97,11 @@ static int gemv_ksplit(int sm, int out, int in_chunks, int rpw) {
     while (k < 8 && groups * k < want && in_chunks >= 32 * 2 * k) k *= 2;
     return k;
 }
+// Words of the split B fragments a split-input tensor-core launch stages
+// for `n` rows of `in` inputs (split_mma_smem_floats in matmul.rs, less
+// the tables): 16 per row, step and 128-input round.
+static size_t split_words(int n, int in) { return (size_t)(in + 127) / 128 * 8 * n * 16; }
+
 static int q4_blocks_h(int out, int rpw, int ks) {
     int per = rpw * (8 / ks);
     return (out + per - 1) / per;
@@ -459,19 +464,18 @@ static bool run_batch_case(int fmt, int cd, int n, int hidden, int inter, bool n
     const size_t tables = (size_t)Q4_PAIR_FLOATS * 4;
     const size_t gu_smem = tables + (norm ? (size_t)nb * q4_pairs_at<false>(hidden) * 4 : 0);
     // Packed and f32 compute: the tables, then the batch's split B
-    // fragments (mma_split_b_words in matmul.rs).
-    const auto split_words = [&](int in) { return (size_t)(in + 127) / 128 * 8 * n * 16; };
+    // fragments.
     if (mma && fmt != 2 && cd == 0) {
-        launch({(unsigned)std::min(q4_blocks_h(inter, 16, ks_gu), cap)}, 256, tables + split_words(hidden) * 4, [&] {
+        launch({(unsigned)std::min(q4_blocks_h(inter, 16, ks_gu), cap)}, 256, tables + split_words(n, hidden) * 4, [&] {
             gemv_q4bnb_mma_f32_pair(wb.m[4], wb.m[5], x, act, n, inter, hidden, ks_gu, 0, cd, nw, eps);
         });
-        launch({(unsigned)std::min(q4_blocks_h(hidden, 16, ks_down), cap)}, 256, tables + split_words(inter) * 4,
+        launch({(unsigned)std::min(q4_blocks_h(hidden, 16, ks_down), cap)}, 256, tables + split_words(n, inter) * 4,
                [&] { gemv_q4bnb_mma_f32(wb.m[6], act, y, n, hidden, inter, ks_down, 1, cd, nullptr, 0.f); });
     } else if (mma && fmt == 2) {
         const Q4PackedArgs &g = wp.m[4], &u = wp.m[5], &d = wp.m[6];
-        launch({(unsigned)std::min(q4_blocks_h(inter, 16, ks_gu), cap)}, 256, tables + split_words(hidden) * 4,
+        launch({(unsigned)std::min(q4_blocks_h(inter, 16, ks_gu), cap)}, 256, tables + split_words(n, hidden) * 4,
                [&] { gemv_q4packed_mma_pair(g, u, x, act, n, inter, hidden, ks_gu, 0, nw, eps); });
-        launch({(unsigned)std::min(q4_blocks_h(hidden, 16, ks_down), cap)}, 256, tables + split_words(inter) * 4,
+        launch({(unsigned)std::min(q4_blocks_h(hidden, 16, ks_down), cap)}, 256, tables + split_words(n, inter) * 4,
                [&] { gemv_q4packed_mma(d, act, y, n, hidden, inter, ks_down, 1, nullptr, 0.f); });
     } else if (mma) {
         // Grids capped at `cap` blocks (blocks loop); shared memory: the
@@ -562,8 +566,7 @@ static bool run_packed_mma_case(int n, int out, int in, int gsize, int grid, int
     const Q4BnbArgs none{};
     const float* x = rand_f((size_t)n * in, -1.f, 1.f);
     float* y = rand_f((size_t)n * out, -1.f, 1.f);
-    const size_t words = (size_t)(in + 127) / 128 * 8 * n * 16;
-    launch({(unsigned)grid}, 256, (size_t)Q4_PAIR_FLOATS * 4 + words * 4,
+    launch({(unsigned)grid}, 256, (size_t)Q4_PAIR_FLOATS * 4 + split_words(n, in) * 4,
            [&] { gemv_q4packed_mma(q, x, y, n, out, in, ks, 0, nullptr, 0.f); });
     double err = 0;
     for (int b = 0; b < n; b++) {
